@@ -1,0 +1,1 @@
+"""Metering adapters; ``METERING["ADAPTER"]`` names the one ``get_meter()`` returns."""

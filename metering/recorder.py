@@ -1,0 +1,112 @@
+"""Recording one usage fact: the straight line from an event to durable, counted usage.
+
+validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
+``transaction_id``), add it to the rollups of every level, add it to the live Redis counters -> after commit,
+send ``usage_recorded``. Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent``
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import connections, transaction
+
+from tenants.context import TenantContext
+from tenants.lineage import get_context
+from tenants.locks import lock_trees
+from tenants.models import Tenant
+
+from . import counters, rollups
+from .conf import metering_settings
+from .events import UsageEvent, ValidEvent, utcnow, validate_event
+from .exceptions import DuplicateUsageEvent
+from .models import UsageRecord
+from .signals import usage_recorded
+from .windows import floor_hour
+
+logger = logging.getLogger("metering.recorder")
+
+
+class _StaleLineage(Exception):
+    """The cached lineage no longer matches the tree (a concurrent move); read it again and retry."""
+
+
+def record(event: UsageEvent, *, context: TenantContext | None = None) -> int:
+    """Store ``event`` exactly once and count it at every level of its lineage. Returns the fact's id."""
+    valid = validate_event(event)
+    if context is None or context.tenant_id != valid.tenant_id:
+        context = get_context(valid.tenant_id)
+    try:
+        return _record(valid, context)
+    except _StaleLineage:
+        return _record(valid, get_context(valid.tenant_id, use_cache=False))
+
+
+def _record(valid: ValidEvent, context: TenantContext) -> int:
+    using = metering_settings.DATABASE_ALIAS
+    lineage_pks = [level.pk for level in context.lineage]
+    with transaction.atomic(using=using):
+        lock_trees([lineage_pks[0]], exclusive=False, using=using)
+        record_id = _insert_fact(valid, context, using)
+        rollups.add(lineage_pks, valid.feature_name, floor_hour(valid.timestamp), valid.units, using=using)
+        _count(valid, lineage_pks, using)
+        transaction.on_commit(
+            lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
+            using=using,
+        )
+    return record_id
+
+
+def _insert_fact(valid: ValidEvent, context: TenantContext, using: str) -> int:
+    """Insert the fact unless the tenant already has this transaction id, and only if the lineage is current."""
+    connection = connections[using]
+    facts = connection.ops.quote_name(UsageRecord._meta.db_table)
+    tenants = connection.ops.quote_name(Tenant._meta.db_table)
+    metadata_field = UsageRecord._meta.get_field("metadata")
+    # One round trip: the WHERE EXISTS re-checks, under the tree lock, the path the lineage was cached with.
+    sql = (
+        f"INSERT INTO {facts} (tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at) "  # noqa: S608
+        f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
+        f"(SELECT 1 FROM {tenants} WHERE id = %s AND path = %s AND is_active) "
+        f"ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING id"
+    )
+    params = [
+        context.tenant.pk,
+        valid.feature_name,
+        valid.units,
+        connection.ops.adapt_datetimefield_value(valid.timestamp),
+        valid.transaction_id,
+        metadata_field.get_db_prep_save(valid.metadata, connection),
+        connection.ops.adapt_datetimefield_value(utcnow()),
+        context.tenant.pk,
+        context.path,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is not None:
+        return int(row[0])
+    existing = (
+        UsageRecord.objects.using(using)
+        .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
+        .values_list("id", flat=True)
+        .first()
+    )
+    if existing is not None:
+        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, existing)
+    raise _StaleLineage()
+
+
+def _count(valid: ValidEvent, lineage_pks: list[int], using: str) -> None:
+    redis = counters.client()
+    if redis is None:
+        return
+    keys = counters.keys_for_fact(lineage_pks, valid.feature_name, valid.timestamp)
+    try:
+        counters.increment_existing(redis, keys, valid.units)
+    except counters.RedisError as error:
+        # The fact is the truth and still commits; counters that missed it must not be trusted afterwards.
+        logger.warning("usage counters missed a fact (%s); dropping them after commit", type(error).__name__)
+        root = lineage_pks[0]
+        transaction.on_commit(lambda: counters.drop_trees([root]), using=using)

@@ -1,0 +1,1 @@
+"""Hierarchical quotas over the tenant lineage (QuotaPolicyHandler, QuotaExceeded). Filled by the quotas issue."""

@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class QuotasConfig(AppConfig):
+    name = "quotas"
+    label = "xaas_quotas"
+    verbose_name = "Quotas"
+    default_auto_field = "django.db.models.BigAutoField"

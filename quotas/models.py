@@ -1,0 +1,1 @@
+"""Quota limits. The quotas issue adds its models here."""

@@ -1,0 +1,1 @@
+"""A tree of tenants (organization -> project -> key ...) and the per-request tenant context."""

@@ -1,0 +1,25 @@
+"""Tenant settings, read from ``settings.METERING`` at use time so ``override_settings`` works."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+DEFAULTS: dict[str, Any] = {
+    "TENANT_HEADER": "X-Tenant-ID",
+    "TENANT_RESOLVER": "tenants.resolvers.header_resolver",
+    "CACHE_ALIAS": "default",
+    "LINEAGE_CACHE_TIMEOUT": 300,
+    "MAX_TREE_DEPTH": 16,
+}
+
+
+class TenantSettings:
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(name)
+        return getattr(django_settings, "METERING", {}).get(name, DEFAULTS[name])
+
+
+tenant_settings = TenantSettings()

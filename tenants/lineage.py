@@ -1,0 +1,72 @@
+"""Reading a tenant's lineage: one query, or none when cached. Invalidated on commit when the tree changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.cache import caches
+from django.db import connection
+
+from .conf import tenant_settings
+from .context import TenantContext, TenantRef
+from .exceptions import InactiveTenant, InvalidTenantId, UnknownTenant
+from .models import Tenant
+
+CACHE_PREFIX = "xaas:lineage:v1:"
+
+
+def _cache_key(tenant_id: str) -> str:
+    return CACHE_PREFIX + tenant_id
+
+
+def validate_tenant_id(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:
+        raise InvalidTenantId(f"tenant_id must be a non-empty string of at most 128 characters, got {tenant_id!r}")
+    return tenant_id
+
+
+def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool = True) -> TenantContext:
+    """The ``TenantContext`` of ``tenant_id``. Raises ``UnknownTenant``, or ``InactiveTenant`` when asked."""
+    tenant_id = validate_tenant_id(tenant_id)
+    cache = caches[tenant_settings.CACHE_ALIAS]
+    rows: list[tuple[Any, ...]] | None = cache.get(_cache_key(tenant_id)) if use_cache else None
+    if rows is None:
+        rows = _load_lineage(tenant_id)
+        cache.set(_cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
+    context = TenantContext(tenant_id=tenant_id, lineage=tuple(TenantRef(*row) for row in rows))
+    if require_active and not context.is_active:
+        inactive = next(level.tenant_id for level in context.lineage if not level.is_active)
+        raise InactiveTenant(f"tenant {tenant_id!r} is inactive (deactivated at {inactive!r})")
+    return context
+
+
+def _load_lineage(tenant_id: str) -> list[tuple[Any, ...]]:
+    # One query: a recursive walk up the parent links, each step a primary-key lookup.
+    table = connection.ops.quote_name(Tenant._meta.db_table)
+    sql = f"""
+        WITH RECURSIVE lineage(id, external_id, kind, exempt, is_active, parent_id, depth) AS (
+            SELECT id, external_id, kind, exempt, is_active, parent_id, depth FROM {table} WHERE external_id = %s
+            UNION ALL
+            SELECT t.id, t.external_id, t.kind, t.exempt, t.is_active, t.parent_id, t.depth
+            FROM {table} t JOIN lineage ON t.id = lineage.parent_id
+        )
+        SELECT id, external_id, kind, exempt, is_active FROM lineage ORDER BY depth
+    """  # noqa: S608 (the table name is ours, the value is a parameter)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [tenant_id])
+        rows = [(pk, ext, kind, bool(exempt), bool(active)) for pk, ext, kind, exempt, active in cursor.fetchall()]
+    if not rows:
+        raise UnknownTenant(f"unknown tenant {tenant_id!r}")
+    return rows
+
+
+def invalidate(tenant_ids: Iterable[str]) -> None:
+    keys = [_cache_key(tenant_id) for tenant_id in tenant_ids]
+    if keys:
+        caches[tenant_settings.CACHE_ALIAS].delete_many(keys)
+
+
+def invalidate_subtree(path: str) -> None:
+    """Forget the cached lineage of every tenant whose path starts with ``path``."""
+    invalidate(Tenant.objects.filter(path__startswith=path).values_list("external_id", flat=True))

@@ -1,0 +1,61 @@
+"""Resolve ``request.tenant`` (a ``TenantContext`` or ``None``) once per request, for sync and async views."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.module_loading import import_string
+
+from .conf import tenant_settings
+from .context import TenantContext
+from .exceptions import InactiveTenant, TenantError, UnknownTenant
+from .lineage import get_context
+
+
+def resolve_tenant(request: HttpRequest) -> TenantContext | None:
+    """The request's tenant context; ``None`` when the request names no tenant. Raises ``TenantError``."""
+    resolver: Callable[[HttpRequest], str | TenantContext | None] = import_string(tenant_settings.TENANT_RESOLVER)
+    resolved = resolver(request)
+    if resolved is None or isinstance(resolved, TenantContext):
+        return resolved
+    return get_context(resolved)
+
+
+def tenant_error_response(error: TenantError) -> JsonResponse:
+    status = 404 if isinstance(error, UnknownTenant) else 403 if isinstance(error, InactiveTenant) else 400
+    field = tenant_settings.TENANT_HEADER if error.field == "tenant_id" else error.field
+    return JsonResponse({"error": {"code": error.code, "field": field, "message": str(error)}}, status=status)
+
+
+class TenantMiddleware:
+    """Sets ``request.tenant``. A request naming an unknown or inactive tenant is answered 404/403 in JSON."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        if self.is_async:
+            return self.__acall__(request)
+        try:
+            request.tenant = resolve_tenant(request)  # type: ignore[attr-defined]
+        except TenantError as error:
+            return tenant_error_response(error)
+        response: HttpResponse = self.get_response(request)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            request.tenant = await sync_to_async(resolve_tenant)(request)  # type: ignore[attr-defined]
+        except TenantError as error:
+            return tenant_error_response(error)
+        response: HttpResponse = await self.get_response(request)
+        return response
