@@ -94,7 +94,9 @@ def quantity_to_units(value: object) -> int:
 
 
 def units_to_quantity(units: int) -> Decimal:
-    return (Decimal(units) / UNITS_PER_ONE).quantize(UNIT).normalize() if units else Decimal(0)
+    """The exact quantity, without trailing zeros and never in exponent form (10, not 1E+1)."""
+    quantity = (Decimal(units) / UNITS_PER_ONE).quantize(UNIT).normalize()
+    return quantity if quantity.as_tuple().exponent <= 0 else quantity.quantize(Decimal(1))
 
 
 def validate_feature_name(name: object) -> str:

@@ -22,7 +22,12 @@ def _build(path: str) -> MeteringProtocol:
         adapter_class = import_string(path)
     except ImportError as error:
         raise ImproperlyConfigured(f"METERING['ADAPTER'] = {path!r} cannot be imported: {error}") from error
-    adapter = adapter_class()
+    try:
+        adapter = adapter_class()
+    except TypeError as error:
+        raise ImproperlyConfigured(
+            f"METERING['ADAPTER'] = {path!r} cannot be built without arguments: {error}"
+        ) from error
     if not isinstance(adapter, MeteringProtocol):
         raise ImproperlyConfigured(f"METERING['ADAPTER'] = {path!r} does not implement MeteringProtocol")
     return adapter

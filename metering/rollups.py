@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import connections
@@ -137,7 +137,7 @@ def reconcile_tree(root: Tenant, *, repair: bool, using: str = "default") -> lis
     own = (
         UsageRecord.objects.using(using)
         .filter(tenant__path__startswith=root.path)
-        .annotate(hour=TruncHour("timestamp"))
+        .annotate(hour=TruncHour("timestamp", tzinfo=UTC))  # buckets are UTC hours, whatever TIME_ZONE is
         .values_list("tenant_id", "feature", "hour")
         .annotate(units=Sum("units"), events=Count("id"))
         .order_by()

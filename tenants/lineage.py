@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,7 @@ from .exceptions import InactiveTenant, InvalidTenantId, UnknownTenant
 from .models import Tenant
 
 CACHE_PREFIX = "xaas:lineage:v1:"
+logger = logging.getLogger("tenants.lineage")
 
 
 def _cache_key(tenant_id: str) -> str:
@@ -29,16 +31,24 @@ def validate_tenant_id(tenant_id: object) -> str:
 def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool = True) -> TenantContext:
     """The ``TenantContext`` of ``tenant_id``. Raises ``UnknownTenant``, or ``InactiveTenant`` when asked."""
     tenant_id = validate_tenant_id(tenant_id)
-    cache = caches[tenant_settings.CACHE_ALIAS]
-    rows: list[tuple[Any, ...]] | None = cache.get(_cache_key(tenant_id)) if use_cache else None
+    rows: list[tuple[Any, ...]] | None = _cache_call("get", _cache_key(tenant_id)) if use_cache else None
     if rows is None:
         rows = _load_lineage(tenant_id)
-        cache.set(_cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
+        _cache_call("set", _cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
     context = TenantContext(tenant_id=tenant_id, lineage=tuple(TenantRef(*row) for row in rows))
     if require_active and not context.is_active:
         inactive = next(level.tenant_id for level in context.lineage if not level.is_active)
         raise InactiveTenant(f"tenant {tenant_id!r} is inactive (deactivated at {inactive!r})")
     return context
+
+
+def _cache_call(method: str, *args: Any) -> Any:
+    """A cache call that degrades to a miss: an unreachable cache must not stop usage from being recorded."""
+    try:
+        return getattr(caches[tenant_settings.CACHE_ALIAS], method)(*args)
+    except Exception as error:  # the cache backend's own errors (e.g. redis ConnectionError)
+        logger.warning("lineage cache %s failed: %s", method, type(error).__name__)
+        return None
 
 
 def _load_lineage(tenant_id: str) -> list[tuple[Any, ...]]:
@@ -64,7 +74,7 @@ def _load_lineage(tenant_id: str) -> list[tuple[Any, ...]]:
 def invalidate(tenant_ids: Iterable[str]) -> None:
     keys = [_cache_key(tenant_id) for tenant_id in tenant_ids]
     if keys:
-        caches[tenant_settings.CACHE_ALIAS].delete_many(keys)
+        _cache_call("delete_many", keys)
 
 
 def invalidate_subtree(path: str) -> None:

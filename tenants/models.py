@@ -47,6 +47,7 @@ class Tenant(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        # Groups each subtree together; sibling order depends on the database collation.
         ordering = ["path"]
         indexes = [
             # LIKE 'prefix%' on PostgreSQL needs the pattern operator class to use an index.

@@ -47,7 +47,8 @@ def create_tenant(
         is_active=is_active,
         metadata=metadata or {},
     )
-    tenant.full_clean()
+    check_parent(tenant, parent_obj)  # a named TreeError rather than a ValidationError for tree violations
+    tenant.full_clean(exclude=["parent"])
     tenant.save()
     return tenant
 

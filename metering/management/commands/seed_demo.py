@@ -1,0 +1,106 @@
+"""``manage.py seed_demo``: a small demo tree, a little usage and an admin login. Safe to run again."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from metering import DuplicateUsageEvent, InvalidUsageEvent, UsageEvent, get_meter
+from tenants.exceptions import TenantError
+from tenants.models import Tenant
+from tenants.tree import create_tenant
+
+# (id, parent id, name, kind, exempt), parents before children.
+TENANTS: list[tuple[str, str | None, str, str, bool]] = [
+    ("acme", None, "Acme Inc.", "organization", False),
+    ("acme-chat", "acme", "Acme Chat", "project", False),
+    ("acme-chat-key-1", "acme-chat", "Chat key 1", "key", False),
+    ("acme-chat-key-2", "acme-chat", "Chat key 2", "key", False),
+    ("acme-search", "acme", "Acme Search", "project", False),
+    ("acme-search-key-1", "acme-search", "Search key 1", "key", False),
+    ("acme-search-key-2", "acme-search", "Search key 2", "key", False),
+    # Exempt: its usage is recorded but never blocked, whatever the quotas.
+    ("internal", None, "Internal", "organization", True),
+    ("internal-batch", "internal", "Batch jobs", "key", False),
+]
+
+# (transaction id, tenant id, llm_tokens). Fixed transaction ids make a rerun a no-op instead of a double count.
+USAGE: list[tuple[str, str, int]] = [
+    ("seed-1", "acme-chat-key-1", 1200),
+    ("seed-2", "acme-chat-key-1", 300),
+    ("seed-3", "acme-chat-key-2", 450),
+    ("seed-4", "acme-search-key-1", 800),
+    ("seed-5", "internal-batch", 5000),
+]
+
+ADMIN_USERNAME = "admin"
+BASE_URL = "http://127.0.0.1:8000"
+
+
+class Command(BaseCommand):
+    help = "Create the demo tenants (acme, internal), some llm_tokens usage and the superuser 'admin'."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            created = self.seed_tenants()
+            recorded = self.seed_usage()
+        except (TenantError, InvalidUsageEvent) as error:
+            raise CommandError(str(error)) from error
+        except ValidationError as error:
+            raise CommandError(" ".join(error.messages)) from error
+        password = self.seed_admin()
+        self.stdout.write(f"tenants: {created} created, {len(TENANTS) - created} already there")
+        self.stdout.write(f"usage events: {recorded} recorded, {len(USAGE) - recorded} already there")
+        self.stdout.write("")
+        self.stdout.write(f"admin:    {BASE_URL}/admin/")
+        self.stdout.write(f"username: {ADMIN_USERNAME}")
+        self.stdout.write(f"password: {password}")
+        self.stdout.write("")
+        self.stdout.write("try:")
+        self.stdout.write(
+            f"  curl -X POST {BASE_URL}/demo/completions -H 'X-Tenant-ID: acme-chat-key-1' "
+            "-H 'Content-Type: application/json' -d '{\"prompt\": \"hello metered world\"}'"
+        )
+
+    def seed_tenants(self) -> int:
+        existing = set(
+            Tenant.objects.filter(external_id__in=[row[0] for row in TENANTS]).values_list("external_id", flat=True)
+        )
+        created = 0
+        for tenant_id, parent, name, kind, exempt in TENANTS:
+            # An existing tenant is left as it is: the demo never undoes what someone changed since.
+            if tenant_id not in existing:
+                create_tenant(tenant_id, parent=parent, name=name, kind=kind, exempt=exempt)
+                created += 1
+        return created
+
+    def seed_usage(self) -> int:
+        meter = get_meter()
+        recorded = 0
+        for transaction_id, tenant_id, tokens in USAGE:
+            try:
+                meter.record_usage_sync(
+                    UsageEvent(tenant_id, "llm_tokens", tokens, metadata={"seed": True}, transaction_id=transaction_id)
+                )
+                recorded += 1
+            except DuplicateUsageEvent:
+                pass
+        return recorded
+
+    def seed_admin(self) -> str:
+        # A fresh random password on every run unless one is given, so no known default ever exists.
+        password = os.environ.get("DEMO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        user_model = get_user_model()
+        user = user_model.objects.filter(username=ADMIN_USERNAME).first()
+        if user is None:
+            user_model.objects.create_superuser(ADMIN_USERNAME, "admin@example.com", password)
+        else:
+            user.is_staff = user.is_superuser = user.is_active = True
+            user.set_password(password)
+            user.save()
+        return password

@@ -1,0 +1,26 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from metering import UsageEvent, get_meter
+from tenants.models import Tenant
+from tenants.tree import create_tenant
+
+
+def tree(spec: dict[str, str | None], **flags: dict[str, bool]) -> dict[str, Tenant]:
+    """Create tenants from {id: parent_id}, parents listed before children."""
+    created: dict[str, Tenant] = {}
+    for tenant_id, parent in spec.items():
+        created[tenant_id] = create_tenant(tenant_id, parent=parent, kind="organization" if parent is None else "")
+    return created
+
+
+def record(tenant_id: str, quantity: Decimal | int | str, feature: str = "llm_tokens", **kwargs: object) -> None:
+    get_meter().record_usage_sync(UsageEvent(tenant_id, feature, quantity, **kwargs))  # type: ignore[arg-type]
+
+
+def usage(tenant_id: str, feature: str = "llm_tokens", start: datetime | None = None, end: datetime | None = None):
+    return get_meter().get_usage_sync(tenant_id, feature, start, end)

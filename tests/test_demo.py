@@ -1,0 +1,91 @@
+"""The demo endpoint: the brief's AIService recording llm_tokens for the tenant in X-Tenant-ID."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import AsyncClient, Client
+
+from metering.models import UsageRecord
+from tests.factories import tree, usage
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORG = {"org": None, "p1": "org", "k1": "p1"}
+
+
+def post(client: Client, body: object, tenant: str | None = "k1", raw: bytes | None = None):
+    headers = {"X-Tenant-ID": tenant} if tenant else {}
+    data = raw if raw is not None else json.dumps(body)
+    return client.post("/demo/completions", data=data, content_type="application/json", headers=headers)
+
+
+def test_a_completion_costs_one_token_per_word_at_every_level():
+    tree(ORG)
+    response = post(Client(), {"prompt": "the quick  brown fox"})
+    assert response.status_code == 200
+    assert response.json() == {"text": "the quick brown fox", "tokens": 4}
+    post(Client(), {"prompt": "jumps"})
+    assert usage("k1") == 5
+    assert usage("org") == 5
+    fact = UsageRecord.objects.order_by("id").first()
+    assert fact is not None and fact.metadata["model"] == "fake-echo"
+
+
+def test_the_endpoint_serves_async_clients():
+    from asgiref.sync import async_to_sync
+
+    tree(ORG)
+
+    async def call():
+        return await AsyncClient().post(
+            "/demo/completions",
+            data={"prompt": "one two"},
+            content_type="application/json",
+            headers={"X-Tenant-ID": "k1"},
+        )
+
+    response = async_to_sync(call)()
+    assert response.status_code == 200
+    assert response.json()["tokens"] == 2
+    assert usage("org") == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "tenant", "status", "code", "field"),
+    [
+        ({"prompt": "hi"}, None, None, 400, "missing_tenant", "X-Tenant-ID"),
+        ({"prompt": "hi"}, None, "ghost", 404, "unknown_tenant", "X-Tenant-ID"),
+        (None, b"{not json", "k1", 400, "invalid_json", "body"),
+        (["prompt"], None, "k1", 400, "invalid_json", "body"),
+        ({}, None, "k1", 400, "invalid_prompt", "prompt"),
+        ({"prompt": 42}, None, "k1", 400, "invalid_prompt", "prompt"),
+        ({"prompt": "   "}, None, "k1", 400, "invalid_prompt", "prompt"),
+        ({"prompt": "x " * 20_000}, None, "k1", 400, "invalid_prompt", "prompt"),
+    ],
+)
+def test_bad_requests_get_a_json_error_naming_the_field_and_record_nothing(body, raw, tenant, status, code, field):
+    tree(ORG)
+    response = post(Client(), body, tenant=tenant, raw=raw)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["field"] == field
+    assert UsageRecord.objects.count() == 0
+
+
+def test_get_is_not_allowed():
+    tree(ORG)
+    assert Client().get("/demo/completions", headers={"X-Tenant-ID": "k1"}).status_code == 405
+
+
+def test_an_inactive_tenant_is_refused():
+    from tenants.models import Tenant
+
+    tree(ORG)
+    tenant = Tenant.objects.get(external_id="p1")
+    tenant.is_active = False
+    tenant.save()
+    response = post(Client(), {"prompt": "hi"})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "inactive_tenant"
