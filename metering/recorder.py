@@ -9,6 +9,7 @@ and writes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from django.db import connections, transaction
 
@@ -32,24 +33,33 @@ class _StaleLineage(Exception):
     """The cached lineage no longer matches the tree (a concurrent move); read it again and retry."""
 
 
-def record(event: UsageEvent, *, context: TenantContext | None = None) -> int:
-    """Store ``event`` exactly once and count it at every level of its lineage. Returns the fact's id."""
+StoredHook = Callable[[ValidEvent, int, TenantContext], None]
+
+
+def record(event: UsageEvent, *, context: TenantContext | None = None, on_stored: StoredHook | None = None) -> int:
+    """Store ``event`` exactly once and count it at every level of its lineage. Returns the fact's id.
+
+    ``on_stored(valid_event, record_id, context)`` runs inside the fact's transaction (an adapter's outbox row is
+    written there, so it commits or rolls back with the fact).
+    """
     valid = validate_event(event)
     if context is None or context.tenant_id != valid.tenant_id:
         context = get_context(valid.tenant_id)
     try:
-        return _record(valid, context)
+        return _record(valid, context, on_stored)
     except _StaleLineage:
-        return _record(valid, get_context(valid.tenant_id, use_cache=False))
+        return _record(valid, get_context(valid.tenant_id, use_cache=False), on_stored)
 
 
-def _record(valid: ValidEvent, context: TenantContext) -> int:
+def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None) -> int:
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
     with transaction.atomic(using=using):
         lock_trees([lineage_pks[0]], exclusive=False, using=using)
         record_id = _insert_fact(valid, context, using)
         rollups.add(lineage_pks, valid.feature_name, floor_hour(valid.timestamp), valid.units, using=using)
+        if on_stored is not None:
+            on_stored(valid, record_id, context)
         _count(valid, lineage_pks, using)
         transaction.on_commit(
             lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
