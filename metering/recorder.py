@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from django.db import connections, transaction
 
@@ -36,31 +37,52 @@ class _StaleLineage(Exception):
 StoredHook = Callable[[ValidEvent, int, TenantContext], None]
 
 
-def record(event: UsageEvent, *, context: TenantContext | None = None, on_stored: StoredHook | None = None) -> int:
+class Gate(Protocol):
+    """A decision taken inside the fact's transaction (quotas). Raising from either step stores nothing."""
+
+    def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
+        """Runs with the tree locked, before the fact is written."""
+
+    def count(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
+        """Runs last, instead of the plain counter increment: decide and count in one atomic step."""
+
+
+def record(
+    event: UsageEvent,
+    *,
+    context: TenantContext | None = None,
+    on_stored: StoredHook | None = None,
+    gate: Gate | None = None,
+) -> int:
     """Store ``event`` exactly once and count it at every level of its lineage. Returns the fact's id.
 
     ``on_stored(valid_event, record_id, context)`` runs inside the fact's transaction (an adapter's outbox row is
-    written there, so it commits or rolls back with the fact).
+    written there, so it commits or rolls back with the fact). ``gate`` lets the quotas refuse the fact atomically.
     """
     valid = validate_event(event)
     if context is None or context.tenant_id != valid.tenant_id:
         context = get_context(valid.tenant_id)
     try:
-        return _record(valid, context, on_stored)
+        return _record(valid, context, on_stored, gate)
     except _StaleLineage:
-        return _record(valid, get_context(valid.tenant_id, use_cache=False), on_stored)
+        return _record(valid, get_context(valid.tenant_id, use_cache=False), on_stored, gate)
 
 
-def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None) -> int:
+def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None, gate: Gate | None) -> int:
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
     with transaction.atomic(using=using):
         lock_trees([lineage_pks[0]], exclusive=False, using=using)
+        if gate is not None:
+            gate.before(valid, context, using)
         record_id = _insert_fact(valid, context, using)
         rollups.add(lineage_pks, valid.feature_name, floor_hour(valid.timestamp), valid.units, using=using)
         if on_stored is not None:
             on_stored(valid, record_id, context)
-        _count(valid, lineage_pks, using)
+        if gate is not None:
+            gate.count(valid, context, using)
+        else:
+            count(valid, lineage_pks, using)
         transaction.on_commit(
             lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
             using=using,
@@ -108,7 +130,8 @@ def _insert_fact(valid: ValidEvent, context: TenantContext, using: str) -> int:
     raise _StaleLineage()
 
 
-def _count(valid: ValidEvent, lineage_pks: list[int], using: str) -> None:
+def count(valid: ValidEvent, lineage_pks: list[int], using: str) -> None:
+    """Add the fact to the tree's live Redis counters (those that exist; see ``metering.counters``)."""
     redis = counters.client()
     if redis is None:
         return

@@ -7,15 +7,29 @@ from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 
+from tenants.context import TenantContext
+
 from .. import recorder, usage
 from ..events import UsageEvent
 
 
 class DatabaseMeteringAdapter:
-    """Implements ``MeteringProtocol`` on the Django ORM (the brief's usage-record table)."""
+    """Implements ``MeteringProtocol`` on the Django ORM (the brief's usage-record table).
+
+    Subclasses add work to the fact's transaction by overriding ``on_stored`` (an outbox row, say); every path
+    that stores a fact, quota-enforced ones included, goes through ``record_fact``.
+    """
+
+    on_stored: recorder.StoredHook | None = None
+
+    def record_fact(
+        self, event: UsageEvent, *, context: TenantContext | None = None, gate: recorder.Gate | None = None
+    ) -> int:
+        """Store the fact; returns its id. ``gate`` is the quota decision taken in the same transaction."""
+        return recorder.record(event, context=context, on_stored=self.on_stored, gate=gate)
 
     def record_usage_sync(self, event: UsageEvent) -> None:
-        recorder.record(event)
+        self.record_fact(event)
 
     def get_usage_sync(
         self, tenant_id: str, feature_name: str, start_time: datetime | None, end_time: datetime | None
@@ -23,7 +37,7 @@ class DatabaseMeteringAdapter:
         return usage.get_usage(tenant_id, feature_name, start_time, end_time)
 
     async def record_usage(self, event: UsageEvent) -> None:
-        await sync_to_async(recorder.record)(event)
+        await sync_to_async(self.record_fact)(event)
 
     async def get_usage(
         self, tenant_id: str, feature_name: str, start_time: datetime | None, end_time: datetime | None
