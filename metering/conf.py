@@ -26,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_METADATA_BYTES": 4096,
     "MAX_FEATURE_NAME_LENGTH": 100,
     "FUTURE_TOLERANCE_SECONDS": 300,
+    # Routes the quota middleware meters: [{"url_name" or "path_prefix": ..., "feature": ..., "quantity": 1}].
+    "QUOTA_ROUTES": [],
     # Redis counters are rebuilt from the database at least this often (self-healing bound).
     "COUNTER_TTL_SECONDS": 3600,
 }

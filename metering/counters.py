@@ -64,16 +64,25 @@ def tree_tag(root_pk: int) -> str:
     return f"xaas:{{t{root_pk}}}"
 
 
-def key(root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None) -> str:
+USED = "u"
+RESERVED = "r"  # quota held by open reservations (``quotas``), kept apart so usage reads never include it
+
+
+def key(
+    root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None, kind: str = USED
+) -> str:
     window_id = "all" if start is None else str(int(start.timestamp()))
-    return f"{tree_tag(root_pk)}:u:{tenant_pk}:{feature}:{period}:{window_id}"
+    return f"{tree_tag(root_pk)}:{kind}:{tenant_pk}:{feature}:{period}:{window_id}"
 
 
-def keys_for_fact(lineage_pks: Sequence[int], feature: str, timestamp: datetime) -> list[str]:
+def keys_for_fact(lineage_pks: Sequence[int], feature: str, timestamp: datetime, kind: str = USED) -> list[str]:
     """Every counter a fact at ``timestamp`` adds to: each level x (hour, day, month, total)."""
     root = lineage_pks[0]
-    starts = [(period, window(period, timestamp)[0]) for period in WINDOWED_PERIODS] + [("total", None)]
-    return [key(root, pk, feature, period, start) for pk in lineage_pks for period, start in starts]
+    starts: list[tuple[Period, datetime | None]] = [
+        (period, window(period, timestamp)[0]) for period in WINDOWED_PERIODS
+    ]
+    starts.append(("total", None))
+    return [key(root, pk, feature, period, start, kind) for pk in lineage_pks for period, start in starts]
 
 
 def increment_existing(redis: Any, keys: list[str], units: int) -> None:

@@ -43,7 +43,7 @@ class Gate(Protocol):
     def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
         """Runs with the tree locked, before the fact is written."""
 
-    def count(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
+    def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
         """Runs last, instead of the plain counter increment: decide and count in one atomic step."""
 
 
@@ -80,7 +80,7 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
         if on_stored is not None:
             on_stored(valid, record_id, context)
         if gate is not None:
-            gate.count(valid, context, using)
+            gate.count(valid, context, record_id, using)
         else:
             count(valid, lineage_pks, using)
         transaction.on_commit(

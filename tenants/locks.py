@@ -9,12 +9,14 @@ there the lock is a no-op.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 from django.db import connections
 
 # Advisory lock keys are (namespace, tree root pk); the namespace keeps ours apart from a host project's.
 ADVISORY_NAMESPACE = 0x58414153  # "XAAS"
+NAMED_NAMESPACE = 0x58414154
 
 
 def lock_trees(root_pks: Iterable[int], *, exclusive: bool, using: str = "default") -> None:
@@ -27,6 +29,15 @@ def lock_trees(root_pks: Iterable[int], *, exclusive: bool, using: str = "defaul
         # Sorted, so two movers locking the same pair of trees never deadlock.
         for root_pk in sorted(set(root_pks)):
             cursor.execute(f"SELECT {function}(%s, %s)", [ADVISORY_NAMESPACE, _int4(root_pk)])
+
+
+def lock_name(name: str, *, using: str = "default") -> None:
+    """Exclusive transaction lock on an arbitrary name (e.g. one tree's quota decisions on one feature)."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [NAMED_NAMESPACE, _int4(zlib.crc32(name.encode()))])
 
 
 def _int4(value: int) -> int:

@@ -1,0 +1,62 @@
+"""``QuotaExceeded``: which level blocked, what it allows, what was used and asked, and when it resets."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from metering.events import utcnow
+
+
+class QuotaExceeded(Exception):
+    """A hard quota at some level of the lineage has no room for the request. Nothing was consumed."""
+
+    code = "quota_exceeded"
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        feature: str,
+        limit: Decimal,
+        used: Decimal,
+        requested: Decimal,
+        period: str,
+        reset_at: datetime | None,
+    ) -> None:
+        super().__init__(
+            f"quota exceeded at {tenant_id!r}: {feature} {used} used + {requested} requested > {limit} per {period}"
+        )
+        self.tenant_id = tenant_id
+        self.feature = feature
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.period = period
+        self.reset_at = reset_at
+
+    @property
+    def retry_after(self) -> int | None:
+        """Whole seconds until the blocking window resets; ``None`` for a ``total`` quota (it never resets)."""
+        if self.reset_at is None:
+            return None
+        return max(1, math.ceil((self.reset_at - utcnow()).total_seconds()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "message": str(self),
+            "tenant": self.tenant_id,
+            "feature": self.feature,
+            "period": self.period,
+            "limit": str(self.limit),
+            "used": str(self.used),
+            "requested": str(self.requested),
+            "reset": self.reset_at.isoformat() if self.reset_at else None,
+        }
+
+
+class QuotaConfigurationError(Exception):
+    """Quotas need an adapter that stores facts in this database (``DatabaseMeteringAdapter`` or a subclass)."""

@@ -1,0 +1,345 @@
+"""``QuotaPolicyHandler``: the brief's entry point. Consume, check, or reserve quota for one tenant context.
+
+Every path — decorator, middleware, DRF permission, reservations, the demo — ends in ``ledger.decide``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.core.cache import caches
+from django.db import transaction
+
+from metering import get_meter
+from metering.adapters.database import DatabaseMeteringAdapter
+from metering.conf import metering_settings
+from metering.events import (
+    UsageEvent,
+    ValidEvent,
+    quantity_to_units,
+    units_to_quantity,
+    utcnow,
+    validate_feature_name,
+)
+from tenants.context import TenantContext
+from tenants.lineage import get_context
+from tenants.locks import lock_trees
+
+from . import ledger
+from .exceptions import QuotaConfigurationError, QuotaExceeded
+from .ledger import Change, Decision, NeedsRebuild
+from .models import QuotaReservation
+from .rules import QuotaRule, rules_for
+from .signals import quota_exceeded, quota_threshold_reached
+
+logger = logging.getLogger("quotas")
+T = TypeVar("T")
+MAX_ATTEMPTS = 5
+DEFAULT_RESERVATION_TTL = timedelta(minutes=10)
+
+
+class QuotaPolicyHandler:
+    """Decides for one ``TenantContext`` (or tenant id) over every level of its lineage."""
+
+    def __init__(self, context: TenantContext | str) -> None:
+        self.context = context if isinstance(context, TenantContext) else get_context(context)
+
+    # ---- consuming: the fact is recorded only if every level has room ----
+
+    def consume(
+        self,
+        feature: str,
+        quantity: Decimal | int | str = 1,
+        *,
+        metadata: dict[str, Any] | None = None,
+        transaction_id: str | None = None,
+    ) -> Decision:
+        """Record ``quantity`` of ``feature`` if every quota of every level has room; else ``QuotaExceeded``.
+
+        A quantity of 0 only checks (nothing is recorded).
+        """
+        feature = validate_feature_name(feature)
+        units = quantity_to_units(quantity)
+        if units == 0:
+            return self.check(feature, 0, raise_exception=True)
+        event = UsageEvent(
+            self.context.tenant_id, feature, quantity, utcnow(), metadata or {}, transaction_id=transaction_id
+        )
+        rules = self._rules(feature)
+        gate = _FactGate(rules)
+        decision = self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
+        return decision
+
+    def check(self, feature: str, quantity: Decimal | int | str = 0, *, raise_exception: bool = False) -> Decision:
+        """Would ``quantity`` fit at every level? Consumes nothing (entitlements)."""
+        feature = validate_feature_name(feature)
+        units = quantity_to_units(quantity)
+        rules = self._rules(feature)
+        change = Change(feature=feature, check_units=units, used_at=utcnow())
+        using = metering_settings.DATABASE_ALIAS
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                with transaction.atomic(using=using):
+                    decision = ledger.decide(self.context, rules, change, using)
+                    transaction.set_rollback(True, using=using)  # a check writes nothing
+                return decision
+            except NeedsRebuild as missing:
+                ledger.rebuild(self.context, missing.rules, missing.change.moment)
+            except QuotaExceeded as error:
+                if raise_exception:
+                    self._rejected(error)
+                    raise
+                return Decision(allowed=False, blocked=error)
+        raise RuntimeError("quota counters could not be rebuilt")  # pragma: no cover
+
+    # ---- reservations: for work whose size is known only afterwards ----
+
+    def reserve(
+        self, feature: str, estimate: Decimal | int | str, *, ttl: timedelta = DEFAULT_RESERVATION_TTL
+    ) -> Reservation:
+        """Hold ``estimate`` at every level (or raise ``QuotaExceeded``). Commit the actual amount or release."""
+        feature = validate_feature_name(feature)
+        units = quantity_to_units(estimate)
+        rules = self._rules(feature)
+        using = metering_settings.DATABASE_ALIAS
+        holder: dict[str, QuotaReservation] = {}
+
+        def attempt() -> None:
+            now = utcnow()
+            with transaction.atomic(using=using):
+                lock_trees([self.context.root.pk], exclusive=False, using=using)
+                ledger.before(self.context, feature, using)
+                row = QuotaReservation.objects.using(using).create(
+                    tenant_id=self.context.tenant.pk,
+                    feature=feature,
+                    units=units,
+                    window_at=now,
+                    expires_at=now + ttl,
+                )
+                change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
+                gate_decision = ledger.decide(self.context, rules, change, using)
+                holder["row"] = row
+                self._after_commit(gate_decision)
+
+        self._attempt(attempt, None)
+        return Reservation(self, holder["row"])
+
+    # ---- async twins ----
+
+    async def aconsume(self, feature: str, quantity: Decimal | int | str = 1, **kwargs: Any) -> Decision:
+        return await sync_to_async(self.consume)(feature, quantity, **kwargs)
+
+    async def acheck(self, feature: str, quantity: Decimal | int | str = 0, **kwargs: Any) -> Decision:
+        return await sync_to_async(self.check)(feature, quantity, **kwargs)
+
+    async def areserve(self, feature: str, estimate: Decimal | int | str, **kwargs: Any) -> Reservation:
+        return await sync_to_async(self.reserve)(feature, estimate, **kwargs)
+
+    # ---- internals ----
+
+    def _rules(self, feature: str) -> list[QuotaRule]:
+        rules = rules_for(self.context, feature)
+        if self.context.exempt:
+            # Zero-cap: counted (so thresholds and usage stay right) but never blocking.
+            return [
+                QuotaRule(r.quota_id, r.level, r.level_path, r.feature, r.period, r.limit_units, False, r.thresholds)
+                for r in rules
+            ]
+        return rules
+
+    def _attempt(self, run: Callable[[], Any], gate: _FactGate | None) -> Decision:
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                run()
+            except NeedsRebuild as missing:
+                ledger.rebuild(self.context, missing.rules, missing.change.moment)
+                continue
+            except QuotaExceeded as error:
+                if _expire_due(self.context):
+                    continue  # abandoned reservations were holding the room: decide again
+                self._rejected(error)
+                raise
+            if gate is not None:
+                assert gate.decision is not None
+                self._after_commit(gate.decision)
+                return gate.decision
+            return Decision(allowed=True)
+        raise RuntimeError("quota counters could not be rebuilt")  # pragma: no cover
+
+    def _rejected(self, error: QuotaExceeded) -> None:
+        context = self.context
+        quota_exceeded.send(sender=QuotaPolicyHandler, context=context, error=error)
+
+    def _after_commit(self, decision: Decision) -> None:
+        context = self.context
+        transaction.on_commit(lambda: _send_thresholds(context, decision), using=metering_settings.DATABASE_ALIAS)
+
+
+class _FactGate:
+    """The quota decision inside a fact's transaction (see ``metering.recorder.Gate``)."""
+
+    def __init__(self, rules: list[QuotaRule], reservation: QuotaReservation | None = None) -> None:
+        self.rules = rules
+        self.reservation = reservation
+        self.decision: Decision | None = None
+
+    def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
+        ledger.before(context, valid.feature_name, using)
+
+    def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
+        reservation = self.reservation
+        if reservation is None:
+            change = Change(
+                feature=valid.feature_name, check_units=valid.units, used_delta=valid.units, used_at=valid.timestamp
+            )
+        else:
+            # Close the reservation with this fact; only an active one gives its units back.
+            closed = (
+                QuotaReservation.objects.using(using)
+                .filter(pk=reservation.pk, state=QuotaReservation.State.ACTIVE)
+                .update(state=QuotaReservation.State.COMMITTED, record_id=record_id, closed_at=utcnow())
+            )
+            change = Change(
+                feature=valid.feature_name,
+                used_delta=valid.units,
+                used_at=valid.timestamp,
+                reserved_delta=-reservation.units if closed else 0,
+                reserved_at=reservation.window_at if closed else None,
+            )
+        # Committing a reservation never blocks: the work is done and must be recorded.
+        self.decision = ledger.decide(context, self.rules, change, using, enforce=reservation is None)
+
+
+class Reservation:
+    """Quota held for work in progress. Use as a (async) context manager: released unless committed."""
+
+    def __init__(self, handler: QuotaPolicyHandler, row: QuotaReservation) -> None:
+        self.handler = handler
+        self.row = row
+        self.closed = False
+
+    @property
+    def estimate(self) -> Decimal:
+        return units_to_quantity(self.row.units)
+
+    def commit(
+        self,
+        actual: Decimal | int | str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        transaction_id: str | None = None,
+    ) -> Decision:
+        """Record ``actual`` as the fact and give the estimate back to every level (never refused)."""
+        if self.closed:
+            raise RuntimeError("this reservation is already committed or released")
+        handler = self.handler
+        event = UsageEvent(
+            handler.context.tenant_id, self.row.feature, actual, utcnow(), metadata or {}, transaction_id
+        )
+        gate = _FactGate(handler._rules(self.row.feature), reservation=self.row)
+        decision = handler._attempt(lambda: _meter().record_fact(event, context=handler.context, gate=gate), gate)
+        self.closed = True
+        return decision
+
+    def release(self) -> None:
+        """Give the whole estimate back without recording anything."""
+        if self.closed:
+            return
+        _close(self.handler.context, self.row, QuotaReservation.State.RELEASED)
+        self.closed = True
+
+    async def acommit(self, actual: Decimal | int | str, **kwargs: Any) -> Decision:
+        return await sync_to_async(self.commit)(actual, **kwargs)
+
+    async def arelease(self) -> None:
+        await sync_to_async(self.release)()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.arelease()
+
+
+def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:
+    """Release or expire an active reservation: its units leave every level's reserved counters."""
+    using = metering_settings.DATABASE_ALIAS
+    with transaction.atomic(using=using):
+        lock_trees([context.root.pk], exclusive=False, using=using)
+        closed = (
+            QuotaReservation.objects.using(using)
+            .filter(pk=row.pk, state=QuotaReservation.State.ACTIVE)
+            .update(state=state, closed_at=utcnow())
+        )
+        if closed:
+            change = Change(feature=row.feature, reserved_delta=-row.units, reserved_at=row.window_at)
+            ledger.decide(context, [], change, using, enforce=False)
+    return bool(closed)
+
+
+def _expire_due(context: TenantContext) -> int:
+    """Expire the tree's abandoned reservations; returns how many."""
+    return expire_reservations(root_path=f"/{context.root.pk}/")
+
+
+def expire_reservations(root_path: str | None = None, *, now: datetime | None = None) -> int:
+    """Release every active reservation past its ``expires_at`` (all trees, or one). Run periodically."""
+    due = QuotaReservation.objects.filter(state=QuotaReservation.State.ACTIVE, expires_at__lte=now or utcnow())
+    if root_path is not None:
+        due = due.filter(tenant__path__startswith=root_path)
+    expired = 0
+    for row in due.select_related("tenant")[:1000]:
+        context = get_context(row.tenant.external_id, require_active=False)
+        expired += _close(context, row, QuotaReservation.State.EXPIRED)
+    return expired
+
+
+def _meter() -> DatabaseMeteringAdapter:
+    meter = get_meter()
+    if not isinstance(meter, DatabaseMeteringAdapter):
+        raise QuotaConfigurationError(
+            f"quotas need METERING['ADAPTER'] to store facts in this database; {type(meter).__name__} does not"
+        )
+    return meter
+
+
+def _send_thresholds(context: TenantContext, decision: Decision) -> None:
+    """Send ``quota_threshold_reached`` once per threshold per window (a cache ``add`` is the once-only guard)."""
+    cache = caches[metering_settings.CACHE_ALIAS]
+    for status in decision.statuses:
+        if not status.thresholds or status.limit <= 0:
+            continue
+        for percent in status.thresholds:
+            mark = status.limit * percent / 100
+            if not (status.used_before < mark <= status.used):
+                continue
+            window_id = int(status.window_start.timestamp()) if status.window_start else "all"
+            key = f"xaas:quota-threshold:{status.quota_id}:{window_id}:{percent}"
+            timeout = (
+                40 * 24 * 3600
+                if status.reset_at is None
+                else 24 * 3600 + int((status.reset_at - utcnow()).total_seconds())
+            )
+            try:
+                first = cache.add(key, 1, timeout)
+            except Exception as error:  # better twice than never: the signal still goes out
+                logger.warning("threshold guard unavailable: %s", type(error).__name__)
+                first = True
+            if first:
+                quota_threshold_reached.send(
+                    sender=QuotaPolicyHandler, context=context, status=status, threshold=percent
+                )
