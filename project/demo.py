@@ -14,6 +14,10 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from metering import InvalidUsageEvent, MeteringProtocol, UsageEvent, get_meter
+from quotas.exceptions import QuotaExceeded
+from quotas.handler import QuotaPolicyHandler
+from quotas.http import add_quota_headers, quota_exceeded_response
+from quotas.ledger import Decision
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError
 from tenants.middleware import tenant_error_response
@@ -56,6 +60,24 @@ class AIService:
         return completion
 
 
+class GuardedAIService(AIService):
+    """The demo endpoint's service: reserve the prompt's estimate at every level, then commit the real count.
+
+    Quota is held while the model runs, so concurrent calls cannot together overrun any level; the fact recorded
+    is the actual token count, and the difference goes back to every level.
+    """
+
+    async def generate_within_quota(self, tenant: TenantContext, prompt: str) -> tuple[Completion, Decision]:
+        handler = QuotaPolicyHandler(tenant)
+        estimate = len(prompt.split())
+        async with await handler.areserve("llm_tokens", estimate) as reservation:
+            completion = await self.model.complete(prompt)
+            decision = await reservation.acommit(
+                completion.tokens, metadata={"model": "fake-echo", "prompt_chars": len(prompt)}
+            )
+        return completion, decision
+
+
 def _error(status: int, code: str, field: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "field": field, "message": message}}, status=status)
 
@@ -78,9 +100,12 @@ async def completions(request: HttpRequest) -> JsonResponse:
     if len(prompt) > MAX_PROMPT_CHARS:
         return _error(400, "invalid_prompt", "prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters")
     try:
-        completion = await AIService(get_meter()).generate(tenant, prompt)
+        completion, decision = await GuardedAIService(get_meter()).generate_within_quota(tenant, prompt)
+    except QuotaExceeded as error:
+        return quota_exceeded_response(error)
     except InvalidUsageEvent as error:
         return _error(400, error.code, error.field, str(error))
     except TenantError as error:
         return tenant_error_response(error)
-    return JsonResponse({"text": completion.text, "tokens": completion.tokens})
+    response = JsonResponse({"text": completion.text, "tokens": completion.tokens})
+    return add_quota_headers(response, decision)  # type: ignore[return-value]

@@ -41,6 +41,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "tenants.middleware.TenantMiddleware",
+    "quotas.middleware.QuotaMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -97,12 +98,21 @@ METERING: dict[str, Any] = {
     "ADAPTER": os.environ.get("METERING_ADAPTER", "metering.adapters.database.DatabaseMeteringAdapter"),
     "SINK_URL": os.environ.get("METERING_SINK_URL") or None,
     "BATCH_SIZE": int(os.environ.get("METERING_BATCH_SIZE", "100")),
+    "API_KEY": os.environ.get("METERING_API_KEY") or None,
+    "WEBHOOK_SECRET": os.environ.get("METERING_WEBHOOK_SECRET") or None,
 }
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 CELERY_TASK_ALWAYS_EAGER = "CELERY_BROKER_URL" not in os.environ
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = None
+# The outbox sweep: delivers stragglers below BATCH_SIZE and retries that are due (run one beat scheduler).
+CELERY_BEAT_SCHEDULE = {
+    "metering-sweep-outbox": {
+        "task": "metering.sweep_outbox",
+        "schedule": float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
+    },
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -48,7 +48,14 @@ class QuotaPolicyHandler:
     """Decides for one ``TenantContext`` (or tenant id) over every level of its lineage."""
 
     def __init__(self, context: TenantContext | str) -> None:
-        self.context = context if isinstance(context, TenantContext) else get_context(context)
+        # A tenant id is resolved on first use, so the handler can be built in async code.
+        self._context = context
+
+    @property
+    def context(self) -> TenantContext:
+        if not isinstance(self._context, TenantContext):
+            self._context = get_context(self._context)
+        return self._context
 
     # ---- consuming: the fact is recorded only if every level has room ----
 
