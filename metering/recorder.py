@@ -38,7 +38,12 @@ StoredHook = Callable[[ValidEvent, int, TenantContext], None]
 
 
 class Gate(Protocol):
-    """A decision taken inside the fact's transaction (quotas). Raising from either step stores nothing."""
+    """A decision taken inside the fact's transaction (quotas). Raising from either step stores nothing.
+
+    ``exclusive``: take the tree lock exclusively (no other writer in flight), e.g. to rebuild lost counters.
+    """
+
+    exclusive: bool
 
     def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
         """Runs with the tree locked, before the fact is written."""
@@ -72,7 +77,7 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
     with transaction.atomic(using=using):
-        lock_trees([lineage_pks[0]], exclusive=False, using=using)
+        lock_trees([lineage_pks[0]], exclusive=bool(gate and gate.exclusive), using=using)
         if gate is not None:
             gate.before(valid, context, using)
         record_id = _insert_fact(valid, context, using)

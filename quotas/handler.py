@@ -80,8 +80,7 @@ class QuotaPolicyHandler:
         )
         rules = self._rules(feature)
         gate = _FactGate(rules)
-        decision = self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
-        return decision
+        return self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
 
     def check(self, feature: str, quantity: Decimal | int | str = 0, *, raise_exception: bool = False) -> Decision:
         """Would ``quantity`` fit at every level? Consumes nothing (entitlements)."""
@@ -90,14 +89,19 @@ class QuotaPolicyHandler:
         rules = self._rules(feature)
         change = Change(feature=feature, check_units=units, used_at=utcnow())
         using = metering_settings.DATABASE_ALIAS
+        exclusive = False
         for _ in range(MAX_ATTEMPTS):
             try:
                 with transaction.atomic(using=using):
-                    decision = ledger.decide(self.context, rules, change, using)
+                    if exclusive:
+                        lock_trees([self.context.root.pk], exclusive=True, using=using)
+                        decision = ledger.decide_exclusively(self.context, rules, change, using)
+                    else:
+                        decision = ledger.decide(self.context, rules, change, using)
                     transaction.set_rollback(True, using=using)  # a check writes nothing
                 return decision
-            except NeedsRebuild as missing:
-                ledger.rebuild(self.context, missing.rules, missing.change.moment)
+            except NeedsRebuild:
+                exclusive = True
             except QuotaExceeded as error:
                 if raise_exception:
                     self._rejected(error)
@@ -116,11 +120,12 @@ class QuotaPolicyHandler:
         rules = self._rules(feature)
         using = metering_settings.DATABASE_ALIAS
         holder: dict[str, QuotaReservation] = {}
+        mode = _Mode()
 
         def attempt() -> None:
             now = utcnow()
             with transaction.atomic(using=using):
-                lock_trees([self.context.root.pk], exclusive=False, using=using)
+                lock_trees([self.context.root.pk], exclusive=mode.exclusive, using=using)
                 ledger.before(self.context, feature, using)
                 row = QuotaReservation.objects.using(using).create(
                     tenant_id=self.context.tenant.pk,
@@ -130,11 +135,12 @@ class QuotaPolicyHandler:
                     expires_at=now + ttl,
                 )
                 change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
-                gate_decision = ledger.decide(self.context, rules, change, using)
+                decide = ledger.decide_exclusively if mode.exclusive else ledger.decide
+                decision = decide(self.context, rules, change, using)
                 holder["row"] = row
-                self._after_commit(gate_decision)
+                self._after_commit(decision)
 
-        self._attempt(attempt, None)
+        self._attempt(attempt, mode)
         return Reservation(self, holder["row"])
 
     # ---- async twins ----
@@ -160,22 +166,23 @@ class QuotaPolicyHandler:
             ]
         return rules
 
-    def _attempt(self, run: Callable[[], Any], gate: _FactGate | None) -> Decision:
+    def _attempt(self, run: Callable[[], Any], mode: _Mode) -> Decision:
         for _ in range(MAX_ATTEMPTS):
             try:
                 run()
-            except NeedsRebuild as missing:
-                ledger.rebuild(self.context, missing.rules, missing.change.moment)
+            except NeedsRebuild:
+                # Redis lost counters: decide again with the tree locked exclusively, rebuilding on the spot.
+                mode.exclusive = True
                 continue
             except QuotaExceeded as error:
                 if _expire_due(self.context):
                     continue  # abandoned reservations were holding the room: decide again
                 self._rejected(error)
                 raise
-            if gate is not None:
-                assert gate.decision is not None
-                self._after_commit(gate.decision)
-                return gate.decision
+            if isinstance(mode, _FactGate):
+                assert mode.decision is not None
+                self._after_commit(mode.decision)
+                return mode.decision
             return Decision(allowed=True)
         raise RuntimeError("quota counters could not be rebuilt")  # pragma: no cover
 
@@ -188,7 +195,13 @@ class QuotaPolicyHandler:
         transaction.on_commit(lambda: _send_thresholds(context, decision), using=metering_settings.DATABASE_ALIAS)
 
 
-class _FactGate:
+class _Mode:
+    """How the next attempt locks its tree: shared normally, exclusive after Redis lost counters."""
+
+    exclusive = False
+
+
+class _FactGate(_Mode):
     """The quota decision inside a fact's transaction (see ``metering.recorder.Gate``)."""
 
     def __init__(self, rules: list[QuotaRule], reservation: QuotaReservation | None = None) -> None:
@@ -220,7 +233,8 @@ class _FactGate:
                 reserved_at=reservation.window_at if closed else None,
             )
         # Committing a reservation never blocks: the work is done and must be recorded.
-        self.decision = ledger.decide(context, self.rules, change, using, enforce=reservation is None)
+        decide = ledger.decide_exclusively if self.exclusive else ledger.decide
+        self.decision = decide(context, self.rules, change, using, enforce=reservation is None)
 
 
 class Reservation:

@@ -282,8 +282,35 @@ def _decide_database(
     return Decision(allowed=True, statuses=tuple(statuses))
 
 
-def rebuild(context: TenantContext, rules: Sequence[QuotaRule], moment: datetime) -> None:
-    """Set every counter the rules need from the database, with the tree locked exclusively."""
+def decide_exclusively(
+    context: TenantContext, rules: Sequence[QuotaRule], change: Change, using: str, *, enforce: bool = True
+) -> Decision:
+    """``decide`` for a caller that holds the tree lock exclusively: missing counters are rebuilt on the spot.
+
+    No writer can be in flight, so rebuilding here is exact however often Redis is lost meanwhile.
+    """
+    for _ in range(50):
+        try:
+            return decide(context, rules, change, using, enforce=enforce)
+        except NeedsRebuild as missing:
+            rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change)
+    raise RuntimeError("Redis keeps losing the quota counters")  # pragma: no cover
+
+
+def rebuild(
+    context: TenantContext,
+    rules: Sequence[QuotaRule],
+    moment: datetime,
+    *,
+    locked: bool = False,
+    pending: Change | None = None,
+) -> None:
+    """Set every counter the rules need from the database, with the tree locked exclusively.
+
+    ``locked``: the caller's transaction already holds the tree lock exclusively and has already written
+    ``pending`` (its fact, rollups or reservation rows), which the database sums therefore include: it is left out
+    of the counters here, because the decision that follows adds it.
+    """
     redis = use_redis()
     if redis is None:
         return
@@ -291,7 +318,8 @@ def rebuild(context: TenantContext, rules: Sequence[QuotaRule], moment: datetime
     root = context.root.pk
     ttl = int(metering_settings.COUNTER_TTL_SECONDS)
     with transaction.atomic(using=using):
-        lock_trees([root], exclusive=True, using=using)
+        if not locked:
+            lock_trees([root], exclusive=True, using=using)
         values: dict[str, int] = {}
         for rule in rules:
             start, end = rule.window(moment)
@@ -299,6 +327,11 @@ def rebuild(context: TenantContext, rules: Sequence[QuotaRule], moment: datetime
             reserved_key = counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.RESERVED)
             values[used_key] = rollups.sum_units(rule.level.pk, rule.feature, start, end, using=using)
             values[reserved_key] = reserved_units(rule.level_path, rule.feature, start, end, using)
+            if pending is not None:
+                if pending.used_at is not None and rule.window(pending.used_at)[0] == start:
+                    values[used_key] -= pending.used_delta
+                if pending.reserved_at is not None and rule.window(pending.reserved_at)[0] == start:
+                    values[reserved_key] -= pending.reserved_delta
         pipe = redis.pipeline(transaction=False)
         for key, value in values.items():
             pipe.set(key, value, ex=ttl)

@@ -1,0 +1,39 @@
+"""A separate OS process that hammers quotas (spawned by test_quota_hammer)."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+
+def hammer(database: dict[str, Any], redis_url: str | None, seed: int, requests: int) -> dict[str, int]:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    os.environ.pop("REDIS_URL", None)
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    # Point at the test database the parent created (before any connection is opened).
+    settings.DATABASES["default"].update(NAME=database["NAME"])
+    from quotas.exceptions import QuotaExceeded
+    from quotas.handler import QuotaPolicyHandler
+
+    rng = random.Random(seed)
+    admitted: dict[str, int] = {}
+    for index in range(requests):
+        project = "p1" if index % 2 == 0 else "p2"
+        key = f"{project}-k{rng.randint(1, 2)}"
+        for feature in ("org_bound", "project_bound"):
+            try:
+                QuotaPolicyHandler(key).consume(feature, 1)
+            except QuotaExceeded:
+                continue
+            admitted[f"{feature}:{project}"] = admitted.get(f"{feature}:{project}", 0) + 1
+    from django.db import connections
+
+    connections.close_all()
+    return admitted
