@@ -9,6 +9,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from metering.events import units_to_quantity
 from metering.exceptions import InvalidUsageEvent
 from tenants.exceptions import TenantError
 from tenants.tree import get_tenant
@@ -58,7 +59,9 @@ class Command(BaseCommand):
         quota.is_active = True
         quota.full_clean()
         quota.save()
-        self.stdout.write(f"{tenant_id} {feature}: {amount} per {period} ({quota.enforcement})")
+        self.stdout.write(
+            f"{tenant_id} {feature}: {units_to_quantity(quota.limit_units)} per {period} ({quota.enforcement})"
+        )
 
     def handle_list(self, tenant_id: str | None, json: bool, **_: Any) -> None:
         quotas = QuotaLimit.objects.select_related("tenant")
@@ -68,7 +71,7 @@ class Command(BaseCommand):
             {
                 "tenant": quota.tenant.external_id,
                 "feature": quota.feature,
-                "limit": str(quota.limit.normalize()),
+                "limit": str(units_to_quantity(quota.limit_units)),
                 "period": quota.period,
                 "enforcement": quota.enforcement,
                 "active": quota.is_active,
