@@ -50,6 +50,7 @@ class QuotaPolicyHandler:
     def __init__(self, context: TenantContext | str) -> None:
         # A tenant id is resolved on first use, so the handler can be built in async code.
         self._context = context
+        self._rules_by_feature: dict[str, list[QuotaRule]] = {}
 
     @property
     def context(self) -> TenantContext:
@@ -157,6 +158,14 @@ class QuotaPolicyHandler:
     # ---- internals ----
 
     def _rules(self, feature: str) -> list[QuotaRule]:
+        # Read once per handler and feature: a reservation's commit reuses what its reserve read.
+        cached = self._rules_by_feature.get(feature)
+        if cached is not None:
+            return cached
+        self._rules_by_feature[feature] = rules = self._load_rules(feature)
+        return rules
+
+    def _load_rules(self, feature: str) -> list[QuotaRule]:
         rules = rules_for(self.context, feature)
         if self.context.exempt:
             # Zero-cap: counted (so thresholds and usage stay right) but never blocking.
@@ -279,7 +288,8 @@ class Reservation:
         return await sync_to_async(self.commit)(actual, **kwargs)
 
     async def arelease(self) -> None:
-        await sync_to_async(self.release)()
+        if not self.closed:  # no thread hop for the common case: already committed
+            await sync_to_async(self.release)()
 
     def __enter__(self) -> Reservation:
         return self
