@@ -70,3 +70,103 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
                 Error(f"METERING[{key!r}] must be a positive integer, got {value!r}.", id="xaas_metering.E005")
             )
     return messages
+
+
+@register()
+def check_delivery_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The outbox sinks' keys (docs/lago.md). Errors for the configured sink's missing URL or credentials."""
+    if not isinstance(getattr(settings, "METERING", {}), dict):
+        return []
+    from .sinks.base import configured_sink_name
+
+    messages: list[CheckMessage] = []
+    sink = configured_sink_name()
+    if sink is not None:
+        if not metering_settings.SINK_URL:
+            messages.append(Error(f"METERING['SINK_URL'] is required by the {sink} sink.", id="xaas_metering.E010"))
+        secret_key = "API_KEY" if sink == "lago" else "WEBHOOK_SECRET"
+        secret = getattr(metering_settings, secret_key)
+        if not isinstance(secret, str) or not secret:
+            messages.append(
+                Error(
+                    f"METERING[{secret_key!r}] must be a non-empty string for the {sink} sink.", id="xaas_metering.E011"
+                )
+            )
+        if sink == "lago" and metering_settings.SINK_URL and urlparse(str(metering_settings.SINK_URL)).password:
+            messages.append(
+                Warning(
+                    "METERING['SINK_URL'] holds a password, which the Lago sink ignores (it authenticates by API_KEY).",
+                    id="xaas_metering.W011",
+                )
+            )
+        batch_size = metering_settings.BATCH_SIZE
+        if sink == "lago" and isinstance(batch_size, int) and batch_size > 100:
+            messages.append(
+                Warning(
+                    f"METERING['BATCH_SIZE'] = {batch_size}: a default Lago refuses batches of more than 100 events.",
+                    hint="Keep it at 100 unless your Lago's limit was raised.",
+                    id="xaas_metering.W010",
+                )
+            )
+    metrics = metering_settings.LAGO_METRICS
+    if not isinstance(metrics, dict) or not all(_valid_metric(entry) for entry in metrics.values()):
+        messages.append(
+            Error(
+                "METERING['LAGO_METRICS'] must map feature names to a metric code or to "
+                '{"code": str, "property": str, "metadata": bool or list of keys}.',
+                id="xaas_metering.E012",
+            )
+        )
+    if not isinstance(metering_settings.LAGO_QUANTITY_PROPERTY, str) or not metering_settings.LAGO_QUANTITY_PROPERTY:
+        messages.append(
+            Error("METERING['LAGO_QUANTITY_PROPERTY'] must be a non-empty string.", id="xaas_metering.E013")
+        )
+    numbers = {}
+    for key in (
+        "SINK_TIMEOUT_SECONDS",
+        "SINK_LEASE_SECONDS",
+        "SINK_RETRY_BASE_SECONDS",
+        "SINK_RETRY_MAX_SECONDS",
+        "TRIGGER_DEBOUNCE_SECONDS",
+    ):
+        value = getattr(metering_settings, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            messages.append(
+                Error(f"METERING[{key!r}] must be a positive number, got {value!r}.", id="xaas_metering.E014")
+            )
+        else:
+            numbers[key] = float(value)
+    lease, timeout = numbers.get("SINK_LEASE_SECONDS"), numbers.get("SINK_TIMEOUT_SECONDS")
+    if lease is not None and timeout is not None and lease < 3 * timeout:
+        messages.append(
+            Error(
+                f"METERING['SINK_LEASE_SECONDS'] ({lease:g}) must be at least 3 x SINK_TIMEOUT_SECONDS ({timeout:g}):"
+                " a batch still in flight would be claimed again by another worker.",
+                id="xaas_metering.E015",
+            )
+        )
+    for key in ("SINK_MAX_ATTEMPTS", "FLUSH_MAX_BATCHES"):
+        value = getattr(metering_settings, key)
+        if (key == "SINK_MAX_ATTEMPTS" and value is None) or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            continue
+        messages.append(Error(f"METERING[{key!r}] must be a positive integer, got {value!r}.", id="xaas_metering.E016"))
+    queue = metering_settings.CELERY_QUEUE
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        messages.append(Error("METERING['CELERY_QUEUE'] must be None or a queue name.", id="xaas_metering.E017"))
+    webhook_secret = metering_settings.WEBHOOK_SECRET
+    if webhook_secret is not None and not isinstance(webhook_secret, str):
+        messages.append(Error("METERING['WEBHOOK_SECRET'] must be a string.", id="xaas_metering.E018"))
+    return messages
+
+
+def _valid_metric(entry: object) -> bool:
+    if isinstance(entry, str):
+        return bool(entry)
+    if not isinstance(entry, dict) or set(entry) - {"code", "property", "metadata"}:
+        return False
+    if not all(isinstance(entry.get(key, "x"), str) and entry.get(key, "x") for key in ("code", "property")):
+        return False
+    metadata = entry.get("metadata", True)
+    return isinstance(metadata, bool) or (isinstance(metadata, list) and all(isinstance(k, str) for k in metadata))

@@ -30,6 +30,19 @@ DEFAULTS: dict[str, Any] = {
     "QUOTA_ROUTES": [],
     # Redis counters are rebuilt from the database at least this often (self-healing bound).
     "COUNTER_TTL_SECONDS": 3600,
+    # Outbox delivery (LagoMeteringAdapter, WebhookMeteringAdapter): see docs/lago.md.
+    "WEBHOOK_SECRET": None,  # HMAC-SHA256 key of the webhook sink's X-Metering-Signature header
+    "LAGO_METRICS": {},  # feature -> "code" or {"code": ..., "property": ..., "metadata": True|False|[keys]}
+    "LAGO_QUANTITY_PROPERTY": "quantity",  # the property carrying the quantity when LAGO_METRICS names none
+    "LAGO_QUALIFY_TRANSACTION_ID": True,  # Lago transaction_id = "<tenant id>/<transaction id>" (unique per sub)
+    "SINK_TIMEOUT_SECONDS": 10,  # connect/read/write/pool timeout of each request
+    "SINK_LEASE_SECONDS": 60,  # a claimed batch is re-claimable after this (a worker died mid-batch)
+    "SINK_RETRY_BASE_SECONDS": 1,  # exponential backoff with jitter: base * 2**(attempts - 1) ...
+    "SINK_RETRY_MAX_SECONDS": 300,  # ... capped here (Retry-After / X-RateLimit-Reset can ask for longer)
+    "SINK_MAX_ATTEMPTS": None,  # None: transient failures are retried until they succeed; N: dead after N
+    "FLUSH_MAX_BATCHES": 200,  # batches one flush task sends before handing over to a fresh task
+    "TRIGGER_DEBOUNCE_SECONDS": 1,  # at most one after-commit flush task per sink this often
+    "CELERY_QUEUE": None,  # queue of the delivery tasks (None: Celery's default queue)
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

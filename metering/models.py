@@ -14,7 +14,9 @@ from .events import units_to_quantity
 class UsageRecord(models.Model):
     """One accepted usage fact. Never edited: a correction is a new fact."""
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="usage_records")
+    # No index of its own: the unique (tenant, transaction_id) constraint and the (tenant, feature, timestamp)
+    # index both start with tenant.
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="usage_records", db_index=False)
     feature = models.CharField(max_length=100)
     units = models.BigIntegerField(help_text="Quantity in millionths (10**-6) of a unit, exact.")
     timestamp = models.DateTimeField(help_text="When the usage happened (UTC).")
@@ -43,7 +45,9 @@ class UsageRecord(models.Model):
 class UsageRollup(models.Model):
     """Usage of a tenant's whole subtree for one feature in one UTC hour, kept in the fact's transaction."""
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_rollups")
+    # No index of its own: the unique (tenant, feature, bucket) constraint serves every lookup, and a narrower
+    # tenant-only index tempts the planner into reading a tenant's whole history.
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_rollups", db_index=False)
     feature = models.CharField(max_length=100)
     bucket = models.DateTimeField(help_text="Start of the UTC hour.")
     units = models.BigIntegerField(default=0)
@@ -61,3 +65,72 @@ class UsageRollup(models.Model):
     @property
     def quantity(self) -> Decimal:
         return units_to_quantity(self.units)
+
+
+class UsageOutbox(models.Model):
+    """A fact waiting for (or done with) delivery to the configured sink, written in the fact's own transaction.
+
+    ``pending`` rows are claimed in batches (``next_attempt_at`` doubles as the claim's lease), ``delivered`` and
+    ``dead`` are final until an operator resends, ``held`` waits for a Lago subscription on the tenant's lineage.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending", "pending"
+        DELIVERED = "delivered", "delivered"
+        DEAD = "dead", "dead (rejected)"
+        HELD = "held", "held (no subscription)"
+
+    record = models.OneToOneField(UsageRecord, on_delete=models.CASCADE, related_name="outbox")
+    sink = models.CharField(max_length=20, help_text="Which sink delivers it: lago or webhook.")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(help_text="Due from then on; a claimed row is leased until then.")
+    claim_token = models.CharField(max_length=32, blank=True, default="", editable=False)
+    external_subscription_id = models.CharField(
+        max_length=255, blank=True, default="", help_text="Frozen at the first attempt, so every resend is identical."
+    )
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "usage outbox entry"
+        verbose_name_plural = "usage outbox"
+        indexes = [
+            models.Index(
+                fields=["sink", "next_attempt_at", "id"],
+                name="xaas_outbox_due",
+                condition=models.Q(state="pending"),
+            ),
+            # Small: only the rows that need an operator. Counting delivered rows scans the table.
+            models.Index(
+                fields=["sink", "state"],
+                name="xaas_outbox_attention",
+                condition=models.Q(state__in=["dead", "held"]),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.sink} #{self.record_id} ({self.state})"
+
+
+class SinkState(models.Model):
+    """Per-sink delivery health. ``blocked_at`` set: delivery stopped (401/403/404) until the configuration changes
+    or an operator resumes it, instead of burning retries."""
+
+    sink = models.CharField(max_length=20, unique=True)
+    blocked_at = models.DateTimeField(null=True, blank=True)
+    blocked_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    blocked_reason = models.TextField(blank=True, default="")
+    config_fingerprint = models.CharField(
+        max_length=32, blank=True, default="", help_text="Hash of the URL and credentials delivery was blocked with."
+    )
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name = "delivery sink"
+
+    def __str__(self) -> str:
+        return f"{self.sink} ({'blocked' if self.blocked_at else 'ok'})"

@@ -27,6 +27,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI assets served locally
     "tenants",
     "metering",
     "quotas",
@@ -100,6 +102,30 @@ METERING: dict[str, Any] = {
     "BATCH_SIZE": int(os.environ.get("METERING_BATCH_SIZE", "100")),
     "API_KEY": os.environ.get("METERING_API_KEY") or None,
     "WEBHOOK_SECRET": os.environ.get("METERING_WEBHOOK_SECRET") or None,
+    # request.tenant from an API key (Bearer) or, without one, from the X-Tenant-ID header (the demo's curl).
+    "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
+    "API_KEY_HEADER_FALLBACK": True,
+}
+
+# The REST API (metering.api) sets these on its own views too; here they serve any other DRF view of the project.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],
+    "EXCEPTION_HANDLER": "metering.api.errors.exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "metering.api.base.ApiPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "xaas metering API",
+    "DESCRIPTION": "Usage events, usage, quotas and entitlements of a tenant subtree. "
+    "Authenticate with `Authorization: Bearer <API key>`; see docs/api.md.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
@@ -111,6 +137,10 @@ CELERY_BEAT_SCHEDULE = {
     "metering-sweep-outbox": {
         "task": "metering.sweep_outbox",
         "schedule": float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
+    },
+    "quotas-expire-reservations": {
+        "task": "quotas.expire_reservations",
+        "schedule": float(os.environ.get("QUOTAS_EXPIRY_SECONDS", "30")),
     },
 }
 

@@ -1,0 +1,254 @@
+"""Flushing the outbox: claim a batch, send it, mark every fact by what the sink answered, repeat.
+
+Exactly-once in effect rests on two things: a fact leaves ``pending`` only on the sink's word (stored, already
+stored, or refused for its own content), and every resend carries the same idempotency key (and, for Lago, the same
+subscription and timestamp). A batch whose answer was lost is simply sent again; Lago then names the events it
+already holds (``value_already_exist``) and those are marked delivered while the rest is resent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.dispatch import Signal
+from django.utils import timezone
+
+from . import outbox
+from .conf import metering_settings
+from .models import SinkState
+from .sinks import Outcome, SendResult, Sink, get_sink
+from .sinks.base import backoff
+
+logger = logging.getLogger("metering.delivery")
+
+# Operator alerts. sender: the sink name.
+# delivery_blocked(sink, status, reason): the sink refused our credentials or URL; delivery stopped.
+delivery_blocked = Signal()
+# facts_held(sink, tenant_ids, count): facts without a Lago subscription on their tenant's lineage.
+facts_held = Signal()
+# facts_dead_lettered(sink, count, errors): the sink refused these facts for their content.
+facts_dead_lettered = Signal()
+
+SUCCESS_WRITE_INTERVAL = timedelta(seconds=5)
+
+
+@dataclass
+class FlushReport:
+    sink: str | None
+    batches: int = 0
+    requests: int = 0
+    delivered: int = 0
+    already_present: int = 0
+    dead: int = 0
+    held: int = 0
+    retrying: int = 0
+    retry_in: float | None = None
+    blocked: str | None = None
+    more: bool = False
+    """Stopped at ``max_batches`` with facts still due."""
+
+    @property
+    def done(self) -> int:
+        return self.delivered + self.dead + self.held
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Progress = Callable[[FlushReport], None]
+
+
+def flush(
+    sink_name: str | None = None,
+    *,
+    max_batches: int | None = None,
+    now: datetime | None = None,
+    progress: Progress | None = None,
+) -> FlushReport:
+    """Deliver due facts of the configured sink (or ``sink_name``, which must be it) until none is due, a transient
+    failure asks to wait, delivery is blocked, or ``max_batches`` were sent. ``now`` pins the clock (tests)."""
+    sink = get_sink(sink_name)
+    report = FlushReport(sink=sink.name if sink else None)
+    if sink is None:
+        return report
+    clock = (lambda: now) if now is not None else timezone.now
+    problem = sink.configuration_error()
+    if problem is not None:  # nothing is claimed: the facts wait, untouched, for the configuration
+        logger.error("%s: cannot deliver: %s", sink.name, problem)
+        report.blocked = problem
+        return report
+    if _blocked(sink, report):
+        return report
+    batch_size = int(metering_settings.BATCH_SIZE)
+    lease = float(metering_settings.SINK_LEASE_SECONDS)
+    subscriptions: dict[str, str] | None = {} if sink.needs_subscription else None
+    while max_batches is None or report.batches < max_batches:
+        claimed = outbox.claim(sink.name, batch_size, now=clock(), lease_seconds=lease, subscriptions=subscriptions)
+        if not claimed.facts and not claimed.held:
+            return report
+        report.batches += 1
+        _deliver(sink, claimed, clock, report)
+        if progress is not None:
+            progress(report)
+        if report.blocked or report.retry_in is not None:
+            return report
+    report.more = outbox.due_at_least(sink.name, 1, clock())
+    return report
+
+
+def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], report: FlushReport) -> None:
+    held = claimed.held
+    if held:
+        report.held += len(held)
+        tenants = sorted({fact.tenant_id for fact in held})
+        logger.warning(
+            "%s: %d facts held, no Lago subscription on the lineage of %s", sink.name, len(held), ", ".join(tenants)
+        )
+        facts_held.send(sender=sink.name, sink=sink.name, tenant_ids=tenants, count=len(held))
+    facts = claimed.facts
+    events = [sink.build(fact) for fact in facts]
+    token = claimed.token
+    work: list[list[int]] = [list(range(len(facts)))] if facts else []
+    while work:
+        indexes = work.pop()
+        result = sink.send([events[i] for i in indexes])
+        report.requests += 1
+        ids = [facts[i].outbox_id for i in indexes]
+        if result.outcome is Outcome.OK:
+            report.delivered += outbox.mark_delivered(ids, token, clock())
+            _note_success(sink.name, clock())
+        elif result.outcome is Outcome.REJECTED:
+            work.extend(_rejected(sink, result, indexes, facts, token, clock, report))
+        elif result.outcome is Outcome.TRANSIENT:
+            ids += [facts[i].outbox_id for pending in work for i in pending]
+            _retry(sink, result, ids, max(facts[i].attempts for i in indexes), token, clock(), report)
+            return
+        else:
+            ids += [facts[i].outbox_id for pending in work for i in pending]
+            outbox.release(ids, token, clock())
+            _block(sink, result, clock(), report)
+            return
+
+
+def _rejected(
+    sink: Sink,
+    result: SendResult,
+    indexes: list[int],
+    facts: list[outbox.ClaimedFact],
+    token: str,
+    clock: Callable[[], datetime],
+    report: FlushReport,
+) -> list[list[int]]:
+    """Mark what the rejection names; return the parts still to send."""
+    if result.duplicates or result.invalid:
+        present = [facts[indexes[j]].outbox_id for j in sorted(result.duplicates)]
+        present_count = outbox.mark_delivered(present, token, clock())
+        report.delivered += present_count
+        report.already_present += present_count
+        dead = {facts[indexes[j]].outbox_id: error for j, error in result.invalid.items()}
+        _dead_letter(sink, dead, token, report)
+        rest = [index for j, index in enumerate(indexes) if j not in result.duplicates and j not in result.invalid]
+        return [rest] if rest else []
+    if len(indexes) == 1:
+        _dead_letter(sink, {facts[indexes[0]].outbox_id: result.error}, token, report)
+        return []
+    # Refused as a whole without naming anyone: halve until the culprits stand alone.
+    middle = len(indexes) // 2
+    return [indexes[middle:], indexes[:middle]]
+
+
+def _dead_letter(sink: Sink, errors: dict[int, str], token: str, report: FlushReport) -> None:
+    if not errors:
+        return
+    count = outbox.mark_dead(errors, token)
+    report.dead += count
+    if count:
+        sample = next(iter(errors.values()))
+        logger.error("%s: %d facts dead-lettered, e.g. %s", sink.name, count, sample)
+        facts_dead_lettered.send(sender=sink.name, sink=sink.name, count=count, errors=sorted(set(errors.values())))
+
+
+def _retry(
+    sink: Sink, result: SendResult, ids: list[int], attempts: int, token: str, now: datetime, report: FlushReport
+) -> None:
+    delay = backoff(attempts + 1, result.retry_after)
+    retrying, dead = outbox.mark_retry(ids, token, now + timedelta(seconds=delay), result.error)
+    report.retrying += retrying
+    report.dead += dead
+    report.retry_in = delay
+    logger.warning(
+        "%s: delivery failed (%s); %d facts retried in %.1fs%s",
+        sink.name,
+        result.error,
+        retrying,
+        delay,
+        f", {dead} dead after SINK_MAX_ATTEMPTS" if dead else "",
+    )
+    SinkState.objects.using(_using()).update_or_create(
+        sink=sink.name, defaults={"last_failure_at": now, "last_error": result.error[:2000]}
+    )
+
+
+def _block(sink: Sink, result: SendResult, now: datetime, report: FlushReport) -> None:
+    reason = result.error[:2000]
+    report.blocked = reason
+    state, _ = SinkState.objects.using(_using()).get_or_create(sink=sink.name)
+    first = state.blocked_at is None
+    state.blocked_at = state.blocked_at or now
+    state.blocked_status = result.status
+    state.blocked_reason = reason
+    state.config_fingerprint = sink.fingerprint()
+    state.last_failure_at = now
+    state.last_error = reason
+    state.save()
+    if first:
+        logger.error(
+            "%s: delivery STOPPED, %s refused us (%s). Fix METERING's SINK_URL/credentials (delivery resumes by "
+            "itself once they change) or resume it with `manage.py metering_flush --resume`.",
+            sink.name,
+            sink.safe_url(),
+            reason,
+        )
+        delivery_blocked.send(sender=sink.name, sink=sink.name, status=result.status, reason=reason)
+
+
+def _blocked(sink: Sink, report: FlushReport) -> bool:
+    """Whether delivery is stopped. A changed URL or credential lifts the block by itself."""
+    state = SinkState.objects.using(_using()).filter(sink=sink.name, blocked_at__isnull=False).first()
+    if state is None:
+        return False
+    if state.config_fingerprint != sink.fingerprint():
+        logger.warning("%s: the sink configuration changed since delivery was blocked; trying again", sink.name)
+        resume(sink.name)
+        return False
+    report.blocked = state.blocked_reason
+    return True
+
+
+def resume(sink_name: str) -> bool:
+    """Lift a block (after fixing the sink's side). Returns whether it was blocked."""
+    return bool(
+        SinkState.objects.using(_using())
+        .filter(sink=sink_name, blocked_at__isnull=False)
+        .update(blocked_at=None, blocked_status=None, blocked_reason="", config_fingerprint="")
+    )
+
+
+_success_noted: dict[str, datetime] = {}
+
+
+def _note_success(sink_name: str, now: datetime) -> None:
+    # At most one write per interval and process: a hot row written by every batch would serialize the workers.
+    last = _success_noted.get(sink_name)
+    if last is not None and abs(now - last) < SUCCESS_WRITE_INTERVAL:
+        return
+    _success_noted[sink_name] = now
+    SinkState.objects.using(_using()).update_or_create(sink=sink_name, defaults={"last_success_at": now})
+
+
+def _using() -> str:
+    return str(metering_settings.DATABASE_ALIAS)

@@ -1,0 +1,273 @@
+"""What every sink shares: the result of one request, the pooled HTTP client, backoff and rate-limit headers."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import enum
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+from django.utils.module_loading import import_string
+
+from ..conf import metering_settings
+from ..exceptions import MeteringError
+from ..outbox import ClaimedFact
+
+USER_AGENT = "django-xaas-metering/0.1"
+MAX_HONOURED_WAIT = 3600.0  # a Retry-After beyond an hour is treated as an hour
+BLOCKING_STATUSES = frozenset({401, 403, 404, 405, 410})  # the configuration is wrong: retrying cannot help
+TRANSIENT_STATUSES = frozenset({408, 425, 429})
+
+
+class SinkNotConfigured(MeteringError):
+    """The requested sink is not the one ``METERING["ADAPTER"]`` delivers to, or its settings are incomplete."""
+
+
+class Outcome(enum.Enum):
+    OK = "ok"  # the whole batch is stored
+    REJECTED = "rejected"  # nothing stored; ``duplicates``/``invalid`` name indexes, or the batch as a whole
+    TRANSIENT = "transient"  # unknown or not stored; try the same batch again later
+    BLOCKED = "blocked"  # credentials or URL refused: stop delivering until the configuration changes
+
+
+@dataclass
+class SendResult:
+    outcome: Outcome
+    status: int | None = None
+    error: str = ""
+    duplicates: set[int] = field(default_factory=set)
+    """Indexes the sink already holds (Lago's ``value_already_exist``): delivered by an earlier attempt."""
+    invalid: dict[int, str] = field(default_factory=dict)
+    """Indexes the sink rejects for their own content, with its error."""
+    retry_after: float | None = None
+
+
+class Sink:
+    """One delivery target. Subclasses set ``name`` and implement ``build`` and ``send``."""
+
+    name: ClassVar[str] = ""
+    needs_subscription: ClassVar[bool] = False
+    secret_setting: ClassVar[str] = ""  # the METERING key holding the credential (its name, not its value)
+
+    @property
+    def url(self) -> str:
+        url = metering_settings.SINK_URL
+        if not url:
+            raise SinkNotConfigured(f"METERING['SINK_URL'] is not set: the {self.name} sink has nowhere to deliver")
+        return str(url)
+
+    @property
+    def secret(self) -> str:
+        value = getattr(metering_settings, self.secret_setting) if self.secret_setting else None
+        if not value:
+            raise SinkNotConfigured(f"METERING[{self.secret_setting!r}] is not set: the {self.name} sink needs it")
+        return str(value)
+
+    def configuration_error(self) -> str | None:
+        """Why this sink cannot deliver with the current settings (the system checks say it at startup too)."""
+        try:
+            self.url  # noqa: B018 (raises when missing)
+            self.secret  # noqa: B018
+        except SinkNotConfigured as error:
+            return str(error)
+        return None
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides whether the sink lets us in (never the secret itself)."""
+        material = "\0".join([self.name, str(metering_settings.SINK_URL or ""), self._secret_or_empty()])
+        return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+    def _secret_or_empty(self) -> str:
+        try:
+            return self.secret
+        except SinkNotConfigured:
+            return ""
+
+    def safe_url(self) -> str:
+        """The sink URL without any user:password part, for logs and operators."""
+        return redact_url(str(metering_settings.SINK_URL or ""))
+
+    def build(self, fact: ClaimedFact) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def send(self, events: list[dict[str, Any]]) -> SendResult:
+        raise NotImplementedError
+
+    # helpers for subclasses
+
+    def endpoint(self, path: str = "") -> tuple[str, httpx.BasicAuth | None]:
+        """The URL to POST to, without any ``user:password@`` (httpx would log it), and those as Basic auth."""
+        parts = urlsplit(self.url)
+        if parts.username is None and parts.password is None:
+            return self.url.rstrip("/") + path if path else self.url, None
+        clean = redact_url(self.url, mask="")
+        auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+        return (clean.rstrip("/") + path if path else clean), auth
+
+    def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], auth: httpx.BasicAuth | None = None
+    ) -> httpx.Response | SendResult:
+        """POST ``body``; a transport failure comes back as a ``SendResult`` (transient, or blocked for a bad URL)."""
+        try:
+            client = http_client()
+            if auth is not None:
+                return client.post(url, content=body, headers={"User-Agent": USER_AGENT, **headers}, auth=auth)
+            return client.post(url, content=body, headers={"User-Agent": USER_AGENT, **headers})
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as error:
+            return SendResult(Outcome.BLOCKED, error=f"invalid sink URL: {type(error).__name__}")
+        except httpx.TimeoutException as error:
+            return SendResult(Outcome.TRANSIENT, error=f"timeout: {type(error).__name__}")
+        except httpx.TransportError as error:
+            return SendResult(Outcome.TRANSIENT, error=f"network error: {type(error).__name__}: {error}"[:500])
+
+    def classify_status(self, response: httpx.Response) -> SendResult | None:
+        """Statuses every sink treats alike; ``None`` for the sink's own handling (2xx and other 4xx)."""
+        status = response.status_code
+        if status in BLOCKING_STATUSES:
+            return SendResult(Outcome.BLOCKED, status, f"{status} {excerpt(response)}")
+        if status in TRANSIENT_STATUSES or status >= 500:
+            return SendResult(
+                Outcome.TRANSIENT, status, f"{status} {excerpt(response)}", retry_after=retry_after(response.headers)
+            )
+        return None
+
+
+def encode(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def excerpt(response: httpx.Response, limit: int = 500) -> str:
+    text = response.text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def redact_url(url: str, mask: str = "***@") -> str:
+    """``url`` with any ``user:password@`` replaced by ``mask`` (``""`` removes it)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = mask + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date) or ``X-RateLimit-Reset`` (seconds until the
+    reset, as Lago Cloud sends it; a value that looks like a Unix time is read as one). ``None``: no hint."""
+    now = time.time() if now is None else now
+    waits: list[float] = []
+    value = headers.get("Retry-After")
+    if value:
+        try:
+            waits.append(float(value))
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                waits.append(email.utils.parsedate_to_datetime(value).timestamp() - now)
+    value = headers.get("X-RateLimit-Reset")
+    if value:
+        try:
+            reset = float(value)
+        except ValueError:
+            pass
+        else:
+            waits.append(reset - now if reset > 1_000_000_000 else reset)
+    waits = [wait for wait in waits if wait == wait]  # drop NaN
+    if not waits:
+        return None
+    return min(max(0.0, max(waits)), MAX_HONOURED_WAIT)
+
+
+def backoff(attempts: int, hint: float | None = None) -> float:
+    """Seconds before attempt ``attempts + 1``: exponential with equal jitter, never shorter than the server's hint."""
+    base = float(metering_settings.SINK_RETRY_BASE_SECONDS)
+    cap = float(metering_settings.SINK_RETRY_MAX_SECONDS)
+    delay = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 60))
+    delay = delay / 2 + random.uniform(0, delay / 2)
+    if hint is not None:
+        delay = max(delay, hint)
+    return delay
+
+
+# --- one pooled client per process --------------------------------------------------------------------------------
+
+_clients: dict[tuple[int, float], httpx.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def http_client() -> httpx.Client:
+    """The process's pooled client (keep-alive connections reused by every batch). Rebuilt after a fork."""
+    timeout = float(metering_settings.SINK_TIMEOUT_SECONDS)
+    key = (os.getpid(), timeout)
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = httpx.Client(
+                    timeout=httpx.Timeout(timeout),
+                    limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+                    follow_redirects=False,
+                    trust_env=False,
+                )
+                _clients[key] = client
+    return client
+
+
+def close_clients() -> None:
+    with _clients_lock:
+        for key, client in list(_clients.items()):
+            if key[0] == os.getpid():
+                client.close()
+            del _clients[key]
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+
+SINKS = {
+    "lago": "metering.sinks.lago.LagoSink",
+    "webhook": "metering.sinks.webhook.WebhookSink",
+}
+
+
+def sink_names() -> list[str]:
+    return list(SINKS)
+
+
+def configured_sink_name() -> str | None:
+    """The sink of the configured adapter (its ``sink`` attribute), or ``None`` (nothing to deliver)."""
+    try:
+        adapter = import_string(str(metering_settings.ADAPTER))
+    except ImportError:
+        return None
+    name = getattr(adapter, "sink", None)
+    return name if isinstance(name, str) and name in SINKS else None
+
+
+def get_sink(name: str | None = None) -> Sink | None:
+    """The sink ``name`` (default: the configured adapter's). Raises ``SinkNotConfigured`` for any other sink:
+    its URL and credentials are not the ones in the settings."""
+    configured = configured_sink_name()
+    if name is None:
+        name = configured
+        if name is None:
+            return None
+    if name not in SINKS:
+        raise SinkNotConfigured(f"unknown sink {name!r}; known: {', '.join(SINKS)}")
+    if name != configured:
+        raise SinkNotConfigured(
+            f"sink {name!r} is not the configured one ({configured or 'none'}): METERING['ADAPTER'] decides"
+        )
+    sink_class: type[Sink] = import_string(SINKS[name])
+    return sink_class()

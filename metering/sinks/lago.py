@@ -1,0 +1,125 @@
+"""Lago's batch events API: ``POST {SINK_URL}/api/v1/events/batch`` with ``{"events": [...]}``, Bearer auth.
+
+The event is built from the stored fact alone, deterministically, so every resend is the same event:
+
+- ``transaction_id``: ``"<tenant id>/<fact transaction id>"`` (Lago keeps it unique per subscription, and tenants
+  of one subtree share their ancestor's subscription; tenant ids cannot hold ``/``, so the join is injective).
+  ``LAGO_QUALIFY_TRANSACTION_ID = False`` sends the fact's key alone.
+- ``external_subscription_id``: frozen on the outbox row at the first attempt (tenant's own, else nearest ancestor's).
+- ``code`` and the quantity's property: ``LAGO_METRICS[feature]``, defaults the feature name and
+  ``LAGO_QUANTITY_PROPERTY``. The quantity is exact: a JSON integer when whole, else a decimal string.
+- ``timestamp``: Unix seconds as a string with milliseconds (the fact's microseconds are truncated).
+- ``properties``: the fact's metadata (all of it, none, or the listed keys) plus the quantity, which wins a clash.
+
+Responses: 200 delivered; 422 ``error_details`` keyed by index: ``value_already_exist`` on ``transaction_id`` means
+Lago already holds that event (delivered), anything else dead-letters that event; the rest is sent again at once
+(a batch is all-or-nothing). 401/403 block delivery; 429/5xx/network errors are retried.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from ..conf import metering_settings
+from ..events import units_to_quantity
+from ..outbox import ClaimedFact
+from .base import Outcome, SendResult, Sink, encode, excerpt
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MILLISECOND = Decimal("0.001")
+BATCH_PATH = "/api/v1/events/batch"
+
+
+def lago_timestamp(moment: datetime) -> str:
+    """Unix seconds with exactly three decimals, e.g. ``"1651240791.123"`` (exact: integer arithmetic)."""
+    delta = moment - EPOCH
+    milliseconds = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    return str((Decimal(milliseconds) / 1000).quantize(MILLISECOND))
+
+
+def quantity_value(units: int) -> int | str:
+    """The exact quantity for JSON: an integer when whole, else its decimal string (never a binary float)."""
+    quantity = units_to_quantity(units)
+    return int(quantity) if quantity == quantity.to_integral_value() else str(quantity)
+
+
+def metric_for(feature: str) -> tuple[str, str, bool | list[str]]:
+    """(code, quantity property, metadata policy) of ``feature`` from ``LAGO_METRICS``."""
+    entry = (metering_settings.LAGO_METRICS or {}).get(feature)
+    default_property = str(metering_settings.LAGO_QUANTITY_PROPERTY)
+    if entry is None:
+        return feature, default_property, True
+    if isinstance(entry, str):
+        return entry, default_property, True
+    return (
+        str(entry.get("code") or feature),
+        str(entry.get("property") or default_property),
+        entry.get("metadata", True),
+    )
+
+
+class LagoSink(Sink):
+    name = "lago"
+    needs_subscription: ClassVar[bool] = True
+    secret_setting = "API_KEY"  # noqa: S105 (a setting's name)
+
+    def build(self, fact: ClaimedFact) -> dict[str, Any]:
+        code, quantity_property, metadata_policy = metric_for(fact.feature)
+        if metadata_policy is True:
+            properties = dict(fact.metadata)
+        elif metadata_policy is False:
+            properties = {}
+        else:
+            properties = {key: fact.metadata[key] for key in metadata_policy if key in fact.metadata}
+        properties[quantity_property] = quantity_value(fact.units)
+        transaction_id = fact.transaction_id
+        if metering_settings.LAGO_QUALIFY_TRANSACTION_ID:
+            transaction_id = f"{fact.tenant_id}/{transaction_id}"
+        return {
+            "transaction_id": transaction_id,
+            "external_subscription_id": fact.subscription,
+            "code": code,
+            "timestamp": lago_timestamp(fact.timestamp),
+            "properties": properties,
+        }
+
+    def send(self, events: list[dict[str, Any]]) -> SendResult:
+        headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
+        url, _ = self.endpoint(BATCH_PATH)  # Lago authenticates by API key only: URL credentials are ignored
+        response = self.post(url, encode({"events": events}), headers)
+        if isinstance(response, SendResult):
+            return response
+        if 200 <= response.status_code < 300:
+            return SendResult(Outcome.OK, response.status_code)
+        common = self.classify_status(response)
+        if common is not None:
+            return common
+        if response.status_code == 422:
+            return self._unprocessable(response, len(events))
+        return SendResult(Outcome.REJECTED, response.status_code, f"{response.status_code} {excerpt(response)}")
+
+    @staticmethod
+    def _unprocessable(response: Any, size: int) -> SendResult:
+        """Split Lago's per-index 422 into already-stored and invalid events. An error Lago does not pin to an
+        index (``too_many_events``, an unexpected body) rejects the batch as a whole."""
+        result = SendResult(Outcome.REJECTED, 422, f"422 {excerpt(response)}")
+        try:
+            details = response.json().get("error_details")
+        except (ValueError, AttributeError):
+            return result
+        if not isinstance(details, dict) or not details:
+            return result
+        for key, errors in details.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < size and isinstance(errors, dict)):
+                result.duplicates.clear()
+                result.invalid.clear()
+                return result  # not pinned to an index: the batch as a whole was refused
+            index = int(key)
+            if "value_already_exist" in (errors.get("transaction_id") or []):
+                result.duplicates.add(index)
+            else:
+                result.invalid[index] = "422 " + json.dumps(errors, sort_keys=True, ensure_ascii=False)
+        return result

@@ -1,0 +1,69 @@
+"""Celery tasks of the outbox: ``flush_outbox`` (queued after commit once BATCH_SIZE facts are due) and
+``sweep_outbox`` (beat, every few seconds: stragglers, due retries, facts whose tenant got a Lago subscription).
+
+Both are idempotent (claims are leased, marks are conditional), so they are acknowledged late: a worker killed
+mid-task has its message redelivered, and its claimed batch becomes due again when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from celery import shared_task
+from django.core.cache import caches
+
+from . import delivery, outbox
+from .conf import metering_settings
+from .sinks import get_sink
+
+logger = logging.getLogger("metering.tasks")
+FOLLOW_UP_KEY = "xaas:outbox:follow-up:v1:"
+
+
+def _options() -> dict[str, Any]:
+    queue = metering_settings.CELERY_QUEUE
+    return {"queue": str(queue)} if queue else {}
+
+
+def enqueue_flush(sink: str | None = None, countdown: float | None = None) -> None:
+    """Queue a flush without retrying the publish (a caller must never hang on a broker that is down)."""
+    options = _options()
+    if countdown:
+        options["countdown"] = countdown
+    flush_outbox.apply_async(args=(sink,), retry=False, **options)
+
+
+@shared_task(name="metering.flush_outbox", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def flush_outbox(sink: str | None = None) -> dict[str, Any]:
+    report = delivery.flush(sink, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
+    _follow_up(report)
+    return report.as_dict()
+
+
+@shared_task(name="metering.sweep_outbox", acks_late=True, ignore_result=True)
+def sweep_outbox() -> dict[str, Any]:
+    sink = get_sink()
+    if sink is None:
+        return {"sink": None}
+    released = outbox.release_held(sink.name) if sink.needs_subscription else 0
+    report = delivery.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
+    _follow_up(report)
+    return {**report.as_dict(), "released": released}
+
+
+def _follow_up(report: delivery.FlushReport) -> None:
+    """More due after ``max_batches``: hand over to a fresh task. A transient failure: one task at the retry time
+    (the sweep would get there too, this one honours a short Retry-After precisely)."""
+    if report.sink is None or report.blocked or flush_outbox.app.conf.task_always_eager:
+        return
+    try:
+        if report.more:
+            enqueue_flush(report.sink)
+        elif report.retry_in is not None:
+            timeout = max(1, math.ceil(report.retry_in))
+            if caches[metering_settings.CACHE_ALIAS].add(FOLLOW_UP_KEY + report.sink, 1, timeout=timeout):
+                enqueue_flush(report.sink, countdown=report.retry_in)
+    except Exception as error:  # the sweep covers it
+        logger.warning("could not queue a follow-up flush (%s)", type(error).__name__)

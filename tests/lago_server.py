@@ -1,0 +1,497 @@
+"""Real HTTP servers on 127.0.0.1 for the delivery tests and the benchmark.
+
+``FakeLago`` speaks Lago's events API strictly (``../shared/notes/lago-events-api.md``): Bearer auth (401 unknown
+key, 403 read-only key), ``POST /api/v1/events/batch`` with at most ``max_batch`` events, all-or-nothing, every field
+checked, ``transaction_id`` unique per ``external_subscription_id`` (a repeat is a 422 ``value_already_exist`` keyed
+by its index), ``POST /api/v1/events`` for one event. ``dedupe="clickhouse"`` behaves like Lago's high-volume store
+instead: a repeat is accepted and replaces the event with the same ``transaction_id`` + ``timestamp`` (a repeat with
+another timestamp would be a second, billed event: ``double_billed()`` lists those).
+
+``FakeCollector`` is a webhook receiver: checks the HMAC signature over the raw body, stores each
+``idempotency_key`` once.
+
+Both can be told to misbehave, one scripted fault per request, in order (``fail(kind, times=..., ...)``):
+``500``/``503`` (answer that status), ``429`` (rate limited, ``X-RateLimit-Reset`` and optionally ``Retry-After``),
+``slow`` (wait ``delay`` seconds, then process: the client has usually given up, the batch is stored anyway),
+``drop_before_store`` / ``drop_after_store`` (close the connection without an answer, before or after storing),
+``hold_before_store`` / ``hold_after_store`` (signal ``held`` and wait for ``release()``, e.g. while a test kills
+the worker that sent the request; ``hold_before_store`` then discards the request, as a lost connection would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+NUMERIC_SECONDS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+DECIMAL_STRING = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
+EVENT_FIELDS = {
+    "transaction_id",
+    "external_subscription_id",
+    "code",
+    "timestamp",
+    "properties",
+    "precise_total_amount_cents",
+}
+FAULTS = {
+    "500",
+    "503",
+    "429",
+    "slow",
+    "drop_before_store",
+    "drop_after_store",
+    "hold_before_store",
+    "hold_after_store",
+}
+
+
+@dataclass
+class Fault:
+    kind: str
+    retry_after: str | None = None
+    reset: str | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class Request:
+    path: str
+    status: int | None  # None: the connection was dropped without an answer
+    keys: list[str] = field(default_factory=list)
+    fault: str | None = None
+
+
+class _Drop(Exception):
+    """Close the connection without answering."""
+
+
+class FakeServer:
+    """Shared machinery: a threaded HTTP/1.1 server (keep-alive) on a random port, and the fault script."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.faults: deque[Fault] = deque()
+        self.requests: list[Request] = []
+        self.held = threading.Event()
+        self._release = threading.Event()
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle
+
+    def start(self) -> Self:
+        return self.start_on(0)
+
+    def start_on(self, port: int) -> Self:
+        owner: FakeServer = self
+
+        class Handler(_Handler):
+            server_owner = owner
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._release.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None
+        return f"http://127.0.0.1:{self._httpd.server_port}"
+
+    # scripting
+
+    def fail(self, kind: str, times: int = 1, **params: Any) -> None:
+        if kind not in FAULTS:
+            raise ValueError(f"unknown fault {kind!r}; known: {sorted(FAULTS)}")
+        with self.lock:
+            for _ in range(times):
+                self.faults.append(Fault(kind, **params))
+
+    def release(self) -> None:
+        self._release.set()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.faults.clear()
+            self.requests.clear()
+            self.held.clear()
+            self._release.clear()
+            self._reset_store()
+
+    def _reset_store(self) -> None:
+        raise NotImplementedError
+
+    def _next_fault(self) -> Fault | None:
+        with self.lock:
+            return self.faults.popleft() if self.faults else None
+
+    def _log(self, path: str, status: int | None, keys: list[str], fault: str | None) -> None:
+        with self.lock:
+            self.requests.append(Request(path, status, keys, fault))
+
+    def sent_counts(self) -> Counter[str]:
+        """How many requests carried each key (answered or not)."""
+        with self.lock:
+            return Counter(key for request in self.requests for key in request.keys)
+
+    def _wait(self, seconds: float | None = None) -> None:
+        if seconds is None:
+            self._release.wait()
+        else:
+            self._stopping.wait(seconds)
+
+    # per request (runs in the handler's thread)
+
+    def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        """Apply the next fault around ``process``. Returns (status, headers, JSON body); raises ``_Drop``."""
+        fault = self._next_fault() if method == "POST" else None
+        kind = fault.kind if fault else None
+        keys = self.keys_of(body)
+        if fault is not None and kind in ("500", "503"):
+            self._log(path, int(kind), keys, kind)
+            extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            return int(kind), extra, {"status": int(kind), "error": "Internal Server Error"}
+        if fault is not None and kind == "429":
+            self._log(path, 429, keys, kind)
+            extra = {"X-RateLimit-Limit": "500", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": fault.reset or "1"}
+            if fault.retry_after:
+                extra["Retry-After"] = fault.retry_after
+            return 429, extra, {"status": 429, "error": "Too Many Requests"}
+        if kind == "drop_before_store":
+            self._log(path, None, keys, kind)
+            raise _Drop
+        if kind == "hold_before_store":
+            self._log(path, None, keys, kind)
+            self.held.set()
+            self._wait()
+            raise _Drop
+        if fault is not None and kind == "slow":
+            self._wait(fault.delay)
+        status, extra, payload = self.process(method, path, headers, body)
+        if kind == "drop_after_store":
+            self._log(path, None, keys, kind)
+            raise _Drop
+        if kind == "hold_after_store":
+            self._log(path, None, keys, kind)
+            self.held.set()
+            self._wait()
+            raise _Drop
+        self._log(path, status, keys, kind)
+        return status, extra, payload
+
+    def keys_of(self, body: bytes) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        raise NotImplementedError
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK would add 40 ms each
+    server_owner: FakeServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _serve(self, method: str) -> None:
+        length = self.headers.get("Content-Length")
+        if method == "POST" and length is None:
+            self._answer(411, {}, {"status": 411, "error": "Length Required"})
+            return
+        body = self.rfile.read(int(length or 0))
+        try:
+            status, headers, payload = self.server_owner.handle(method, self.path, self.headers, body)
+        except _Drop:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._answer(status, headers, payload)
+
+    def _answer(self, status: int, headers: dict[str, str], payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client is gone (e.g. killed while we held its request)
+            self.close_connection = True
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+
+def _unprocessable(details: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    return (
+        422,
+        {},
+        {"status": 422, "error": "Unprocessable Entity", "code": "validation_errors", "error_details": details},
+    )
+
+
+class FakeLago(FakeServer):
+    def __init__(
+        self,
+        api_key: str = "lago-test-key",
+        *,
+        read_only_keys: tuple[str, ...] = (),
+        max_batch: int = 100,
+        dedupe: str = "postgres",
+    ) -> None:
+        super().__init__()
+        if dedupe not in ("postgres", "clickhouse"):
+            raise ValueError(dedupe)
+        self.keys: dict[str, str] = {api_key: "write", **dict.fromkeys(read_only_keys, "read")}
+        self.max_batch = max_batch
+        self.dedupe = dedupe
+        self._reset_store()
+
+    def _reset_store(self) -> None:
+        # postgres: (external_subscription_id, transaction_id) -> event; clickhouse: (transaction_id, timestamp)
+        self.store: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writes: Counter[tuple[str, str]] = Counter()
+
+    # what tests read
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(event) for event in self.store.values()]
+
+    def stored_transaction_ids(self) -> Counter[str]:
+        """Stored events per transaction_id: every value is 1 when nothing was billed twice."""
+        with self.lock:
+            return Counter(event["transaction_id"] for event in self.store.values())
+
+    def double_billed(self) -> list[str]:
+        """transaction_ids stored under two identities (two subscriptions, or two timestamps on ClickHouse)."""
+        return sorted(tx for tx, count in self.stored_transaction_ids().items() if count > 1)
+
+    def keys_of(self, body: bytes) -> list[str]:
+        try:
+            payload = json.loads(body)
+            events = payload.get("events") if "events" in payload else [payload.get("event")]
+            return [str(event.get("transaction_id")) for event in events if isinstance(event, dict)]
+        except (ValueError, AttributeError, TypeError):
+            return []
+
+    # the API
+
+    def process(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        route = path.split("?", 1)[0]
+        if method == "GET" and route == "/_fake/stats":  # not Lago's: lets another process check the store
+            with self.lock:
+                stored = len(self.store)
+            return 200, {}, {"stored": stored, "double_billed": self.double_billed()}
+        if method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch"):
+            return 404, {}, {"status": 404, "error": "Not Found", "code": "route_not_found"}
+        authorization = headers.get("Authorization") or ""
+        scheme, _, key = authorization.partition(" ")
+        role = self.keys.get(key) if scheme == "Bearer" else None
+        if role is None:
+            return 401, {}, {"status": 401, "error": "Unauthorized"}
+        if role != "write":
+            return 403, {}, {"status": 403, "error": "Forbidden", "code": "write_permission_denied"}
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip()
+        root = "events" if route.endswith("/batch") else "event"
+        try:
+            payload = json.loads(body) if content_type == "application/json" else None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict) or root not in payload or payload[root] in (None, ""):
+            return 400, {}, {"status": 400, "error": f"BadRequest: param is missing or the value is empty: {root}"}
+        if root == "event":
+            return self._single(payload["event"])
+        return self._batch(payload["events"])
+
+    def _single(self, event: Any) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            errors = self._validate(event, set())
+            if errors:
+                return _unprocessable(errors)
+            stored = self._store(event)
+        return 200, {}, {"event": stored}
+
+    def _batch(self, events: Any) -> tuple[int, dict[str, str], Any]:
+        if not isinstance(events, list):
+            return 400, {}, {"status": 400, "error": "BadRequest: events must be an array"}
+        if not events:
+            return _unprocessable({"events": ["no_events"]})
+        if len(events) > self.max_batch:
+            return _unprocessable({"events": ["too_many_events"]})
+        with self.lock:
+            seen: set[tuple[str, str]] = set()
+            details = {}
+            for index, event in enumerate(events):
+                errors = self._validate(event, seen)
+                if errors:
+                    details[str(index)] = errors
+            if details:  # all or nothing
+                return _unprocessable(details)
+            stored = [self._store(event) for event in events]
+        return 200, {}, {"events": stored}
+
+    def _identity(self, event: dict[str, Any]) -> tuple[str, str]:
+        if self.dedupe == "postgres":
+            return event["external_subscription_id"], event["transaction_id"]
+        return event["transaction_id"], str(event.get("timestamp"))
+
+    def _validate(self, event: Any, seen: set[tuple[str, str]]) -> dict[str, list[str]]:
+        if not isinstance(event, dict):
+            return {"event": ["invalid_type"]}
+        errors: dict[str, list[str]] = {}
+        for name in sorted(set(event) - EVENT_FIELDS):
+            errors[name] = ["unknown_field"]
+        for name in ("transaction_id", "external_subscription_id", "code"):
+            value = event.get(name)
+            if value is None or value == "":
+                errors[name] = ["value_is_mandatory"]
+            elif not isinstance(value, str):
+                errors[name] = ["invalid_type"]
+        timestamp = event.get("timestamp")
+        if timestamp is not None and not (
+            (isinstance(timestamp, int) and not isinstance(timestamp, bool) and timestamp >= 0)
+            or (isinstance(timestamp, str) and NUMERIC_SECONDS.match(timestamp))
+        ):
+            errors["timestamp"] = ["invalid_format"]
+        properties = event.get("properties")
+        if properties is not None and not (
+            isinstance(properties, dict)
+            and all(
+                isinstance(value, str | int | float) and not isinstance(value, bool) for value in properties.values()
+            )
+        ):
+            errors["properties"] = ["invalid_format"]
+        amount = event.get("precise_total_amount_cents")
+        if amount is not None and not (isinstance(amount, str) and DECIMAL_STRING.match(amount)):
+            errors["precise_total_amount_cents"] = ["invalid_format"]
+        if self.dedupe == "postgres" and "transaction_id" not in errors and "external_subscription_id" not in errors:
+            identity = self._identity(event)
+            if identity in self.store or identity in seen:
+                errors.setdefault("transaction_id", []).append("value_already_exist")
+            seen.add(identity)
+        return errors
+
+    def _store(self, event: dict[str, Any]) -> dict[str, Any]:
+        identity = self._identity(event)
+        stored = {
+            "lago_id": str(uuid.uuid4()),
+            "transaction_id": event["transaction_id"],
+            "lago_customer_id": None,
+            "code": event["code"],
+            "timestamp": event.get("timestamp") or f"{time.time():.3f}",
+            "precise_total_amount_cents": event.get("precise_total_amount_cents"),
+            "properties": event.get("properties") or {},
+            "lago_subscription_id": None,
+            "external_subscription_id": event["external_subscription_id"],
+        }
+        self.store[identity] = stored  # clickhouse: a repeat replaces
+        self.writes[identity] += 1
+        return stored
+
+
+class FakeCollector(FakeServer):
+    """A webhook receiver: HMAC-SHA256 over the raw body, each idempotency_key stored once, answers 2xx."""
+
+    def __init__(self, secret: str, path: str = "/ingest", *, reject_metadata_key: str = "reject") -> None:
+        super().__init__()
+        self.secret = secret
+        self.path = path
+        self.reject_metadata_key = reject_metadata_key
+        self._reset_store()
+
+    def _reset_store(self) -> None:
+        self.store: dict[str, dict[str, Any]] = {}
+        self.repeats: Counter[str] = Counter()
+
+    def keys_of(self, body: bytes) -> list[str]:
+        try:
+            return [str(event["idempotency_key"]) for event in json.loads(body)["events"]]
+        except (ValueError, KeyError, TypeError):
+            return []
+
+    def stored_keys(self) -> Counter[str]:
+        with self.lock:
+            return Counter(list(self.store))
+
+    def process(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
+        if method != "POST" or path != self.path:
+            return 404, {}, {"error": "not found"}
+        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(headers.get("X-Metering-Signature") or "", expected):
+            return 401, {}, {"error": "bad signature"}
+        try:
+            events = json.loads(body)["events"]
+        except (ValueError, KeyError, TypeError):
+            return 400, {}, {"error": 'body must be {"events": [...]}'}
+        required = ("idempotency_key", "tenant_id", "transaction_id", "feature", "quantity", "units", "timestamp")
+        errors = {}
+        for index, event in enumerate(events):
+            if not isinstance(event, dict) or any(name not in event for name in required):
+                errors[str(index)] = "missing fields"
+            elif self.reject_metadata_key in (event.get("metadata") or {}):
+                errors[str(index)] = f"metadata {self.reject_metadata_key!r} refused"
+        if errors:
+            return 422, {}, {"errors": errors}
+        with self.lock:
+            for event in events:
+                if event["idempotency_key"] in self.store:
+                    self.repeats[event["idempotency_key"]] += 1
+                else:
+                    self.store[event["idempotency_key"]] = event
+        return 200, {}, {"accepted": len(events)}
+
+
+def main() -> None:
+    """``python -m tests.lago_server [--port N] [--api-key KEY]``: serve a FakeLago until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A strict fake Lago events API on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default="lago-test-key")
+    parser.add_argument("--max-batch", type=int, default=100)
+    args = parser.parse_args()
+    server = FakeLago(args.api_key, max_batch=args.max_batch)
+    server.start_on(args.port)
+    print(f"READY {server.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
