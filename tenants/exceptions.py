@@ -34,3 +34,10 @@ class TreeError(TenantError):
 
     code = "invalid_tree"
     field = "parent"
+
+
+class InvalidApiKey(TenantError):
+    """The ``Authorization: Bearer`` key is malformed, unknown, revoked or expired (answered 401)."""
+
+    code = "invalid_api_key"
+    field = "Authorization"

@@ -11,7 +11,7 @@ from django.utils.module_loading import import_string
 
 from .conf import tenant_settings
 from .context import TenantContext
-from .exceptions import InactiveTenant, TenantError, UnknownTenant
+from .exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
 from .lineage import get_context
 
 
@@ -26,8 +26,13 @@ def resolve_tenant(request: HttpRequest) -> TenantContext | None:
 
 def tenant_error_response(error: TenantError) -> JsonResponse:
     status = 404 if isinstance(error, UnknownTenant) else 403 if isinstance(error, InactiveTenant) else 400
+    if isinstance(error, InvalidApiKey):
+        status = 401
     field = tenant_settings.TENANT_HEADER if error.field == "tenant_id" else error.field
-    return JsonResponse({"error": {"code": error.code, "field": field, "message": str(error)}}, status=status)
+    response = JsonResponse({"error": {"code": error.code, "field": field, "message": str(error)}}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
 
 
 class TenantMiddleware:

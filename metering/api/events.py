@@ -1,0 +1,381 @@
+"""``POST /api/v1/events``: one event, or ``{"events": [...]}`` of up to 1,000, stored all or nothing.
+
+Every event is checked before anything is written; if any is invalid the answer is 422 with the errors of each
+bad event by index, and nothing is stored. Valid batches are recorded in one transaction through the configured
+adapter's ``record_fact`` (so an outbox adapter queues each fact for Lago in that same transaction). An event
+whose ``transaction_id`` the tenant already recorded — earlier, or at a lower index of the same batch — is a
+*duplicate*: reported per index, counted once, and not an error.
+
+Ingestion is **not quota-enforced**: events report usage that already happened (as Lago's events API does), and
+refusing them would lose facts and under-bill. They count towards every level's quotas from then on, so the
+enforcement points (``@enforce_quota``, the middleware, ``QuotaPolicyHandler``) refuse the *next* request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, PolymorphicProxySerializer, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import BaseParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from metering import counters
+from metering.conf import metering_settings
+from metering.events import (
+    UsageEvent,
+    quantity_to_units,
+    utcnow,
+    validate_feature_name,
+    validate_metadata,
+    validate_timestamp,
+    validate_transaction_id,
+)
+from metering.exceptions import DuplicateUsageEvent, InvalidTimestamp, InvalidUsageEvent
+from metering.meter import get_meter
+from tenants.authentication import TenantPrincipal
+from tenants.context import TenantContext
+from tenants.exceptions import TenantError, UnknownTenant
+from tenants.lineage import get_context
+
+from .base import ApiView, FeatureField, QuantityField, parse_moment
+from .errors import ApiError
+from .schema import ERROR_RESPONSES, ErrorSerializer
+
+MAX_EVENTS = 1000
+EVENT_FIELDS = frozenset({"tenant_id", "feature_name", "quantity", "timestamp", "metadata", "transaction_id"})
+
+Problems = dict[str, list[tuple[str, str]]]
+
+
+def max_body_bytes() -> int:
+    """Room for a full batch of events with the largest metadata allowed (at least 8 MiB)."""
+    return max(8 * 1024 * 1024, MAX_EVENTS * (int(metering_settings.MAX_METADATA_BYTES) + 2048))
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    event: UsageEvent
+    context: TenantContext
+
+
+class _Rollback(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class BoundedJSONParser(BaseParser):
+    """JSON with its own size bound, sized for a full batch (``max_body_bytes``), instead of Django's
+    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default: too small for 1,000 events with metadata)."""
+
+    media_type = "application/json"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        limit = max_body_bytes()
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes", "body")
+        encoding = (parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET
+        try:
+            return json.loads(raw.decode(encoding), parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ParseError(f"JSON parse error - {error}") from None
+
+
+def _tenant_context(principal: TenantPrincipal, tenant_id: str, cache: dict[str, Any]) -> TenantContext | TenantError:
+    if tenant_id not in cache:
+        try:
+            context = get_context(tenant_id, require_active=False)
+        except TenantError as error:
+            cache[tenant_id] = error
+        else:
+            # Outside the caller's subtree reads exactly like a tenant that does not exist.
+            cache[tenant_id] = (
+                context if principal.sees_context(context) else UnknownTenant(f"unknown tenant {tenant_id!r}")
+            )
+    found: TenantContext | TenantError = cache[tenant_id]
+    return found
+
+
+def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any]) -> tuple[_Parsed | None, Problems]:
+    """Check every field of one event (all its problems, not just the first)."""
+    if not isinstance(raw, dict):
+        return None, {"event": [("invalid_event", "each event must be a JSON object")]}
+    problems: Problems = {}
+
+    def problem(field: str, code: str, message: str) -> None:
+        problems.setdefault(field, []).append((code, message))
+
+    for name in sorted(str(key) for key in raw if key not in EVENT_FIELDS):
+        problem(name, "unknown_field", f"unknown field {name!r}")
+
+    tenant_id = raw.get("tenant_id", principal.tenant.external_id)
+    context: TenantContext | None = None
+    if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:
+        problem("tenant_id", "invalid_tenant_id", "tenant_id must be a string of 1 to 128 characters")
+    else:
+        found = _tenant_context(principal, tenant_id, contexts)
+        if isinstance(found, TenantError):
+            problem("tenant_id", found.code, str(found))
+        elif not found.is_active:
+            problem("tenant_id", "inactive_tenant", f"tenant {tenant_id!r} or an ancestor is deactivated")
+        else:
+            context = found
+
+    feature = raw.get("feature_name")
+    if feature is None:
+        problem("feature_name", "required", "feature_name is required")
+    else:
+        try:
+            validate_feature_name(feature)
+        except InvalidUsageEvent as error:
+            problem("feature_name", error.code, str(error))
+
+    quantity = raw.get("quantity")
+    if quantity is None:
+        problem("quantity", "required", "quantity is required")
+    else:
+        try:
+            quantity_to_units(quantity)
+        except InvalidUsageEvent as error:
+            problem("quantity", error.code, str(error))
+
+    timestamp = utcnow()
+    if raw.get("timestamp") is not None:
+        try:
+            timestamp = validate_timestamp(parse_moment(raw["timestamp"], allow_epoch=True))
+        except ValueError as error:  # InvalidTimestamp is a ValueError too
+            problem("timestamp", InvalidTimestamp.code, str(error))
+
+    metadata = raw.get("metadata")
+    try:
+        metadata = validate_metadata(metadata)
+    except InvalidUsageEvent as error:
+        problem("metadata", error.code, str(error))
+
+    transaction_id = raw.get("transaction_id")
+    if transaction_id is None:
+        problem("transaction_id", "required", "transaction_id is required: it makes retries safe")
+    else:
+        try:
+            validate_transaction_id(transaction_id)
+        except InvalidUsageEvent as error:
+            problem("transaction_id", error.code, str(error))
+
+    if problems or context is None:
+        return None, problems
+    assert isinstance(feature, str) and isinstance(metadata, dict)
+    assert isinstance(quantity, Decimal | int | float | str)  # quantity_to_units accepted it
+    event = UsageEvent(
+        tenant_id=context.tenant_id,
+        feature_name=feature,
+        quantity=quantity,
+        timestamp=timestamp,
+        metadata=metadata,
+        transaction_id=transaction_id,
+    )
+    return _Parsed(event, context), problems
+
+
+def _validation_errors(problems: dict[int, Problems], count: int) -> ApiError:
+    details = {str(i): {field: [code for code, _ in items] for field, items in p.items()} for i, p in problems.items()}
+    messages = {
+        str(i): {field: [message for _, message in items] for field, items in p.items()} for i, p in problems.items()
+    }
+    first = min(problems)
+    return ApiError(
+        422,
+        "validation_errors",
+        f"{len(problems)} of {count} event(s) are invalid (first: index {first}); nothing was stored",
+        "events",
+        details=details,
+        messages=messages,
+    )
+
+
+# ---- schema-only serializers ----
+
+
+class EventSerializer(serializers.Serializer):
+    tenant_id = serializers.CharField(
+        required=False, max_length=128, help_text="Default: the API key's tenant. Must be in the key's subtree."
+    )
+    feature_name = FeatureField()
+    quantity = QuantityField()
+    timestamp = serializers.JSONField(
+        required=False,
+        help_text="ISO-8601 with a UTC offset (2025-01-31T12:00:00Z) or Unix seconds. Default: now. "
+        "Not more than FUTURE_TOLERANCE_SECONDS in the future.",
+    )
+    metadata = serializers.DictField(required=False, help_text="A JSON object of at most MAX_METADATA_BYTES.")
+    transaction_id = serializers.RegexField(
+        r"^[\x21-\x7e]{1,128}$",
+        help_text="Idempotency key: the same one for the same tenant is stored once (retries are safe).",
+    )
+
+
+class EventBatchSerializer(serializers.Serializer):
+    events = EventSerializer(many=True, help_text=f"1 to {MAX_EVENTS} events, stored all or nothing.")
+
+
+class EventResultSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=["created", "duplicate"])
+    tenant_id = serializers.CharField()
+    transaction_id = serializers.CharField()
+
+
+class EventsResponseSerializer(serializers.Serializer):
+    created = serializers.IntegerField()
+    duplicates = serializers.IntegerField()
+    results = EventResultSerializer(many=True)
+
+
+class EventsView(ApiView):
+    parser_classes = [BoundedJSONParser]
+
+    @extend_schema(
+        operation_id="events_create",
+        summary="Record usage events",
+        description=__doc__,
+        request=PolymorphicProxySerializer(
+            component_name="EventOrBatch",
+            serializers=[EventSerializer, EventBatchSerializer],
+            resource_type_field_name=None,
+        ),
+        responses={
+            201: OpenApiResponse(EventsResponseSerializer, description="At least one event was stored."),
+            200: OpenApiResponse(EventsResponseSerializer, description="Every event was a duplicate."),
+            422: OpenApiResponse(ErrorSerializer, description="Some events are invalid; nothing was stored."),
+            **ERROR_RESPONSES,
+        },
+        examples=[
+            OpenApiExample(
+                "One event",
+                request_only=True,
+                value={
+                    "tenant_id": "acme-chat-key-1",
+                    "feature_name": "llm_tokens",
+                    "quantity": "120",
+                    "timestamp": "2025-01-31T12:00:00Z",
+                    "metadata": {"model": "gpt-x"},
+                    "transaction_id": "req-7f3a",
+                },
+            ),
+            OpenApiExample(
+                "Invalid batch",
+                response_only=True,
+                status_codes=["422"],
+                value={
+                    "error": {
+                        "code": "validation_errors",
+                        "field": "events",
+                        "message": "1 of 4 event(s) are invalid (first: index 3); nothing was stored",
+                        "details": {"3": {"quantity": ["invalid_quantity"]}},
+                        "messages": {"3": {"quantity": ["quantity must be finite, got 'NaN'"]}},
+                    }
+                },
+            ),
+        ],
+        tags=["events"],
+    )
+    def post(self, request: Request) -> Response:
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        limit = max_body_bytes()
+        if length.isdigit() and int(length) > limit:
+            raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes", "body")
+        body = request.data
+        if not isinstance(body, dict) or not body:
+            raise ApiError(400, "invalid_body", 'the body must be an event object or {"events": [...]}', "body")
+        if "events" in body:
+            extra = sorted(str(key) for key in body if key != "events")
+            if extra:
+                raise ApiError(400, "unknown_field", f"a batch holds only 'events', not {extra[0]!r}", extra[0])
+            raw_events = body["events"]
+            if not isinstance(raw_events, list):
+                raise ApiError(400, "invalid_events", "events must be a list of event objects", "events")
+            if not raw_events:
+                raise ApiError(400, "empty_batch", "events must hold at least one event", "events")
+            if len(raw_events) > MAX_EVENTS:
+                raise ApiError(
+                    400, "too_many_events", f"at most {MAX_EVENTS} events per request, got {len(raw_events)}", "events"
+                )
+        else:
+            raw_events = [body]
+        return self._record(raw_events)
+
+    def _record(self, raw_events: list[Any]) -> Response:
+        principal = self.principal
+        contexts: dict[str, Any] = {}
+        parsed: list[_Parsed] = []
+        problems: dict[int, Problems] = {}
+        for index, raw in enumerate(raw_events):
+            item, found = parse_event(raw, principal, contexts)
+            if found:
+                problems[index] = found
+            elif item is not None:
+                parsed.append(item)
+        if problems:
+            raise _validation_errors(problems, len(raw_events))
+
+        record_fact = getattr(get_meter(), "record_fact", None)
+        if record_fact is None:
+            raise ApiError(
+                503,
+                "unsupported_adapter",
+                "METERING['ADAPTER'] must store facts in this database (DatabaseMeteringAdapter or a subclass)",
+            )
+        results: list[dict[str, Any]] = []
+        seen: set[tuple[int, str]] = set()
+        roots: set[int] = set()
+        using = metering_settings.DATABASE_ALIAS
+        try:
+            with transaction.atomic(using=using):
+                for index, item in enumerate(parsed):
+                    event, context = item.event, item.context
+                    assert event.transaction_id is not None
+                    outcome = "duplicate"
+                    if (context.tenant.pk, event.transaction_id) not in seen:
+                        seen.add((context.tenant.pk, event.transaction_id))
+                        try:
+                            record_fact(event, context=context)
+                            roots.add(context.root.pk)
+                            outcome = "created"
+                        except DuplicateUsageEvent:
+                            pass
+                        except (InvalidUsageEvent, TenantError) as error:
+                            # The tree changed since validation (a tenant deactivated or removed meanwhile).
+                            problems[index] = {error.field: [(error.code, str(error))]}
+                    results.append(
+                        {
+                            "index": index,
+                            "status": outcome,
+                            "tenant_id": event.tenant_id,
+                            "transaction_id": event.transaction_id,
+                        }
+                    )
+                if problems:
+                    raise _Rollback()
+        except BaseException:
+            # Live Redis counters were incremented inside the rolled-back transaction: drop them (rebuilt from the
+            # database on next use) rather than leave an over-count behind.
+            if roots:
+                counters.drop_trees(roots)
+            if problems:
+                raise _validation_errors(problems, len(raw_events)) from None
+            raise
+        created = sum(1 for result in results if result["status"] == "created")
+        return Response(
+            {"created": created, "duplicates": len(results) - created, "results": results},
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )

@@ -1,0 +1,45 @@
+"""The REST API's routes. Include them under a version prefix::
+
+    path("api/v1/", include("metering.api.urls")),
+
+Paths have no trailing slash; anything else under the prefix answers a JSON 404.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, JsonResponse
+from django.urls import path, re_path
+from rest_framework.routers import SimpleRouter
+
+from quotas.api import EntitlementsView, QuotaViewSet
+
+from . import schema  # noqa: F401  (registers the API-key security scheme with drf-spectacular)
+from .events import EventsView
+from .usage import UsageView
+
+app_name = "xaas_api"
+
+router = SimpleRouter(trailing_slash=False)
+router.register("quotas", QuotaViewSet, basename="quota")
+
+
+def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    return JsonResponse(
+        {
+            "error": {
+                "code": "not_found",
+                "field": None,
+                "message": f"no API endpoint at {request.path} (paths take no trailing slash)",
+            }
+        },
+        status=404,
+    )
+
+
+urlpatterns = [
+    path("events", EventsView.as_view(), name="events"),
+    path("usage", UsageView.as_view(), name="usage"),
+    path("entitlements", EntitlementsView.as_view(), name="entitlements"),
+    *router.urls,
+    re_path(r"^(?P<rest>.*)$", not_found),
+]
