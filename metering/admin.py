@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import Count
 from django.http import HttpRequest
 
-from .models import UsageRecord, UsageRollup
+from tenants.admin_scope import TenantScopedAdminMixin, UnscopedOnlyAdminMixin, admin_scope
+
+from .models import SinkState, UsageOutbox, UsageRecord, UsageRollup
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -22,7 +25,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(ReadOnlyAdmin):
+class UsageRecordAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
     list_display = ("timestamp", "tenant", "feature", "quantity", "transaction_id", "recorded_at")
     list_filter = ("feature",)
     search_fields = ("tenant__external_id", "transaction_id")
@@ -33,10 +36,95 @@ class UsageRecordAdmin(ReadOnlyAdmin):
 
 
 @admin.register(UsageRollup)
-class UsageRollupAdmin(ReadOnlyAdmin):
+class UsageRollupAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
     list_display = ("bucket", "tenant", "feature", "quantity", "events")
     list_filter = ("feature",)
     search_fields = ("tenant__external_id",)
     list_select_related = ("tenant",)
     ordering = ("-bucket",)
     show_full_result_count = False
+
+
+class OutboxStateFilter(admin.SimpleListFilter):
+    """The state filter, each choice with its count: pending / delivered / dead / held at a glance."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        rows = model_admin.get_queryset(request)  # narrowed to a tenant-scoped administrator's subtree
+        counts = dict(rows.order_by().values_list("state").annotate(n=Count("id")))
+        return [(value, f"{label} ({counts.get(value, 0)})") for value, label in UsageOutbox.State.choices]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        return queryset.filter(state=self.value()) if self.value() else queryset
+
+
+@admin.register(UsageOutbox)
+class UsageOutboxAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
+    tenant_lookup = "record__tenant"  # a tenant-scoped administrator sees its subtree's facts only
+    list_display = (
+        "record_id",
+        "sink",
+        "state",
+        "attempts",
+        "tenant",
+        "feature",
+        "next_attempt_at",
+        "error",
+        "delivered_at",
+    )
+    list_filter = (OutboxStateFilter, "sink")
+    search_fields = ("record__transaction_id", "record__tenant__external_id", "external_subscription_id")
+    list_select_related = ("record__tenant",)
+    ordering = ("-id",)
+    show_full_result_count = False
+    actions = ["resend"]
+
+    @admin.display(description="tenant")
+    def tenant(self, obj: UsageOutbox) -> str:
+        return obj.record.tenant.external_id
+
+    @admin.display(description="feature")
+    def feature(self, obj: UsageOutbox) -> str:
+        return obj.record.feature
+
+    @admin.display(description="last error")
+    def error(self, obj: UsageOutbox) -> str:
+        return obj.last_error if len(obj.last_error) <= 120 else obj.last_error[:120] + "..."
+
+    def has_resend_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("xaas_metering.change_usageoutbox"))
+
+    @admin.action(description="Resend the selected dead or held facts", permissions=["resend"])
+    def resend(self, request: HttpRequest, queryset: Any) -> None:
+        from .outbox import resend
+
+        count = resend(queryset)
+        self.message_user(request, f"{count} facts queued again (delivered ones are left alone).", messages.SUCCESS)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        blocked = SinkState.objects.filter(blocked_at__isnull=False) if admin_scope(request) is None else []
+        for state in blocked:
+            messages.error(
+                request,
+                f"Delivery to {state.sink} is STOPPED since {state.blocked_at:%Y-%m-%d %H:%M:%S} UTC "
+                f"({state.blocked_reason}). Fix the sink URL or credentials, or resume it under Delivery sinks.",
+            )
+        return super().changelist_view(request, extra_context)
+
+
+@admin.register(SinkState)
+class SinkStateAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
+    list_display = ("sink", "blocked_at", "blocked_status", "blocked_reason", "last_success_at", "last_failure_at")
+    actions = ["resume"]
+
+    def has_resume_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("xaas_metering.change_sinkstate"))
+
+    @admin.action(description="Resume delivery (after fixing the sink's URL or credentials)", permissions=["resume"])
+    def resume(self, request: HttpRequest, queryset: Any) -> None:
+        from .delivery import resume
+
+        resumed = [state.sink for state in queryset if resume(state.sink)]
+        self.message_user(request, f"Resumed: {', '.join(resumed) or 'nothing was blocked'}.", messages.SUCCESS)

@@ -1,25 +1,99 @@
-"""Quotas in the admin: list-editable limits, and reservations (read-only) for operators to watch."""
+"""Quotas in the admin: list-editable limits with usage bars, actions, reservations (read-only), and the inline of
+the tenant page. Every class is narrowed to a tenant-scoped administrator's subtree (``tenants.admin_scope``), where
+limits may be set only strictly below the administrator's own tenant."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.safestring import SafeString
 
+from metering.events import utcnow
+from tenants.admin_scope import TenantScopedAdminMixin, admin_scope, check_may_set_limits, may_set_limits
+from tenants.models import Tenant
+
+from .display import number, period_usage, quota_usage, usage_bar, usage_of_quotas
 from .models import QuotaLimit, QuotaReservation
 
 
+class QuotaLimitForm(forms.ModelForm):
+    """Compact widgets for the tabular inline and list editing; a limit reads 2000, not 2000.000000."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limit = self.initial.get("limit")
+        if isinstance(limit, Decimal):
+            self.initial["limit"] = f"{limit.normalize():f}"
+        if "limit" in self.fields:
+            self.fields["limit"].widget.attrs.setdefault("style", "width:8em")
+        if "feature" in self.fields:
+            self.fields["feature"].widget.attrs.setdefault("style", "width:8em")
+        if "warning_thresholds" in self.fields:
+            self.fields["warning_thresholds"].widget = forms.TextInput(attrs={"style": "width:6em"})
+
+
+class ScopedQuotaForm(QuotaLimitForm):
+    """Refuses, with a form error, a quota on the scoped administrator's own tenant (its ancestors are not offered)."""
+
+    xaas_scope: Tenant | None = None
+
+    def clean(self) -> dict[str, Any] | None:
+        cleaned = super().clean()
+        if cleaned is not None and "tenant" in self.fields:
+            check_may_set_limits(self.xaas_scope, cleaned.get("tenant"), field="tenant")
+        return cleaned
+
+
+class ScopedQuotaChangelistForm(QuotaLimitForm):
+    """A list-editing row of a quota the scoped administrator may not change is drawn disabled (and ignored)."""
+
+    xaas_scope: Tenant | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None and not may_set_limits(self.xaas_scope, self.instance.tenant):
+            for field in self.fields.values():
+                field.disabled = True
+
+
 @admin.register(QuotaLimit)
-class QuotaLimitAdmin(admin.ModelAdmin):
-    list_display = ("tenant", "feature", "limit", "period", "enforcement", "is_active", "updated_at")
+class QuotaLimitAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    edit_strictly_below = True  # a scoped administrator's own quotas are view-only
+    list_display = ("tenant", "feature", "period", "limit", "usage", "enforcement", "is_active", "updated_at")
     list_editable = ("limit", "enforcement", "is_active")
     list_filter = ("period", "enforcement", "is_active", "feature")
     search_fields = ("tenant__external_id", "tenant__name", "feature")
     autocomplete_fields = ("tenant",)
     list_select_related = ("tenant",)
     actions = ("activate", "deactivate")
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        kwargs.setdefault("form", ScopedQuotaForm)
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"xaas_scope": admin_scope(request)})
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        kwargs.setdefault("form", ScopedQuotaChangelistForm)
+        form = super().get_changelist_form(request, **kwargs)
+        return type(form.__name__, (form,), {"xaas_scope": admin_scope(request)})
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        page = list(changelist.result_list)  # evaluated once; the template and the formset use these objects
+        usage = usage_of_quotas(page)  # at most one query per period on the page
+        for quota in page:
+            quota._xaas_usage = usage_bar(usage[quota.pk], compact=True)
+        return changelist
+
+    @admin.display(description="used in the current window")
+    def usage(self, quota: QuotaLimit) -> SafeString | str:
+        return getattr(quota, "_xaas_usage", "-")
 
     @admin.action(description="Activate the selected quotas")
     def activate(self, request: HttpRequest, queryset: QuerySet[QuotaLimit]) -> None:
@@ -30,15 +104,76 @@ class QuotaLimitAdmin(admin.ModelAdmin):
         self._set_active(request, queryset, False)
 
     def _set_active(self, request: HttpRequest, queryset: QuerySet[QuotaLimit], active: bool) -> None:
+        scope = admin_scope(request)
+        selected = list(queryset.select_related("tenant"))
+        allowed = [quota for quota in selected if may_set_limits(scope, quota.tenant)]
         # One save per row (not update()) so each rule cache is invalidated on commit.
-        for quota in queryset:
+        for quota in allowed:
             quota.is_active = active
             quota.save(update_fields=["is_active", "updated_at"])
-        self.message_user(request, f"{queryset.count()} quota(s) updated.", messages.SUCCESS)
+        self.message_user(request, f"{len(allowed)} quota(s) updated.", messages.SUCCESS)
+        if scope is not None and len(allowed) < len(selected):
+            self.message_user(
+                request,
+                f"{len(selected) - len(allowed)} quota(s) of {scope.external_id} left unchanged: "
+                "limits can be changed only on its descendants.",
+                messages.WARNING,
+            )
+
+
+class QuotaLimitInline(admin.TabularInline):
+    """The quotas of the tenant page, each with its usage bar. View-only on a scoped administrator's own tenant."""
+
+    model = QuotaLimit
+    form = QuotaLimitForm
+    extra = 0
+    fields = ("feature", "period", "limit", "usage", "enforcement", "warning_thresholds", "is_active")
+    readonly_fields = ("usage",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Inline instances are made per request: this memo never outlives the page being drawn.
+        self._now: datetime = utcnow()
+        self._used: dict[tuple[int, str], dict[str, Decimal]] = {}
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = list(super().get_fields(request, obj))
+        if not self._may_edit(request, obj):
+            fields = ["limit_value" if name == "limit" else name for name in fields]
+        return fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (*super().get_readonly_fields(request, obj), "limit_value")
+
+    @admin.display(description="limit")
+    def limit_value(self, quota: QuotaLimit) -> str:
+        return number(Decimal(quota.limit)) if quota.limit is not None else "-"
+
+    def _may_edit(self, request: HttpRequest, tenant: Tenant | None) -> bool:
+        return tenant is None or may_set_limits(admin_scope(request), tenant)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_add_permission(request, obj) and self._may_edit(request, obj)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and self._may_edit(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_delete_permission(request, obj) and self._may_edit(request, obj)
+
+    @admin.display(description="used in the current window")
+    def usage(self, quota: QuotaLimit) -> SafeString | str:
+        if quota.pk is None or quota.period not in QuotaLimit.Period.values:
+            return "-"
+        key = (quota.tenant_id, quota.period)
+        if key not in self._used:  # one query per period shown
+            self._used[key] = period_usage(quota.tenant_id, quota.period, self._now)
+        return usage_bar(quota_usage(quota, self._used[key].get(quota.feature, Decimal(0))))
 
 
 @admin.register(QuotaReservation)
-class QuotaReservationAdmin(admin.ModelAdmin):
+class QuotaReservationAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    edit_strictly_below = True
     list_display = ("created_at", "tenant", "feature", "quantity", "state", "expires_at", "closed_at")
     list_filter = ("state", "feature")
     search_fields = ("tenant__external_id",)

@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
-from django.contrib import admin
-from django.http import HttpRequest
-from django.utils.html import format_html
+from decimal import Decimal
+from typing import Any
 
-from .models import Tenant
+from django.apps import apps
+from django.contrib import admin, messages
+from django.contrib.admin.options import InlineModelAdmin
+from django.db.models import ForeignKey, QuerySet
+from django.forms import ModelChoiceField
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
+
+from .admin_scope import TenantScopedAdminMixin, UnscopedOnlyAdminMixin, admin_scope
+from .apikeys import issue
+from .models import ApiKey, Tenant, TenantAdminScope
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
-    list_display = ("indented_id", "name", "kind", "is_active", "exempt")
+class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """The tree: ordered by path, indented, with each row's lineage and its quotas' usage (constant queries per page).
+
+    The tenant page shows the quotas inline with usage bars, and a usage chart per feature over the last 30 days.
+    """
+
+    tenant_lookup = ""  # the model is the tenant
+    edit_strictly_below = True  # a scoped administrator's own tenant is view-only
+    # Fields that lift or move limits and billing: never set from inside a scope.
+    scoped_readonly_fields = ("exempt", "lago_subscription_id")
+    chart_days = 30
+
+    list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
+    list_display_links = ("indented_id",)
     list_filter = ("kind", "exempt", "is_active")
     search_fields = ("external_id", "name")
     ordering = ("path",)
-    list_select_related = ("parent",)
     autocomplete_fields = ("parent",)
     readonly_fields = ("lineage", "created_at", "updated_at")
     fields = (
@@ -25,6 +48,7 @@ class TenantAdmin(admin.ModelAdmin):
         "parent",
         "is_active",
         "exempt",
+        "lago_subscription_id",
         "metadata",
         "lineage",
         "created_at",
@@ -34,15 +58,248 @@ class TenantAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Tenant | None = None) -> tuple[str, ...]:
         # A tenant id is stable: it names the tenant in headers, API keys and the billing system.
         readonly = tuple(self.readonly_fields)
-        return (*readonly, "external_id") if obj is not None else readonly
+        if obj is not None:
+            readonly = (*readonly, "external_id")
+        if admin_scope(request) is not None:
+            model_fields = {field.name for field in Tenant._meta.get_fields()}
+            readonly = (*readonly, *(name for name in self.scoped_readonly_fields if name in model_fields))
+        return readonly
+
+    def get_fields(self, request: HttpRequest, obj: Tenant | None = None) -> Any:
+        fields = super().get_fields(request, obj)
+        scope = admin_scope(request)
+        if scope is not None and obj is not None and obj.pk == scope.pk:
+            # The scope's own parent is outside the scope: not even named.
+            fields = [name for name in fields if name != "parent"]
+        return fields
+
+    def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> list[type[InlineModelAdmin[Any, Any]]]:
+        inlines = list(super().get_inlines(request, obj))
+        if apps.is_installed("quotas"):
+            from quotas.admin import QuotaLimitInline
+
+            inlines.append(QuotaLimitInline)
+        return inlines
+
+    def formfield_for_foreignkey(
+        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> ModelChoiceField[Any] | None:
+        if db_field.name == "parent" and admin_scope(request) is not None:
+            kwargs["required"] = True  # a root would be outside the scope
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Tenant], search_term: str
+    ) -> tuple[QuerySet[Tenant], bool]:
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        scope = admin_scope(request)
+        if (
+            scope is not None
+            and request.GET.get("field_name") == "tenant"
+            and request.GET.get("model_name") in ("quotalimit",)
+        ):
+            # The quota form's autocomplete offers only tenants a scoped administrator may set limits on.
+            queryset = queryset.exclude(pk=scope.pk)
+        return queryset, may_have_duplicates
+
+    # ---- the tree page: every row annotated from a constant number of queries ----
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        page = list(changelist.result_list)  # evaluated once; the template iterates the same objects
+        self._annotate_lineage(request, page)
+        self._annotate_usage(page)
+        return changelist
+
+    def _annotate_lineage(self, request: HttpRequest, tenants: list[Tenant]) -> None:
+        """Each tenant's visible ancestors (from the scope's tenant down) in one query for the whole page."""
+        scope = admin_scope(request)
+        top = scope.depth if scope is not None else 0
+        wanted = {pk for tenant in tenants for pk in tenant.ancestor_pks[top:-1]}
+        names = dict(Tenant.objects.filter(pk__in=wanted).values_list("pk", "external_id")) if wanted else {}
+        for tenant in tenants:
+            tenant._xaas_indent = tenant.depth - top  # type: ignore[attr-defined]
+            tenant._xaas_lineage = [  # type: ignore[attr-defined]
+                {"pk": pk, "external_id": names[pk], "url": self._change_url(pk)}
+                for pk in tenant.ancestor_pks[top:-1]
+                if pk in names
+            ]
+
+    def _annotate_usage(self, tenants: list[Tenant]) -> None:
+        """Usage bars of the page's active quotas and this month's usage: at most six queries for any page."""
+        if not tenants or not apps.is_installed("quotas"):
+            return
+        from metering.events import utcnow
+        from metering.usage import usage_by_tenant_and_feature
+        from quotas.display import number, usage_bar, usage_of_quotas
+        from quotas.models import QuotaLimit
+
+        now = utcnow()
+        pks = [tenant.pk for tenant in tenants]
+        quotas = list(QuotaLimit.objects.filter(tenant_id__in=pks, is_active=True).order_by("feature", "period"))
+        usage = usage_of_quotas(quotas, now)
+        month = usage_by_tenant_and_feature(pks, "month", now)
+        by_tenant: dict[int, list[QuotaLimit]] = {}
+        for quota in quotas:
+            by_tenant.setdefault(quota.tenant_id, []).append(quota)
+        for tenant in tenants:
+            parts = []
+            limited = set()
+            for quota in by_tenant.get(tenant.pk, []):
+                limited.add(quota.feature)
+                parts.append(usage_bar(usage[quota.pk], compact=True, label=f"{quota.feature}/{quota.period} "))
+            for feature, used in sorted(month.get(tenant.pk, {}).items()):
+                if feature not in limited:
+                    parts.append(
+                        format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+                    )
+            tenant._xaas_usage = (  # type: ignore[attr-defined]
+                format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts)) if parts else "-"
+            )
+
+    def _change_url(self, pk: int) -> str:
+        return reverse(f"{self.admin_site.name}:xaas_tenants_tenant_change", args=[pk])
 
     @admin.display(description="tenant id", ordering="path")
     def indented_id(self, tenant: Tenant) -> str:
-        return format_html('<span style="padding-left:{}em">{}</span>', tenant.depth * 1.5, tenant.external_id)
+        indent = getattr(tenant, "_xaas_indent", tenant.depth)
+        return format_html(
+            '<span class="xaas-tree-node" data-depth="{}" style="padding-left:{}em;white-space:nowrap">{}{}</span>',
+            indent,
+            indent * 1.5,
+            "└ " if indent else "",
+            tenant.external_id,
+        )
+
+    @admin.display(description="lineage")
+    def lineage_crumbs(self, tenant: Tenant) -> str:
+        ancestors = getattr(tenant, "_xaas_lineage", [])
+        if not ancestors:
+            return "-"
+        return format_html(
+            '<span class="xaas-lineage" style="font-size:0.9em;white-space:nowrap">{}</span>',
+            format_html_join(
+                mark_safe(" &rsaquo; "), '<a href="{}">{}</a>', ((a["url"], a["external_id"]) for a in ancestors)
+            ),
+        )
+
+    @admin.display(description="usage (active quotas; this month)")
+    def usage(self, tenant: Tenant) -> str:
+        return getattr(tenant, "_xaas_usage", "-")
+
+    # ---- the tenant page ----
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Tenant | None:
+        tenant = super().get_object(request, object_id, from_field)
+        if tenant is not None:
+            self._annotate_lineage(request, [tenant])
+        return tenant
 
     @admin.display(description="lineage")
     def lineage(self, tenant: Tenant) -> str:
         if not tenant.path:
             return "-"
-        ancestors = dict(Tenant.objects.filter(pk__in=tenant.ancestor_pks).values_list("pk", "external_id"))
-        return " > ".join(ancestors[pk] for pk in tenant.ancestor_pks if pk in ancestors)
+        ancestors = getattr(tenant, "_xaas_lineage", None)
+        if ancestors is None:
+            return "-"
+        return " > ".join([*(ancestor["external_id"] for ancestor in ancestors), tenant.external_id])
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Tenant | None = None,
+    ) -> Any:
+        if obj is not None and obj.pk is not None:
+            context["xaas_lineage"] = getattr(obj, "_xaas_lineage", [])
+            if apps.is_installed("metering"):
+                context["xaas_usage_charts"] = self._charts(obj)
+                context["xaas_chart_days"] = self.chart_days
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _charts(self, tenant: Tenant) -> list[Any]:
+        """One chart per feature used lately or limited here; a daily quota is drawn as a line. Two queries."""
+        from metering.charts import tenant_charts
+
+        features: set[str] = set()
+        daily_limits: dict[str, Decimal] = {}
+        if apps.is_installed("quotas"):
+            from quotas.models import QuotaLimit
+
+            for feature, period, limit in QuotaLimit.objects.filter(tenant=tenant, is_active=True).values_list(
+                "feature", "period", "limit"
+            ):
+                features.add(feature)
+                if period == QuotaLimit.Period.DAY:
+                    daily_limits[feature] = limit
+        return tenant_charts(tenant.pk, features=features, daily_limits=daily_limits, days=self.chart_days)
+
+
+@admin.register(TenantAdminScope)
+class TenantAdminScopeAdmin(UnscopedOnlyAdminMixin, admin.ModelAdmin):
+    """Who administers which subtree. Managed by unscoped administrators only; superusers are never narrowed."""
+
+    list_display = ("user", "tenant", "created_at")
+    search_fields = ("user__username", "tenant__external_id")
+    list_select_related = ("user", "tenant")
+    autocomplete_fields = ("tenant",)
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        user_field = form.base_fields.get("user")
+        if isinstance(user_field, ModelChoiceField) and user_field.queryset is not None:
+            user_field.queryset = user_field.queryset.filter(is_staff=True, is_superuser=False)
+            user_field.help_text = "A staff user (not a superuser: superusers always see everything)."
+        return form
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
+    """API keys: the plaintext is shown once, right after creation; the list shows only the public prefix."""
+
+    list_display = ("prefix", "tenant", "name", "state", "created_at", "expires_at", "revoked_at", "last_used_at")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter), ("expires_at", admin.EmptyFieldListFilter))
+    search_fields = ("prefix", "tenant__external_id", "name")
+    list_select_related = ("tenant",)
+    autocomplete_fields = ("tenant",)
+    ordering = ("-created_at",)
+    actions = ("revoke_keys",)
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ("tenant", "name", "expires_at")
+        return ("prefix", "tenant", "name", "expires_at", "created_at", "revoked_at", "last_used_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        return ("prefix", "tenant", "created_at", "revoked_at", "last_used_at")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        plaintext = issue(obj)
+        # Shown once, on the next page (the message is consumed when displayed); only its hash is stored.
+        messages.warning(
+            request,
+            format_html(
+                "API key for {}: <code>{}</code> — copy it now, it will not be shown again.",
+                obj.tenant.external_id,
+                plaintext,
+            ),
+        )
+
+    @admin.display(description="state")
+    def state(self, key: ApiKey) -> str:
+        if key.revoked_at is not None:
+            return "revoked"
+        return "expired" if key.is_expired() else "active"
+
+    @admin.action(description="Revoke the selected API keys", permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        revoked = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"{revoked} API key(s) revoked.", messages.SUCCESS)

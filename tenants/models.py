@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models, transaction
@@ -43,6 +44,13 @@ class Tenant(models.Model):
         help_text="Usage of this tenant and its subtree is recorded but never blocked.",
     )
     metadata = models.JSONField(default=dict, blank=True)
+    lago_subscription_id = models.CharField(
+        "Lago subscription id",
+        max_length=255,
+        blank=True,
+        help_text="Lago external_subscription_id billed for this tenant's usage; empty: inherited from the "
+        "nearest ancestor that has one.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -107,3 +115,60 @@ class Tenant(models.Model):
     @property
     def root_pk(self) -> int:
         return self.ancestor_pks[0]
+
+
+class ApiKey(models.Model):
+    """A secret that acts for one tenant's subtree over the REST API (``Authorization: Bearer xk_<prefix>_<secret>``).
+
+    Only a hash of the key is stored; the plaintext is shown once, when the key is created (``tenants.apikeys``).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True, help_text="What the key is for, e.g. 'billing worker'.")
+    prefix = models.CharField(
+        max_length=16, unique=True, editable=False, help_text="The public start of the key, to recognise it."
+    )
+    secret_hash = models.CharField("SHA-256 of the key", max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"xk_{self.prefix}_… ({self.tenant_id})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def is_expired(self, now: Any = None) -> bool:
+        from django.utils import timezone
+
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.is_revoked and not self.is_expired()
+
+
+class TenantAdminScope(models.Model):
+    """Binds a staff user to one tenant: in the admin that user sees and edits only this tenant's subtree.
+
+    Quotas may be set only strictly below the tenant (never on it or its ancestors); see ``tenants.admin_scope``.
+    A staff user without a scope is limited by Django's model permissions alone; superusers see everything.
+    """
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tenant_admin_scope")
+    # PROTECT: deleting the tenant must not silently turn its administrators into unscoped staff.
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="admin_scopes")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "tenant administrator"
+
+    def __str__(self) -> str:
+        return f"{self.user} administers {self.tenant}"
