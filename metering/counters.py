@@ -68,9 +68,7 @@ USED = "u"
 RESERVED = "r"  # quota held by open reservations (``quotas``), kept apart so usage reads never include it
 
 
-def key(
-    root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None, kind: str = USED
-) -> str:
+def key(root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None, kind: str = USED) -> str:
     window_id = "all" if start is None else str(int(start.timestamp()))
     return f"{tree_tag(root_pk)}:{kind}:{tenant_pk}:{feature}:{period}:{window_id}"
 
