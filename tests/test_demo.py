@@ -89,3 +89,19 @@ def test_an_inactive_tenant_is_refused():
     response = post(Client(), {"prompt": "hi"})
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "inactive_tenant"
+
+
+def test_the_briefs_ai_service_records_through_any_metering_protocol():
+    """The brief's example as written: AIService(meter).generate(tenant, prompt) records what the model cost."""
+    from asgiref.sync import async_to_sync
+
+    from metering import get_meter
+    from project.demo import AIService
+    from tenants.lineage import get_context
+
+    tree(ORG)
+    service = AIService(get_meter())
+    completion = async_to_sync(service.generate)(get_context("k1"), "count these four words")
+    assert completion.tokens == 4
+    assert usage("p1") == 4
+    assert UsageRecord.objects.get().metadata == {"model": "fake-echo", "prompt_chars": 22}
