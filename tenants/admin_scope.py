@@ -47,12 +47,12 @@ def admin_scope(request: HttpRequest) -> Tenant | None:
 
 def in_subtree(scope: Tenant | None, tenant_path: str) -> bool:
     """Is the tenant with ``tenant_path`` the scope's tenant or one of its descendants (always, without a scope)?"""
-    return scope is None or (bool(tenant_path) and tenant_path.startswith(scope.path))
+    return scope is None or scope.contains(tenant_path)
 
 
 def strictly_below(scope: Tenant | None, tenant_path: str) -> bool:
     """Is the tenant a strict descendant of the scope's tenant (always, without a scope)?"""
-    return scope is None or (in_subtree(scope, tenant_path) and tenant_path != scope.path)
+    return scope is None or scope.is_strictly_above(tenant_path)
 
 
 def may_set_limits(scope: Tenant | None, tenant: Tenant) -> bool:

@@ -50,11 +50,11 @@ class TenantPrincipal:
 
     def sees(self, tenant: Tenant) -> bool:
         """``tenant`` is the principal's own tenant or below it."""
-        return bool(tenant.path) and tenant.path.startswith(self.tenant.path)
+        return self.tenant.contains(tenant.path)
 
     def manages(self, tenant: Tenant) -> bool:
         """``tenant`` is strictly below the principal's tenant: never its own tenant, never an ancestor."""
-        return self.sees(tenant) and tenant.pk != self.tenant.pk
+        return self.tenant.is_strictly_above(tenant.path)
 
     def sees_context(self, context: TenantContext) -> bool:
         return any(level.pk == self.tenant.pk for level in context.lineage)

@@ -116,6 +116,15 @@ class Tenant(models.Model):
     def root_pk(self) -> int:
         return self.ancestor_pks[0]
 
+    def contains(self, tenant_path: str) -> bool:
+        """Is the tenant with ``tenant_path`` this tenant or one of its descendants? The one subtree rule that API
+        keys, scoped administrators and quotas all follow."""
+        return bool(self.path) and bool(tenant_path) and tenant_path.startswith(self.path)
+
+    def is_strictly_above(self, tenant_path: str) -> bool:
+        """Is the tenant with ``tenant_path`` a strict descendant (where limits may be set from here)?"""
+        return self.contains(tenant_path) and tenant_path != self.path
+
 
 class ApiKey(models.Model):
     """A secret that acts for one tenant's subtree over the REST API (``Authorization: Bearer xk_<prefix>_<secret>``).

@@ -20,18 +20,8 @@ from django.contrib.auth.models import Permission
 
 from metering.events import utcnow
 from tenants.models import Tenant, TenantAdminScope
-from tests.factories import record, tree
+from tests.factories import FOREST, record, tree
 
-FOREST = {
-    "acme": None,
-    "acme-chat": "acme",
-    "acme-chat-key-1": "acme-chat",
-    "acme-chat-key-2": "acme-chat",
-    "acme-search": "acme",
-    "acme-search-key-1": "acme-search",
-    "other": None,
-    "other-project": "other",
-}
 PASSWORD = "correct-horse-battery-staple"
 
 # What a tenant administrator is typically given (e.g. through a group); the scope narrows it to a subtree.

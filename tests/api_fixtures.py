@@ -23,18 +23,7 @@ from django.utils import timezone
 
 from tenants.apikeys import create_api_key, revoke
 from tests.api_helpers import Api
-from tests.factories import tree
-
-FOREST = {
-    "acme": None,
-    "acme-chat": "acme",
-    "acme-chat-key-1": "acme-chat",
-    "acme-chat-key-2": "acme-chat",
-    "acme-search": "acme",
-    "acme-search-key-1": "acme-search",
-    "other": None,
-    "other-project": "other",
-}
+from tests.factories import FOREST, tree
 
 
 @pytest.fixture

@@ -9,6 +9,18 @@ from metering import UsageEvent, get_meter
 from tenants.models import Tenant
 from tenants.tree import create_tenant
 
+# Two organizations, the shape the API and admin tests share (see their fixture modules for who holds which key).
+FOREST = {
+    "acme": None,
+    "acme-chat": "acme",
+    "acme-chat-key-1": "acme-chat",
+    "acme-chat-key-2": "acme-chat",
+    "acme-search": "acme",
+    "acme-search-key-1": "acme-search",
+    "other": None,
+    "other-project": "other",
+}
+
 
 def tree(spec: dict[str, str | None], **flags: dict[str, bool]) -> dict[str, Tenant]:
     """Create tenants from {id: parent_id}, parents listed before children."""
