@@ -282,7 +282,7 @@ def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
     monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "demo-password-1")
     first = run("seed_demo")
     counts = (Tenant.objects.count(), UsageRecord.objects.count(), get_user_model().objects.count())
-    assert counts == (9, 5, 1)
+    assert counts == (9, 5, 2)  # the superuser and the tenant-scoped administrator of acme-chat
     assert get_context("acme-search-key-2").lineage_ids == ("acme", "acme-search", "acme-search-key-2")
     assert get_context("internal-batch").exempt
     assert "http://127.0.0.1:8000/admin/" in first
@@ -301,3 +301,23 @@ def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
     admin = get_user_model().objects.get(username="admin")
     assert admin.is_superuser and admin.is_staff and admin.check_password(password)
     assert json.loads(run("usage", "acme", "--json", "--period", "total"))["llm_tokens"] == "2750"
+
+
+@pytest.mark.django_db
+def test_seed_demo_issues_a_working_api_key_and_a_scoped_administrator():
+    import re
+
+    from django.test import Client
+
+    from tenants.models import ApiKey, TenantAdminScope
+
+    call_command("seed_demo", stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("seed_demo", stdout=out)
+    key = re.search(r"API key of acme-chat \(shown once\): (\S+)", out.getvalue()).group(1)
+    assert ApiKey.objects.filter(name="demo", revoked_at__isnull=True).count() == 1  # the first run's key is revoked
+    response = Client().get(
+        "/api/v1/usage?tenant_id=acme-chat-key-1&feature=llm_tokens", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 200
+    assert TenantAdminScope.objects.get(user__username="chat-admin").tenant.external_id == "acme-chat"

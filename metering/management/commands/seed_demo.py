@@ -39,6 +39,16 @@ USAGE: list[tuple[str, str, int]] = [
 ]
 
 ADMIN_USERNAME = "admin"
+SCOPED_USERNAME = "chat-admin"
+# What a tenant administrator is given through its group; its TenantAdminScope narrows it to one subtree.
+SCOPED_PERMISSIONS = [
+    ("xaas_tenants", "tenant", ("view", "add", "change")),
+    ("xaas_tenants", "apikey", ("view", "add", "change")),
+    ("xaas_quotas", "quotalimit", ("view", "add", "change", "delete")),
+    ("xaas_quotas", "quotareservation", ("view",)),
+    ("xaas_metering", "usagerecord", ("view",)),
+    ("xaas_metering", "usagerollup", ("view",)),
+]
 BASE_URL = "http://127.0.0.1:8000"
 
 
@@ -54,12 +64,22 @@ class Command(BaseCommand):
         except ValidationError as error:
             raise CommandError(" ".join(error.messages)) from error
         password = self.seed_admin()
+        scoped_password = self.seed_scoped_admin()
+        api_key = self.seed_api_key()
         self.stdout.write(f"tenants: {created} created, {len(TENANTS) - created} already there")
         self.stdout.write(f"usage events: {recorded} recorded, {len(USAGE) - recorded} already there")
         self.stdout.write("")
         self.stdout.write(f"admin:    {BASE_URL}/admin/")
         self.stdout.write(f"username: {ADMIN_USERNAME}")
         self.stdout.write(f"password: {password}")
+        self.stdout.write(f"tenant-scoped administrator of acme-chat: {SCOPED_USERNAME} / {scoped_password}")
+        self.stdout.write("")
+        self.stdout.write(f"API key of acme-chat (shown once): {api_key}")
+        self.stdout.write(
+            f"  curl '{BASE_URL}/api/v1/usage?tenant_id=acme-chat-key-1&feature=llm_tokens' "
+            f"-H 'Authorization: Bearer {api_key}'"
+        )
+        self.stdout.write(f"  API docs: {BASE_URL}/api/docs/")
         self.stdout.write("")
         self.stdout.write("try:")
         self.stdout.write(
@@ -91,6 +111,41 @@ class Command(BaseCommand):
             except DuplicateUsageEvent:
                 pass
         return recorded
+
+    def seed_scoped_admin(self) -> str:
+        """A staff user bound to acme-chat: sees and edits only that subtree, never raises its own limits."""
+        from django.contrib.auth.models import Group, Permission
+
+        from tenants.models import TenantAdminScope
+
+        group, _ = Group.objects.get_or_create(name="Tenant administrators")
+        for app_label, model, actions in SCOPED_PERMISSIONS:
+            group.permissions.add(
+                *Permission.objects.filter(
+                    content_type__app_label=app_label, codename__in=[f"{action}_{model}" for action in actions]
+                )
+            )
+        password = os.environ.get("DEMO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        user = get_user_model().objects.filter(username=SCOPED_USERNAME).first() or get_user_model()(
+            username=SCOPED_USERNAME
+        )
+        user.is_staff, user.is_superuser, user.is_active = True, False, True
+        user.set_password(password)
+        user.save()
+        user.groups.add(group)
+        TenantAdminScope.objects.update_or_create(
+            user=user, defaults={"tenant": Tenant.objects.get(external_id="acme-chat")}
+        )
+        return password
+
+    def seed_api_key(self) -> str:
+        """A fresh demo key for acme-chat on every run; the previous demo keys are revoked (keys are shown once)."""
+        from tenants.apikeys import create_api_key, revoke
+        from tenants.models import ApiKey
+
+        for old in ApiKey.objects.filter(tenant__external_id="acme-chat", name="demo", revoked_at__isnull=True):
+            revoke(old.prefix)
+        return create_api_key("acme-chat", name="demo")[1]
 
     def seed_admin(self) -> str:
         # A fresh random password on every run unless one is given, so no known default ever exists.
