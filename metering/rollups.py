@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import Count, Sum
-from django.db.models.functions import TruncHour
+from django.db.models.functions import TruncDay, TruncHour
 from django.dispatch import receiver
 
 from tenants.locks import lock_trees
@@ -129,14 +129,57 @@ class RollupDifference:
 def reconcile_tree(root: Tenant, *, repair: bool, using: str = "default") -> list[RollupDifference]:
     """Recompute the rollups of ``root``'s tree from its facts; with ``repair``, fix every difference.
 
-    Runs under the tree's exclusive lock, so no writer is half-way through. Call inside ``atomic()``.
+    Works one UTC day at a time, each day in its own transaction under the tree's exclusive lock (no writer is
+    half-way through): memory and the time writers wait are bounded by one day of the tree, not its history.
+    Call it outside ``atomic()``, or the lock is held until the caller's transaction ends.
     """
-    lock_trees([root.pk], exclusive=True, using=using)
     tenants = {pk: (path, ext) for pk, path, ext in _tree_tenants(root, using)}
+    differences: list[RollupDifference] = []
+    for day in _days_with_data(root, tenants, using):
+        with transaction.atomic(using=using):
+            lock_trees([root.pk], exclusive=True, using=using)
+            found = _reconcile_window(root, tenants, day, day + timedelta(days=1), repair, using)
+            if repair and found:
+                # Counters built from the old rows must not outlive them.
+                transaction.on_commit(lambda: _drop_counters(root.pk), using=using)
+        differences += found
+    return differences
+
+
+def _drop_counters(root_pk: int) -> None:
+    from . import counters
+
+    counters.drop_trees([root_pk])
+
+
+def _days_with_data(root: Tenant, tenants: dict[int, tuple[str, str]], using: str) -> list[datetime]:
+    """The UTC days holding a fact or a rollup row of the tree (a stray row is a difference too)."""
+    fact_days = (
+        UsageRecord.objects.using(using)
+        .filter(tenant__path__startswith=root.path)
+        .annotate(day=TruncDay("timestamp", tzinfo=UTC))
+        .values_list("day", flat=True)
+        .distinct()
+        .order_by()
+    )
+    rollup_days = (
+        UsageRollup.objects.using(using)
+        .filter(tenant_id__in=tenants)
+        .annotate(day=TruncDay("bucket", tzinfo=UTC))
+        .values_list("day", flat=True)
+        .distinct()
+        .order_by()
+    )
+    return sorted(set(fact_days) | set(rollup_days))
+
+
+def _reconcile_window(
+    root: Tenant, tenants: dict[int, tuple[str, str]], start: datetime, end: datetime, repair: bool, using: str
+) -> list[RollupDifference]:
     expected: dict[RollupKey, list[int]] = defaultdict(lambda: [0, 0])
     own = (
         UsageRecord.objects.using(using)
-        .filter(tenant__path__startswith=root.path)
+        .filter(tenant__path__startswith=root.path, timestamp__gte=start, timestamp__lt=end)
         .annotate(hour=TruncHour("timestamp", tzinfo=UTC))  # buckets are UTC hours, whatever TIME_ZONE is
         .values_list("tenant_id", "feature", "hour")
         .annotate(units=Sum("units"), events=Count("id"))
@@ -151,7 +194,7 @@ def reconcile_tree(root: Tenant, *, repair: bool, using: str = "default") -> lis
     stored = {
         (tenant_pk, feature, bucket): (units, events)
         for tenant_pk, feature, bucket, units, events in UsageRollup.objects.using(using)
-        .filter(tenant_id__in=tenants)
+        .filter(tenant_id__in=tenants, bucket__gte=start, bucket__lt=end)
         .values_list("tenant_id", "feature", "bucket", "units", "events")
     }
     differences = [
@@ -181,8 +224,7 @@ def _tree_tenants(root: Tenant, using: str) -> Iterable[tuple[int, str, str]]:
 
 
 def _rewrite(expected: dict[RollupKey, list[int]], stored: dict[RollupKey, tuple[int, int]], using: str) -> None:
-    stale = [key for key in stored if key not in expected]
-    for tenant_pk, feature, bucket in stale:
+    for tenant_pk, feature, bucket in (key for key in stored if key not in expected):
         UsageRollup.objects.using(using).filter(tenant_id=tenant_pk, feature=feature, bucket=bucket).delete()
     changed = [
         UsageRollup(tenant_id=key[0], feature=key[1], bucket=key[2], units=want[0], events=want[1])

@@ -32,14 +32,12 @@ class Command(BaseCommand):
         using = metering_settings.DATABASE_ALIAS
         found = 0
         for root in roots:
-            # One transaction per tree: reconcile_tree holds the tree's lock exclusively until it ends.
-            with transaction.atomic(using=using):
-                differences = reconcile_tree(root, repair=not dry_run, using=using)
-                if not dry_run:
-                    # The Redis counters were built from the old rollups; drop them after the repair commits so
-                    # the next read rebuilds them from the repaired rows. Always, since a counter can be stale
-                    # even where the rollups are right (a write Redis missed).
-                    transaction.on_commit(partial(counters.drop_trees, [root.pk]), using=using)
+            # reconcile_tree runs one day per transaction, each under the tree's exclusive lock.
+            differences = reconcile_tree(root, repair=not dry_run, using=using)
+            if not dry_run:
+                # Always drop the tree's Redis counters, so the next read rebuilds them from the (repaired) rows:
+                # a counter can be stale even where the rollups are right (a write Redis missed).
+                transaction.on_commit(partial(counters.drop_trees, [root.pk]), using=using)
             for difference in sorted(differences, key=lambda d: (d.tenant_id, d.feature, d.bucket)):
                 self.stdout.write(describe(difference))
             found += len(differences)
