@@ -16,7 +16,7 @@ from django.views.decorators.http import require_POST
 from metering import InvalidUsageEvent, MeteringProtocol, UsageEvent, get_meter
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
-from quotas.http import add_quota_headers, quota_exceeded_response
+from quotas.http import add_quota_headers, error_response, quota_exceeded_response
 from quotas.ledger import Decision
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError
@@ -78,33 +78,29 @@ class GuardedAIService(AIService):
         return completion, decision
 
 
-def _error(status: int, code: str, field: str, message: str) -> JsonResponse:
-    return JsonResponse({"error": {"code": code, "field": field, "message": message}}, status=status)
-
-
 @csrf_exempt
 @require_POST
 async def completions(request: HttpRequest) -> JsonResponse:
     tenant: TenantContext | None = getattr(request, "tenant", None)
     if tenant is None:
-        return _error(400, "missing_tenant", "X-Tenant-ID", "name the tenant in the X-Tenant-ID header")
+        return error_response(400, "missing_tenant", "X-Tenant-ID", "name the tenant in the X-Tenant-ID header")
     try:
         body = json.loads(request.body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "invalid_json", "body", "the body must be a JSON object")
+        return error_response(400, "invalid_json", "body", "the body must be a JSON object")
     if not isinstance(body, dict):
-        return _error(400, "invalid_json", "body", "the body must be a JSON object")
+        return error_response(400, "invalid_json", "body", "the body must be a JSON object")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.split():
-        return _error(400, "invalid_prompt", "prompt", "prompt must be a string with at least one word")
+        return error_response(400, "invalid_prompt", "prompt", "prompt must be a string with at least one word")
     if len(prompt) > MAX_PROMPT_CHARS:
-        return _error(400, "invalid_prompt", "prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters")
+        return error_response(400, "invalid_prompt", "prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters")
     try:
         completion, decision = await GuardedAIService(get_meter()).generate_within_quota(tenant, prompt)
     except QuotaExceeded as error:
         return quota_exceeded_response(error)
     except InvalidUsageEvent as error:
-        return _error(400, error.code, error.field, str(error))
+        return error_response(400, error.code, error.field, str(error))
     except TenantError as error:
         return tenant_error_response(error)
     response = JsonResponse({"text": completion.text, "tokens": completion.tokens})

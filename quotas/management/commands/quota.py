@@ -31,7 +31,7 @@ class Command(BaseCommand):
         set_parser.add_argument("--soft", action="store_true", help="Record and warn, never block.")
         list_parser = actions.add_parser("list", help="List limits (of a tenant's lineage when given).")
         list_parser.add_argument("tenant_id", nargs="?")
-        list_parser.add_argument("--json", action="store_true")
+        list_parser.add_argument("--json", action="store_true", dest="as_json")
         check_parser = actions.add_parser("check", help="Would QTY fit at every level? Consumes nothing.")
         check_parser.add_argument("tenant_id")
         check_parser.add_argument("feature")
@@ -63,7 +63,7 @@ class Command(BaseCommand):
             f"{tenant_id} {feature}: {units_to_quantity(quota.limit_units)} per {period} ({quota.enforcement})"
         )
 
-    def handle_list(self, tenant_id: str | None, json: bool, **_: Any) -> None:
+    def handle_list(self, tenant_id: str | None, as_json: bool, **_: Any) -> None:
         quotas = QuotaLimit.objects.select_related("tenant")
         if tenant_id:
             quotas = quotas.filter(tenant_id__in=get_tenant(tenant_id).ancestor_pks)
@@ -78,8 +78,8 @@ class Command(BaseCommand):
             }
             for quota in quotas
         ]
-        if json:
-            self.stdout.write(_dumps(rows))
+        if as_json:
+            self.stdout.write(json.dumps(rows, indent=2))
             return
         for row in rows:
             flag = "" if row["active"] else "  (inactive)"
@@ -103,7 +103,3 @@ class Command(BaseCommand):
             blocked = decision.blocked
             assert blocked is not None
             raise CommandError(f"blocked at {blocked.tenant_id} ({blocked.period}): {blocked}")
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, indent=2)
