@@ -1,25 +1,25 @@
 """Recording one usage fact: the straight line from an event to durable, counted usage.
 
 validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
-``transaction_id``), add it to the rollups of every level, add it to the live Redis counters -> after commit,
-send ``usage_recorded``. Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent``
-and writes nothing.
+``transaction_id``), add it to the rollups of every level (on PostgreSQL these three and the ``BEGIN`` are one round
+trip, see ``metering.roundtrip``), add it to the live Redis counters -> after commit, send ``usage_recorded``.
+Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent`` and writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.db import connections, transaction
 
 from tenants.context import TenantContext
 from tenants.lineage import get_context
-from tenants.locks import lock_trees
+from tenants.locks import lock_name, lock_trees, name_lock_statement, tree_lock_statement
 from tenants.models import Tenant
 
-from . import counters, rollups
+from . import counters, rollups, roundtrip
 from .conf import metering_settings
 from .events import UsageEvent, ValidEvent, utcnow, validate_event
 from .exceptions import DuplicateUsageEvent
@@ -38,15 +38,15 @@ StoredHook = Callable[[ValidEvent, int, TenantContext], None]
 
 
 class Gate(Protocol):
-    """A decision taken inside the fact's transaction (quotas). Raising from either step stores nothing.
+    """A decision taken inside the fact's transaction (quotas). Raising from ``count`` stores nothing.
 
     ``exclusive``: take the tree lock exclusively (no other writer in flight), e.g. to rebuild lost counters.
     """
 
     exclusive: bool
 
-    def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
-        """Runs with the tree locked, before the fact is written."""
+    def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
+        """Named locks to take right after the tree lock, before the fact is written (``tenants.locks``)."""
 
     def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
         """Runs last, instead of the plain counter increment: decide and count in one atomic step."""
@@ -76,32 +76,77 @@ def record(
 def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None, gate: Gate | None) -> int:
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
-    with transaction.atomic(using=using):
-        lock_trees([lineage_pks[0]], exclusive=bool(gate and gate.exclusive), using=using)
-        if gate is not None:
-            gate.before(valid, context, using)
-        record_id = _insert_fact(valid, context, using)
-        rollups.add(lineage_pks, valid.feature_name, floor_hour(valid.timestamp), valid.units, using=using)
-        if on_stored is not None:
-            on_stored(valid, record_id, context)
-        if gate is not None:
-            gate.count(valid, context, record_id, using)
-        else:
-            count(valid, lineage_pks, using)
-        transaction.on_commit(
-            lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
-            using=using,
-        )
+    counted = False
+    try:
+        # On PostgreSQL: BEGIN, the locks, the fact and its rollups in one round trip; the counters; COMMIT.
+        with roundtrip.atomic(using) as batch:
+            locks = [] if gate is None else gate.lock_names(valid, context)
+            record_id = _write_fact(batch, valid, context, bool(gate and gate.exclusive), locks)
+            if on_stored is not None:
+                on_stored(valid, record_id, context)
+            if gate is not None:
+                gate.count(valid, context, record_id, using)
+            else:
+                count(valid, lineage_pks, using)
+            counted = True
+            transaction.on_commit(
+                lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
+                using=using,
+            )
+    except BaseException:
+        if counted:
+            # Counted in Redis, then the commit failed (or its outcome is unknown): the counters cannot be trusted.
+            counters.drop_trees([lineage_pks[0]])
+        raise
     return record_id
 
 
-def _insert_fact(valid: ValidEvent, context: TenantContext, using: str) -> int:
-    """Insert the fact unless the tenant already has this transaction id, and only if the lineage is current."""
+def _write_fact(
+    batch: roundtrip.Batch, valid: ValidEvent, context: TenantContext, exclusive: bool, lock_names: list[str]
+) -> int:
+    """Lock the tree, insert the fact unless the tenant already has this transaction id (and only if the lineage is
+    current), add it to every level's rollups. On PostgreSQL one round trip; elsewhere one statement at a time."""
+    using = batch.using
+    connection = connections[using]
+    lineage_pks = [level.pk for level in context.lineage]
+    hour = floor_hour(valid.timestamp)
+    insert, params = _insert_fact_sql(valid, context, using)
+    if connection.vendor == "postgresql":
+        statements: list[roundtrip.Statement] = [tree_lock_statement(lineage_pks[0], exclusive=exclusive)]
+        statements += [name_lock_statement(name) for name in lock_names]
+        # Each statement has its own snapshot: the path check below sees every move committed before the lock.
+        rollup_sql, rollup_params = rollups.add_for_inserted("fact", lineage_pks, valid.feature_name, hour, valid.units)
+        fact_and_rollups = f"WITH fact AS ({insert}), rolled AS ({rollup_sql}) SELECT id FROM fact"  # noqa: S608
+        statements.append((fact_and_rollups, params + rollup_params))
+        rows = batch.execute(statements)
+        record_id = int(rows[0][0]) if rows else None
+    else:
+        lock_trees([lineage_pks[0]], exclusive=exclusive, using=using)
+        for name in lock_names:
+            lock_name(name, using=using)
+        rows = batch.execute([(insert, params)])
+        record_id = int(rows[0][0]) if rows else None
+        if record_id is not None:
+            rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
+    if record_id is not None:
+        return record_id
+    existing = (
+        UsageRecord.objects.using(using)
+        .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
+        .values_list("id", flat=True)
+        .first()
+    )
+    if existing is not None:
+        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, existing)
+    raise _StaleLineage()
+
+
+def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> tuple[str, list[Any]]:
     connection = connections[using]
     facts = connection.ops.quote_name(UsageRecord._meta.db_table)
     tenants = connection.ops.quote_name(Tenant._meta.db_table)
     metadata_field = UsageRecord._meta.get_field("metadata")
-    # One round trip: the WHERE EXISTS re-checks, under the tree lock, the path the lineage was cached with.
+    # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was cached with.
     sql = (
         f"INSERT INTO {facts} (tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at) "  # noqa: S608
         f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
@@ -119,20 +164,7 @@ def _insert_fact(valid: ValidEvent, context: TenantContext, using: str) -> int:
         context.tenant.pk,
         context.path,
     ]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is not None:
-        return int(row[0])
-    existing = (
-        UsageRecord.objects.using(using)
-        .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
-        .values_list("id", flat=True)
-        .first()
-    )
-    if existing is not None:
-        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, existing)
-    raise _StaleLineage()
+    return sql, params
 
 
 def count(valid: ValidEvent, lineage_pks: list[int], using: str) -> None:

@@ -59,6 +59,28 @@ def add(
         cursor.execute(_upsert_sql(_table(UsageRollup, using), len(lineage_pks)), params)
 
 
+def add_for_inserted(
+    source: str, lineage_pks: Sequence[int], feature: str, hour: datetime, units: int, *, using: str = "default"
+) -> tuple[str, list[Any]]:
+    """``add`` as one statement that counts only if ``source`` (a CTE inserting the fact) returned its row.
+
+    PostgreSQL only (a data-modifying CTE). Rows are upserted root first, like ``add``.
+    """
+    connection = connections[using]
+    table = _table(UsageRollup, using)
+    levels = ", ".join(["(%s, %s)"] * len(lineage_pks))
+    sql = _upsert_sql(
+        table,
+        0,
+        f"SELECT level.tenant_id, %s, %s, %s, 1 FROM {source} "  # noqa: S608 (our names; values are parameters)
+        f"CROSS JOIN (VALUES {levels}) AS level(position, tenant_id) ORDER BY level.position",
+    )
+    params: list[Any] = [feature, connection.ops.adapt_datetimefield_value(hour), units]
+    for position, pk in enumerate(lineage_pks):
+        params += [position, pk]
+    return sql, params
+
+
 def sum_units(
     tenant_pk: int,
     feature: str,

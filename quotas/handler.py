@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.cache import caches
-from django.db import transaction
+from django.db import connections, transaction
 
-from metering import get_meter
+from metering import counters, get_meter, roundtrip
 from metering.adapters.database import DatabaseMeteringAdapter
 from metering.conf import metering_settings
 from metering.events import (
@@ -29,13 +29,13 @@ from metering.events import (
 )
 from tenants.context import TenantContext
 from tenants.lineage import get_context
-from tenants.locks import lock_trees
+from tenants.locks import lock_trees, name_lock_statement, tree_lock_statement
 
 from . import ledger
 from .exceptions import QuotaConfigurationError, QuotaExceeded
 from .ledger import Change, Decision, NeedsRebuild
 from .models import QuotaReservation
-from .rules import QuotaRule, rules_for
+from .rules import QuotaRule, RuleSet, rules_for, ruleset
 from .signals import quota_exceeded, quota_threshold_reached
 
 logger = logging.getLogger("quotas")
@@ -50,7 +50,7 @@ class QuotaPolicyHandler:
     def __init__(self, context: TenantContext | str) -> None:
         # A tenant id is resolved on first use, so the handler can be built in async code.
         self._context = context
-        self._rules_by_feature: dict[str, list[QuotaRule]] = {}
+        self._rules_by_feature: dict[str, RuleSet] = {}
 
     @property
     def context(self) -> TenantContext:
@@ -79,15 +79,13 @@ class QuotaPolicyHandler:
         event = UsageEvent(
             self.context.tenant_id, feature, quantity, utcnow(), metadata or {}, transaction_id=transaction_id
         )
-        rules = self._rules(feature)
-        gate = _FactGate(rules)
+        gate = _FactGate(self, feature)
         return self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
 
     def check(self, feature: str, quantity: Decimal | int | str = 0, *, raise_exception: bool = False) -> Decision:
         """Would ``quantity`` fit at every level? Consumes nothing (entitlements)."""
         feature = validate_feature_name(feature)
         units = quantity_to_units(quantity)
-        rules = self._rules(feature)
         change = Change(feature=feature, check_units=units, used_at=utcnow())
         using = metering_settings.DATABASE_ALIAS
         exclusive = False
@@ -96,9 +94,7 @@ class QuotaPolicyHandler:
                 with transaction.atomic(using=using):
                     if exclusive:
                         lock_trees([self.context.root.pk], exclusive=True, using=using)
-                        decision = ledger.decide_exclusively(self.context, rules, change, using)
-                    else:
-                        decision = ledger.decide(self.context, rules, change, using)
+                    decision = self._decide(change, using, exclusive=exclusive)
                     transaction.set_rollback(True, using=using)  # a check writes nothing
                 return decision
             except NeedsRebuild:
@@ -118,28 +114,35 @@ class QuotaPolicyHandler:
         """Hold ``estimate`` at every level (or raise ``QuotaExceeded``). Commit the actual amount or release."""
         feature = validate_feature_name(feature)
         units = quantity_to_units(estimate)
-        rules = self._rules(feature)
         using = metering_settings.DATABASE_ALIAS
         holder: dict[str, QuotaReservation] = {}
         mode = _Mode()
 
         def attempt() -> None:
             now = utcnow()
-            with transaction.atomic(using=using):
-                lock_trees([self.context.root.pk], exclusive=mode.exclusive, using=using)
-                ledger.before(self.context, feature, using)
-                row = QuotaReservation.objects.using(using).create(
-                    tenant_id=self.context.tenant.pk,
-                    feature=feature,
-                    units=units,
-                    window_at=now,
-                    expires_at=now + ttl,
-                )
-                change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
-                decide = ledger.decide_exclusively if mode.exclusive else ledger.decide
-                decision = decide(self.context, rules, change, using)
-                holder["row"] = row
-                self._after_commit(decision)
+            row = QuotaReservation(
+                tenant_id=self.context.tenant.pk,
+                feature=feature,
+                units=units,
+                window_at=now,
+                expires_at=now + ttl,
+                state=QuotaReservation.State.ACTIVE,
+                created_at=now,
+            )
+            counted = False
+            try:
+                # On PostgreSQL: BEGIN, the locks and the row in one round trip; the decision; COMMIT.
+                with roundtrip.atomic(using) as batch:
+                    row.pk = _insert_reservation(batch, self.context, row, mode.exclusive)
+                    change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
+                    decision = self._decide(change, using, exclusive=mode.exclusive)
+                    counted = True
+                    holder["row"] = row
+                    self._after_commit(decision)
+            except BaseException:
+                if counted:  # held in Redis, but the commit failed: the counters cannot be trusted
+                    counters.drop_trees([self.context.root.pk])
+                raise
 
         self._attempt(attempt, mode)
         return Reservation(self, holder["row"])
@@ -157,23 +160,38 @@ class QuotaPolicyHandler:
 
     # ---- internals ----
 
-    def _rules(self, feature: str) -> list[QuotaRule]:
-        # Read once per handler and feature: a reservation's commit reuses what its reserve read.
-        cached = self._rules_by_feature.get(feature)
-        if cached is not None:
-            return cached
-        self._rules_by_feature[feature] = rules = self._load_rules(feature)
-        return rules
+    def _decide(self, change: Change, using: str, *, exclusive: bool, enforce: bool = True) -> Decision:
+        """``ledger.decide`` with this lineage's rules, reloaded if a limit of the tree changed meanwhile."""
+        decide = ledger.decide_exclusively if exclusive else ledger.decide
+        refresh = False
+        for _ in range(MAX_ATTEMPTS):
+            rules = self._ruleset(change.feature, refresh=refresh)
+            try:
+                return decide(self.context, rules.rules, change, using, enforce=enforce, token=rules.token)
+            except ledger.StaleRules:
+                refresh = True
+        raise RuntimeError("the quota rules of this tree keep changing")  # pragma: no cover
 
-    def _load_rules(self, feature: str) -> list[QuotaRule]:
-        rules = rules_for(self.context, feature)
+    def _ruleset(self, feature: str, *, refresh: bool = False) -> RuleSet:
+        redis = ledger.use_redis()
+        found: RuleSet | None = None
+        if redis is not None:
+            try:  # in this process's memory, checked against the tree's rules token by the decision script
+                found = ruleset(self.context, feature, redis, refresh=refresh)
+            except counters.RedisError as error:
+                logger.warning("quota rules token unavailable: %s", type(error).__name__)
+        if found is None:  # the database path: read once per handler (a reservation's commit reuses it)
+            found = self._rules_by_feature.get(feature)
+            if found is None or refresh:
+                found = self._rules_by_feature[feature] = RuleSet(tuple(rules_for(self.context, feature)))
         if self.context.exempt:
             # Zero-cap: counted (so thresholds and usage stay right) but never blocking.
-            return [
+            exempted = tuple(
                 QuotaRule(r.quota_id, r.level, r.level_path, r.feature, r.period, r.limit_units, False, r.thresholds)
-                for r in rules
-            ]
-        return rules
+                for r in found.rules
+            )
+            return RuleSet(exempted, found.token, found.loaded_at)
+        return found
 
     def _attempt(self, run: Callable[[], Any], mode: _Mode) -> Decision:
         for _ in range(MAX_ATTEMPTS):
@@ -213,13 +231,14 @@ class _Mode:
 class _FactGate(_Mode):
     """The quota decision inside a fact's transaction (see ``metering.recorder.Gate``)."""
 
-    def __init__(self, rules: list[QuotaRule], reservation: QuotaReservation | None = None) -> None:
-        self.rules = rules
+    def __init__(self, handler: QuotaPolicyHandler, feature: str, reservation: QuotaReservation | None = None) -> None:
+        self.handler = handler
+        self.feature = feature
         self.reservation = reservation
         self.decision: Decision | None = None
 
-    def before(self, valid: ValidEvent, context: TenantContext, using: str) -> None:
-        ledger.before(context, valid.feature_name, using)
+    def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
+        return ledger.lock_names(context, valid.feature_name)
 
     def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
         reservation = self.reservation
@@ -242,8 +261,7 @@ class _FactGate(_Mode):
                 reserved_at=reservation.window_at if closed else None,
             )
         # Committing a reservation never blocks: the work is done and must be recorded.
-        decide = ledger.decide_exclusively if self.exclusive else ledger.decide
-        self.decision = decide(context, self.rules, change, using, enforce=reservation is None)
+        self.decision = self.handler._decide(change, using, exclusive=self.exclusive, enforce=reservation is None)
 
 
 class Reservation:
@@ -272,7 +290,7 @@ class Reservation:
         event = UsageEvent(
             handler.context.tenant_id, self.row.feature, actual, utcnow(), metadata or {}, transaction_id
         )
-        gate = _FactGate(handler._rules(self.row.feature), reservation=self.row)
+        gate = _FactGate(handler, self.row.feature, reservation=self.row)
         decision = handler._attempt(lambda: _meter().record_fact(event, context=handler.context, gate=gate), gate)
         self.closed = True
         return decision
@@ -304,6 +322,40 @@ class Reservation:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.arelease()
+
+
+def _insert_reservation(batch: roundtrip.Batch, context: TenantContext, row: QuotaReservation, exclusive: bool) -> int:
+    """Lock the tree (and on the database path the tree's decisions on the feature), insert ``row``; its id."""
+    using = batch.using
+    connection = connections[using]
+    table = connection.ops.quote_name(QuotaReservation._meta.db_table)
+    moment = connection.ops.adapt_datetimefield_value
+    insert = (
+        f"INSERT INTO {table} (tenant_id, feature, units, window_at, expires_at, state, created_at) "  # noqa: S608
+        f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id"
+    )
+    params = [
+        row.tenant_id,
+        row.feature,
+        row.units,
+        moment(row.window_at),
+        moment(row.expires_at),
+        row.state,
+        moment(row.created_at),
+    ]
+    names = ledger.lock_names(context, row.feature)
+    if connection.vendor != "postgresql":
+        lock_trees([context.root.pk], exclusive=exclusive, using=using)
+        return int(batch.execute([(insert, params)])[0][0])
+    statements: list[roundtrip.Statement] = [
+        # A reservation is a hold, not a fact: should a crash lose the last ones, they are simply not held any
+        # more (their commit then finds no active row and records the fact all the same). No wait for the disk.
+        ("SET LOCAL synchronous_commit TO OFF", []),
+        tree_lock_statement(context.root.pk, exclusive=exclusive),
+        *(name_lock_statement(name) for name in names),
+        (insert, params),
+    ]
+    return int(batch.execute(statements)[0][0])
 
 
 def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:

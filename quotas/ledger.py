@@ -36,13 +36,17 @@ from tenants.locks import lock_name, lock_trees
 
 from .exceptions import QuotaExceeded
 from .models import QuotaReservation
-from .rules import QuotaRule
+from .rules import QuotaRule, token_key
 
 DECIDE = """
--- KEYS: per rule (used, reserved) pairs; then usage keys to add to; then reserved keys to add to.
--- ARGV: rules, usage keys, reserved keys, usage delta, reserved delta, units to check, then (limit, hard) per rule.
+-- KEYS: per rule (used, reserved) pairs; then usage keys to add to; then reserved keys to add to; then, if a
+-- token is given, the tree's rules token key.
+-- ARGV: rules, usage keys, reserved keys, usage delta, reserved delta, units to check, then (limit, hard) per
+-- rule, then the rules token the caller read its rules under ('' when it did not use the token).
 local rules, used_keys, reserved_keys = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local used_delta, reserved_delta, check = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local token = ARGV[7 + 2 * rules]
+if token ~= '' and redis.call('GET', KEYS[#KEYS]) ~= token then return {3} end
 local missing = {}
 for i = 1, 2 * rules do
     if redis.call('EXISTS', KEYS[i]) == 0 then missing[#missing + 1] = i end
@@ -127,6 +131,10 @@ class Decision:
         return min(candidates, key=lambda status: status.remaining, default=None)
 
 
+class StaleRules(Exception):
+    """The rules a decision was given are older than the tree's last limit change; reload them and decide again."""
+
+
 class NeedsRebuild(Exception):
     """Counters a decision needs are missing from Redis; rebuild them (outside the transaction) and retry."""
 
@@ -180,21 +188,28 @@ def use_redis() -> Any | None:
     return counters.client()
 
 
-def before(context: TenantContext, feature: str, using: str) -> None:
-    """Runs first in the transaction (tree lock held shared). The database path serializes one feature's decisions."""
-    if use_redis() is None:
-        lock_name(f"quota:{context.root.pk}:{feature}", using=using)
+def lock_names(context: TenantContext, feature: str) -> list[str]:
+    """Named locks to take first in the transaction, after the tree lock (held shared): the database path serializes
+    one tree's decisions on one feature; Redis needs none (its script is atomic)."""
+    return [f"quota:{context.root.pk}:{feature}"] if use_redis() is None else []
 
 
 def decide(
-    context: TenantContext, rules: Sequence[QuotaRule], change: Change, using: str, *, enforce: bool = True
+    context: TenantContext,
+    rules: Sequence[QuotaRule],
+    change: Change,
+    using: str,
+    *,
+    enforce: bool = True,
+    token: str | None = None,
 ) -> Decision:
-    """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``) or
-    ``NeedsRebuild``. Call inside the transaction that stores the change, after ``before``."""
+    """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``),
+    ``NeedsRebuild``, or ``StaleRules`` (``token``: the rules token ``rules`` were read under, see ``rules.ruleset``).
+    Call inside the transaction that stores the change, after taking ``lock_names``."""
     redis = use_redis()
     if redis is not None:
         try:
-            return _decide_redis(redis, context, rules, change, enforce)
+            return _decide_redis(redis, context, rules, change, enforce, token)
         except counters.RedisError:
             # Redis failed mid-decision: decide on the database instead, and distrust the tree's counters.
             lock_name(f"quota:{context.root.pk}:{change.feature}", using=using)
@@ -204,7 +219,7 @@ def decide(
 
 
 def _decide_redis(
-    redis: Any, context: TenantContext, rules: Sequence[QuotaRule], change: Change, enforce: bool
+    redis: Any, context: TenantContext, rules: Sequence[QuotaRule], change: Change, enforce: bool, token: str | None
 ) -> Decision:
     moment = change.moment
     root = context.root.pk
@@ -229,8 +244,9 @@ def _decide_redis(
     script = _scripts.get(id(redis))
     if script is None:
         script = _scripts[id(redis)] = redis.register_script(DECIDE)
+    token_keys = [] if token is None else [token_key(root)]
     result = script(
-        keys=rule_keys + used_keys + reserved_keys,
+        keys=rule_keys + used_keys + reserved_keys + token_keys,
         args=[
             len(rules),
             len(used_keys),
@@ -239,9 +255,12 @@ def _decide_redis(
             change.reserved_delta,
             change.check_units,
             *limits,
+            token or "",
         ],
     )
     status = int(result[0])
+    if status == 3:
+        raise StaleRules()
     if status == 0:
         raise NeedsRebuild(rules, change)
     if status == 2:
@@ -283,7 +302,13 @@ def _decide_database(
 
 
 def decide_exclusively(
-    context: TenantContext, rules: Sequence[QuotaRule], change: Change, using: str, *, enforce: bool = True
+    context: TenantContext,
+    rules: Sequence[QuotaRule],
+    change: Change,
+    using: str,
+    *,
+    enforce: bool = True,
+    token: str | None = None,
 ) -> Decision:
     """``decide`` for a caller that holds the tree lock exclusively: missing counters are rebuilt on the spot.
 
@@ -291,7 +316,7 @@ def decide_exclusively(
     """
     for _ in range(50):
         try:
-            return decide(context, rules, change, using, enforce=enforce)
+            return decide(context, rules, change, using, enforce=enforce, token=token)
         except NeedsRebuild as missing:
             rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change)
     raise RuntimeError("Redis keeps losing the quota counters")  # pragma: no cover

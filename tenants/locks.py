@@ -19,16 +19,24 @@ ADVISORY_NAMESPACE = 0x58414153  # "XAAS"
 NAMED_NAMESPACE = 0x58414154
 
 
+Statement = tuple[str, list[int]]
+
+
 def lock_trees(root_pks: Iterable[int], *, exclusive: bool, using: str = "default") -> None:
     """Lock the trees rooted at ``root_pks`` until the current transaction ends. Call inside ``atomic()``."""
     connection = connections[using]
     if connection.vendor != "postgresql":
         return
-    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
     with connection.cursor() as cursor:
         # Sorted, so two movers locking the same pair of trees never deadlock.
         for root_pk in sorted(set(root_pks)):
-            cursor.execute(f"SELECT {function}(%s, %s)", [ADVISORY_NAMESPACE, _int4(root_pk)])
+            cursor.execute(*tree_lock_statement(root_pk, exclusive=exclusive))
+
+
+def tree_lock_statement(root_pk: int, *, exclusive: bool) -> Statement:
+    """The SQL of ``lock_trees([root_pk])`` on PostgreSQL, to send along with other statements."""
+    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    return f"SELECT {function}(%s, %s)", [ADVISORY_NAMESPACE, _int4(root_pk)]
 
 
 def lock_name(name: str, *, using: str = "default") -> None:
@@ -37,7 +45,12 @@ def lock_name(name: str, *, using: str = "default") -> None:
     if connection.vendor != "postgresql":
         return
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [NAMED_NAMESPACE, _int4(zlib.crc32(name.encode()))])
+        cursor.execute(*name_lock_statement(name))
+
+
+def name_lock_statement(name: str) -> Statement:
+    """The SQL of ``lock_name(name)`` on PostgreSQL."""
+    return "SELECT pg_advisory_xact_lock(%s, %s)", [NAMED_NAMESPACE, _int4(zlib.crc32(name.encode()))]
 
 
 def _int4(value: int) -> int:

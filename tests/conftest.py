@@ -30,6 +30,9 @@ def _fresh_caches() -> Iterator[None]:
 
 
 def _clear_caches() -> None:
+    from quotas.rules import forget_local
+
+    forget_local()  # rule caches in this process are checked against Redis tokens, which another test may reuse
     for cache in caches.all():
         # A test may point a cache at a server that is down on purpose.
         with contextlib.suppress(Exception):
