@@ -48,8 +48,17 @@ class Gate(Protocol):
     def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
         """Named locks to take right after the tree lock, before the fact is written (``tenants.locks``)."""
 
-    def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
-        """Runs last, instead of the plain counter increment: decide and count in one atomic step."""
+    def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
+        """PostgreSQL: a data-modifying statement (``... RETURNING``) sent in the fact's round trip, run only if the
+        fact is inserted, which may read the new fact's id as ``(SELECT id FROM fact)``; ``None``: nothing."""
+
+    def count(
+        self, valid: ValidEvent, context: TenantContext, record_id: int, using: str, with_fact_rows: int | None
+    ) -> None:
+        """Runs last, instead of the plain counter increment: decide and count in one atomic step.
+
+        ``with_fact_rows``: the rows ``with_fact``'s statement returned, or ``None`` if it was not run (it is only
+        on PostgreSQL), in which case ``count`` does that work itself."""
 
 
 def record(
@@ -81,11 +90,12 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
         # On PostgreSQL: BEGIN, the locks, the fact and its rollups in one round trip; the counters; COMMIT.
         with roundtrip.atomic(using) as batch:
             locks = [] if gate is None else gate.lock_names(valid, context)
-            record_id = _write_fact(batch, valid, context, bool(gate and gate.exclusive), locks)
+            extra = None if gate is None else gate.with_fact(using)
+            record_id, extra_rows = _write_fact(batch, valid, context, bool(gate and gate.exclusive), locks, extra)
             if on_stored is not None:
                 on_stored(valid, record_id, context)
             if gate is not None:
-                gate.count(valid, context, record_id, using)
+                gate.count(valid, context, record_id, using, extra_rows)
             else:
                 count(valid, lineage_pks, using)
             counted = True
@@ -102,10 +112,17 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
 
 
 def _write_fact(
-    batch: roundtrip.Batch, valid: ValidEvent, context: TenantContext, exclusive: bool, lock_names: list[str]
-) -> int:
+    batch: roundtrip.Batch,
+    valid: ValidEvent,
+    context: TenantContext,
+    exclusive: bool,
+    lock_names: list[str],
+    with_fact: tuple[str, list[Any]] | None,
+) -> tuple[int, int | None]:
     """Lock the tree, insert the fact unless the tenant already has this transaction id (and only if the lineage is
-    current), add it to every level's rollups. On PostgreSQL one round trip; elsewhere one statement at a time."""
+    current), add it to every level's rollups. On PostgreSQL one round trip, ``with_fact`` included (its row count
+    is returned with the fact's id); elsewhere one statement at a time, ``with_fact`` left to its caller."""
+    extra_rows: int | None = None
     using = batch.using
     connection = connections[using]
     lineage_pks = [level.pk for level in context.lineage]
@@ -116,10 +133,20 @@ def _write_fact(
         statements += [name_lock_statement(name) for name in lock_names]
         # Each statement has its own snapshot: the path check below sees every move committed before the lock.
         rollup_sql, rollup_params = rollups.add_for_inserted("fact", lineage_pks, valid.feature_name, hour, valid.units)
-        fact_and_rollups = f"WITH fact AS ({insert}), rolled AS ({rollup_sql}) SELECT id FROM fact"  # noqa: S608
-        statements.append((fact_and_rollups, params + rollup_params))
+        params += rollup_params
+        extra_cte, extra_count = "", "NULL"
+        if with_fact is not None:
+            extra_cte, extra_count = f", extra AS ({with_fact[0]})", "(SELECT count(*) FROM extra)"
+            params += with_fact[1]
+        fact_and_rollups = (
+            f"WITH fact AS ({insert}), rolled AS ({rollup_sql}){extra_cte} "  # noqa: S608
+            f"SELECT fact.id, {extra_count} FROM fact"
+        )
+        statements.append((fact_and_rollups, params))
         rows = batch.execute(statements)
         record_id = int(rows[0][0]) if rows else None
+        if rows and with_fact is not None:
+            extra_rows = int(rows[0][1])
     else:
         lock_trees([lineage_pks[0]], exclusive=exclusive, using=using)
         for name in lock_names:
@@ -129,7 +156,7 @@ def _write_fact(
         if record_id is not None:
             rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
     if record_id is not None:
-        return record_id
+        return record_id, extra_rows
     existing = (
         UsageRecord.objects.using(using)
         .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)

@@ -240,19 +240,35 @@ class _FactGate(_Mode):
     def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
         return ledger.lock_names(context, valid.feature_name)
 
-    def count(self, valid: ValidEvent, context: TenantContext, record_id: int, using: str) -> None:
+    def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
+        """Close the reservation with the fact, in the fact's round trip; only an active one gives its units back."""
+        if self.reservation is None:
+            return None
+        connection = connections[using]
+        table = connection.ops.quote_name(QuotaReservation._meta.db_table)
+        sql = (
+            f"UPDATE {table} SET state = %s, record_id = (SELECT id FROM fact), closed_at = %s "  # noqa: S608
+            f"WHERE id = %s AND state = %s AND EXISTS (SELECT 1 FROM fact) RETURNING id"
+        )
+        now = connection.ops.adapt_datetimefield_value(utcnow())
+        return sql, [QuotaReservation.State.COMMITTED, now, self.reservation.pk, QuotaReservation.State.ACTIVE]
+
+    def count(
+        self, valid: ValidEvent, context: TenantContext, record_id: int, using: str, with_fact_rows: int | None
+    ) -> None:
         reservation = self.reservation
         if reservation is None:
             change = Change(
                 feature=valid.feature_name, check_units=valid.units, used_delta=valid.units, used_at=valid.timestamp
             )
         else:
-            # Close the reservation with this fact; only an active one gives its units back.
-            closed = (
-                QuotaReservation.objects.using(using)
-                .filter(pk=reservation.pk, state=QuotaReservation.State.ACTIVE)
-                .update(state=QuotaReservation.State.COMMITTED, record_id=record_id, closed_at=utcnow())
-            )
+            closed = with_fact_rows
+            if closed is None:  # not done in the fact's round trip (not PostgreSQL): close it now
+                closed = (
+                    QuotaReservation.objects.using(using)
+                    .filter(pk=reservation.pk, state=QuotaReservation.State.ACTIVE)
+                    .update(state=QuotaReservation.State.COMMITTED, record_id=record_id, closed_at=utcnow())
+                )
             change = Change(
                 feature=valid.feature_name,
                 used_delta=valid.units,

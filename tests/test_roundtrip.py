@@ -46,7 +46,7 @@ def backend(request):
 class CommitFailsAdapter(DatabaseMeteringAdapter):
     """Writes, inside the fact's transaction, a row whose foreign key is checked only at COMMIT, which then fails."""
 
-    def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:  # type: ignore[override]
+    def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:
         now = utcnow()
         QuotaReservation.objects.create(
             tenant_id=context.tenant.pk,
@@ -143,8 +143,11 @@ def test_on_postgresql_an_enforced_consumption_takes_one_query_round_trip(on_pos
     with counting_statements() as sent:
         QuotaPolicyHandler("k1").reserve("llm_tokens", 5).release()
     assert sent[0].startswith("BEGIN; SET LOCAL synchronous_commit TO OFF; SELECT pg_advisory_xact_lock_shared")
-    reservation.commit(4)
+    with counting_statements() as sent:
+        reservation.commit(4)  # the reservation is closed in the fact's round trip
+    assert len(sent) == 1, sent
     assert usage("org") == 7
+    assert QuotaReservation.objects.get(pk=reservation.row.pk).state == QuotaReservation.State.COMMITTED
 
 
 def test_a_duplicate_in_one_round_trip_writes_no_rollup(backend):
