@@ -6,6 +6,7 @@ echo its words, answer ``{"text", "tokens"}``), with one kind of enforcement poi
 - ``/bench/bare``: nothing (sync view);
 - ``/bench/bare-async``: nothing, but an ``async def`` view like the demo's (isolates the async dispatch cost);
 - ``/demo/completions``: the real demo endpoint (reserve ``llm_tokens`` at every level, commit a durable fact);
+- ``/demo/completions-async``: the same through the brief's async service;
 - ``/bench/enforce-quota``: ``@enforce_quota("api_calls")`` on the bare view (consume: one fact per request);
 - ``/bench/ratelimit``: django-ratelimit on the bare view, counting in the default (django-redis) cache.
 """
@@ -75,6 +76,7 @@ urlpatterns = [
     path("bench/bare", bare, name="bench-bare"),
     path("bench/bare-async", bare_async, name="bench-bare-async"),
     path("demo/completions", demo.completions, name="demo-completions"),
+    path("demo/completions-async", demo.completions_async, name="demo-completions-async"),
     path("bench/enforce-quota", enforced_api_calls, name="bench-enforce-quota"),
     path("bench/ratelimit", ratelimited, name="bench-ratelimit"),
 ]

@@ -1,6 +1,10 @@
-"""The demo endpoint: the product brief's ``AIService`` behind ``POST /demo/completions``.
+"""The demo endpoints: the product brief's ``AIService``, guarded by quotas, behind ``POST /demo/completions``.
 
 A fake model (no network) answers with the prompt's own words, so a prompt of N words costs N ``llm_tokens``.
+
+``/demo/completions`` is a sync view, because the example project is served over WSGI (``make run``), where an
+``async def`` view costs an event loop per request and a thread hop per database call. ``/demo/completions-async``
+is the same endpoint through the brief's async service, as an ASGI deployment would serve it.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ class Completion:
 class FakeModel:
     """Echoes the prompt; one token per word."""
 
-    async def complete(self, prompt: str) -> Completion:
+    def complete_sync(self, prompt: str) -> Completion:
         words = prompt.split()
         return Completion(text=" ".join(words), tokens=len(words))
+
+    async def complete(self, prompt: str) -> Completion:
+        return self.complete_sync(prompt)
 
 
 class AIService:
@@ -72,15 +79,24 @@ class GuardedAIService(AIService):
         estimate = len(prompt.split())
         async with await handler.areserve("llm_tokens", estimate) as reservation:
             completion = await self.model.complete(prompt)
-            decision = await reservation.acommit(
-                completion.tokens, metadata={"model": "fake-echo", "prompt_chars": len(prompt)}
-            )
+            decision = await reservation.acommit(completion.tokens, metadata=self.metadata(prompt))
         return completion, decision
 
+    def generate_within_quota_sync(self, tenant: TenantContext, prompt: str) -> tuple[Completion, Decision]:
+        """``generate_within_quota`` for sync views."""
+        handler = QuotaPolicyHandler(tenant)
+        with handler.reserve("llm_tokens", len(prompt.split())) as reservation:
+            completion = self.model.complete_sync(prompt)
+            decision = reservation.commit(completion.tokens, metadata=self.metadata(prompt))
+        return completion, decision
 
-@csrf_exempt
-@require_POST
-async def completions(request: HttpRequest) -> JsonResponse:
+    @staticmethod
+    def metadata(prompt: str) -> dict[str, object]:
+        return {"model": "fake-echo", "prompt_chars": len(prompt)}
+
+
+def parse_request(request: HttpRequest) -> tuple[TenantContext, str] | JsonResponse:
+    """The tenant and the prompt, or the 400 answer naming what is wrong."""
     tenant: TenantContext | None = getattr(request, "tenant", None)
     if tenant is None:
         return error_response(400, "missing_tenant", "X-Tenant-ID", "name the tenant in the X-Tenant-ID header")
@@ -95,13 +111,51 @@ async def completions(request: HttpRequest) -> JsonResponse:
         return error_response(400, "invalid_prompt", "prompt", "prompt must be a string with at least one word")
     if len(prompt) > MAX_PROMPT_CHARS:
         return error_response(400, "invalid_prompt", "prompt", f"prompt must be at most {MAX_PROMPT_CHARS} characters")
-    try:
-        completion, decision = await GuardedAIService(get_meter()).generate_within_quota(tenant, prompt)
-    except QuotaExceeded as error:
-        return quota_exceeded_response(error)
-    except InvalidUsageEvent as error:
-        return error_response(400, error.code, error.field, str(error))
-    except TenantError as error:
-        return tenant_error_response(error)
+    return tenant, prompt
+
+
+Answered = QuotaExceeded | InvalidUsageEvent | TenantError
+ANSWERED = (QuotaExceeded, InvalidUsageEvent, TenantError)
+
+
+def answer(outcome: tuple[Completion, Decision] | Answered) -> JsonResponse:
+    """200 with the completion and the quota headers, or the error's 4xx."""
+    if isinstance(outcome, QuotaExceeded):
+        return quota_exceeded_response(outcome)
+    if isinstance(outcome, InvalidUsageEvent):
+        return error_response(400, outcome.code, outcome.field, str(outcome))
+    if isinstance(outcome, TenantError):
+        return tenant_error_response(outcome)
+    completion, decision = outcome
     response = JsonResponse({"text": completion.text, "tokens": completion.tokens})
     return add_quota_headers(response, decision)  # type: ignore[return-value]
+
+
+@csrf_exempt
+@require_POST
+def completions(request: HttpRequest) -> JsonResponse:
+    parsed = parse_request(request)
+    if isinstance(parsed, JsonResponse):
+        return parsed
+    try:
+        outcome: tuple[Completion, Decision] | Answered = GuardedAIService(get_meter()).generate_within_quota_sync(
+            *parsed
+        )
+    except ANSWERED as error:
+        outcome = error
+    return answer(outcome)
+
+
+@csrf_exempt
+@require_POST
+async def completions_async(request: HttpRequest) -> JsonResponse:
+    parsed = parse_request(request)
+    if isinstance(parsed, JsonResponse):
+        return parsed
+    try:
+        outcome: tuple[Completion, Decision] | Answered = await GuardedAIService(get_meter()).generate_within_quota(
+            *parsed
+        )
+    except ANSWERED as error:
+        outcome = error
+    return answer(outcome)

@@ -1,4 +1,7 @@
-"""The demo endpoint: the brief's AIService recording llm_tokens for the tenant in X-Tenant-ID."""
+"""The demo endpoints: the brief's AIService recording llm_tokens for the tenant in X-Tenant-ID.
+
+``/demo/completions`` (sync view) and ``/demo/completions-async`` (the async service) answer alike.
+"""
 
 from __future__ import annotations
 
@@ -13,34 +16,40 @@ from tests.factories import tree, usage
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ORG = {"org": None, "p1": "org", "k1": "p1"}
+ENDPOINTS = ["/demo/completions", "/demo/completions-async"]
 
 
-def post(client: Client, body: object, tenant: str | None = "k1", raw: bytes | None = None):
+@pytest.fixture(params=ENDPOINTS)
+def endpoint(request):
+    return request.param
+
+
+def post(client: Client, body: object, tenant: str | None = "k1", raw: bytes | None = None, path: str = ENDPOINTS[0]):
     headers = {"X-Tenant-ID": tenant} if tenant else {}
     data = raw if raw is not None else json.dumps(body)
-    return client.post("/demo/completions", data=data, content_type="application/json", headers=headers)
+    return client.post(path, data=data, content_type="application/json", headers=headers)
 
 
-def test_a_completion_costs_one_token_per_word_at_every_level():
+def test_a_completion_costs_one_token_per_word_at_every_level(endpoint):
     tree(ORG)
-    response = post(Client(), {"prompt": "the quick  brown fox"})
+    response = post(Client(), {"prompt": "the quick  brown fox"}, path=endpoint)
     assert response.status_code == 200
     assert response.json() == {"text": "the quick brown fox", "tokens": 4}
-    post(Client(), {"prompt": "jumps"})
+    post(Client(), {"prompt": "jumps"}, path=endpoint)
     assert usage("k1") == 5
     assert usage("org") == 5
     fact = UsageRecord.objects.order_by("id").first()
     assert fact is not None and fact.metadata["model"] == "fake-echo"
 
 
-def test_the_endpoint_serves_async_clients():
+def test_the_endpoint_serves_async_clients(endpoint):
     from asgiref.sync import async_to_sync
 
     tree(ORG)
 
     async def call():
         return await AsyncClient().post(
-            "/demo/completions",
+            endpoint,
             data={"prompt": "one two"},
             content_type="application/json",
             headers={"X-Tenant-ID": "k1"},
@@ -65,28 +74,30 @@ def test_the_endpoint_serves_async_clients():
         ({"prompt": "x " * 20_000}, None, "k1", 400, "invalid_prompt", "prompt"),
     ],
 )
-def test_bad_requests_get_a_json_error_naming_the_field_and_record_nothing(body, raw, tenant, status, code, field):
+def test_bad_requests_get_a_json_error_naming_the_field_and_record_nothing(
+    body, raw, tenant, status, code, field, endpoint
+):
     tree(ORG)
-    response = post(Client(), body, tenant=tenant, raw=raw)
+    response = post(Client(), body, tenant=tenant, raw=raw, path=endpoint)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["field"] == field
     assert UsageRecord.objects.count() == 0
 
 
-def test_get_is_not_allowed():
+def test_get_is_not_allowed(endpoint):
     tree(ORG)
-    assert Client().get("/demo/completions", headers={"X-Tenant-ID": "k1"}).status_code == 405
+    assert Client().get(endpoint, headers={"X-Tenant-ID": "k1"}).status_code == 405
 
 
-def test_an_inactive_tenant_is_refused():
+def test_an_inactive_tenant_is_refused(endpoint):
     from tenants.models import Tenant
 
     tree(ORG)
     tenant = Tenant.objects.get(external_id="p1")
     tenant.is_active = False
     tenant.save()
-    response = post(Client(), {"prompt": "hi"})
+    response = post(Client(), {"prompt": "hi"}, path=endpoint)
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "inactive_tenant"
 

@@ -120,16 +120,14 @@ def test_a_bad_quantity_is_a_400_naming_the_field(settings):
     assert response.json()["error"]["field"] == "quantity"
 
 
-def test_demo_endpoint_answers_429_when_any_level_is_out_of_room(settings):
+@pytest.mark.parametrize("path", ["/demo/completions", "/demo/completions-async"])
+def test_demo_endpoint_answers_429_when_any_level_is_out_of_room(settings, path):
     settings.ROOT_URLCONF = "project.urls"
     limit("org", 5, feature="llm_tokens")
-    ok = Client().post(
-        "/demo/completions", {"prompt": "one two three"}, content_type="application/json", headers={"X-Tenant-ID": "k1"}
-    )
+    body = {"prompt": "one two three"}
+    ok = Client().post(path, body, content_type="application/json", headers={"X-Tenant-ID": "k1"})
     assert ok.status_code == 200 and ok["RateLimit"].startswith('"org/llm_tokens/month";r=2')
-    refused = Client().post(
-        "/demo/completions", {"prompt": "one two three"}, content_type="application/json", headers={"X-Tenant-ID": "k2"}
-    )
+    refused = Client().post(path, body, content_type="application/json", headers={"X-Tenant-ID": "k2"})
     assert refused.status_code == 429
     assert refused.json()["error"]["tenant"] == "org"
     assert usage("org", "llm_tokens") == 3
