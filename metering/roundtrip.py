@@ -7,10 +7,11 @@ two: ``BEGIN; <lock>; <fact and rollups>`` in one, ``COMMIT`` in the other.
 - ``atomic(using)`` is ``transaction.atomic`` (savepoints, ``on_commit`` and rollback on error all as usual). When
   it opens the outermost transaction on psycopg 3 it lets the first batch carry the ``BEGIN``: psycopg decides
   whether to send ``BEGIN``, ``COMMIT`` and ``ROLLBACK`` from the server's transaction status, so the connection
-  is put back in autocommit mode until the batch's own ``BEGIN`` opens the transaction.
-- ``execute(cursor, statements)`` sends the statements as one query string when the cursor binds parameters on
-  the client (Django's default on psycopg 3, ``ClientCursor``), else one by one; it returns the last one's rows.
-  Each statement still takes its own snapshot, so a lock taken by one is respected by the reads of the next.
+  is put back in autocommit mode until the batch's own ``BEGIN`` opens the transaction. So the batch's
+  ``execute`` must be the first thing run inside the block.
+- ``Batch.execute(statements)`` sends the statements as one query string when Django binds parameters on the client
+  (its default on psycopg 3, ``ClientCursor``), else one by one; it returns the last one's rows. Each statement
+  still takes its own snapshot, so a lock taken by one is respected by the reads of the next.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _client_cursor(connection: Any) -> bool:
 def atomic(using: str) -> Iterator[Batch]:
     """``transaction.atomic(using)`` whose first ``Batch.execute`` also opens the transaction when it can."""
     connection = connections[using]
-    outermost = not connection.in_atomic_block
+    # Only Django's usual autocommit mode: with AUTOCOMMIT off, Django never commits here and nothing is folded.
+    outermost = not connection.in_atomic_block and connection.get_autocommit()
     with transaction.atomic(using=using):
         yield Batch(using, begin=outermost and _can_fold_begin(connection))
 

@@ -132,6 +132,18 @@ def test_on_postgresql_a_fact_takes_one_query_round_trip_before_its_commit(on_po
     assert UsageRecord.objects.get(units=2_000_000).metadata == {"model": "m"}
 
 
+def test_with_server_side_binding_the_statements_go_one_by_one(on_postgres, monkeypatch):
+    tree(ORG)
+    record("k1", 1)
+    monkeypatch.setitem(
+        connection.settings_dict, "OPTIONS", {**connection.settings_dict["OPTIONS"], "server_side_binding": True}
+    )
+    with counting_statements() as sent:
+        record("k1", 2)
+    assert [sql.split()[0] for sql in sent] == ["SELECT", "WITH"]  # psycopg sends BEGIN itself
+    assert usage("org") == 3 and usage("p1") == 3
+
+
 def test_on_postgresql_an_enforced_consumption_takes_one_query_round_trip(on_postgres, redis_cache):
     tree(ORG)
     limit("org", 100)
