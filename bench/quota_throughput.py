@@ -614,8 +614,11 @@ def round_trip_times(samples: int = 500) -> dict[str, float]:
     from django_redis import get_redis_connection
 
     redis = get_redis_connection("default")
-    db_times, redis_times = [], []
+    db_times, redis_times, durable_times = [], [], []
     with connection.cursor() as cursor:
+        # The floor of any durable write: one single-row INSERT committed on its own (autocommit), which waits for
+        # the WAL to reach the disk, as every admitted request's fact does.
+        cursor.execute("CREATE TABLE IF NOT EXISTS xaas_bench_commit_probe (id bigserial PRIMARY KEY, n int)")
         for _ in range(samples):
             started = time.perf_counter()
             cursor.execute("SELECT 1")
@@ -624,9 +627,14 @@ def round_trip_times(samples: int = 500) -> dict[str, float]:
             started = time.perf_counter()
             redis.ping()
             redis_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            cursor.execute("INSERT INTO xaas_bench_commit_probe (n) VALUES (1)")
+            durable_times.append(time.perf_counter() - started)
+        cursor.execute("TRUNCATE xaas_bench_commit_probe")
     return {
         "postgresql_select_1_us": round(statistics.median(db_times) * 1e6, 1),
         "redis_ping_us": round(statistics.median(redis_times) * 1e6, 1),
+        "postgresql_durable_insert_us": round(statistics.median(durable_times) * 1e6, 1),
     }
 
 
@@ -746,13 +754,21 @@ def main() -> None:
         for variant in VARIANTS:
             run_requests(client, variant, args.warmup)
     rtt = round_trip_times()
-    print(f"round trips: PostgreSQL SELECT 1 {rtt['postgresql_select_1_us']} us, Redis PING {rtt['redis_ping_us']} us")
+    print(
+        f"round trips: PostgreSQL SELECT 1 {rtt['postgresql_select_1_us']} us, Redis PING {rtt['redis_ping_us']} us, "
+        f"one durable single-row INSERT (autocommit) {rtt['postgresql_durable_insert_us']} us"
+    )
     print(f"{args.rounds} rounds x {args.requests} requests per variant, interleaved\n", flush=True)
     started_at = datetime.now(UTC)
     rates = measure(client, args.rounds, args.requests)
     summary = summarize(rates)
     counts = {name: count_variant(client, BY_NAME[name], args.count_requests) for name in COUNTED}
     print_table(summary, counts)
+    floor_us = rtt["postgresql_durable_insert_us"] + rtt["redis_ping_us"]
+    print(
+        f"floor of a durably recorded decision (a durable INSERT + a Redis round trip, no Python): {floor_us:.0f} us"
+        f"; django-ratelimit adds {summary['ratelimit']['added_ms_per_request_vs_bare'] * 1000:.0f} us per request"
+    )
     breakdown = {name: phase_breakdown(client, BY_NAME[name], args.requests) for name in PHASES}
     for name, split in breakdown.items():
         print(f"\nwhere a {BY_NAME[name].label} request's {split['request_ms']:.3f} ms go (ms per request):")
