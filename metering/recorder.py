@@ -1,8 +1,9 @@
 """Recording one usage fact: the straight line from an event to durable, counted usage.
 
 validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
-``transaction_id``), add it to the rollups of every level (on PostgreSQL these three and the ``BEGIN`` are one round
-trip, see ``metering.roundtrip``), add it to the live Redis counters -> after commit, send ``usage_recorded``.
+``transaction_id``), add it to the rollups of every level (on PostgreSQL these three are one round trip, with the
+``BEGIN`` when the transaction is ours: see ``metering.roundtrip``), add it to the live Redis counters -> after
+commit, send ``usage_recorded``.
 Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent`` and writes nothing.
 """
 
@@ -99,9 +100,12 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
             else:
                 count(valid, lineage_pks, using)
             counted = True
+            # robust: once the fact is committed, a failing receiver must not make the caller believe it was not
+            # (a retry without a transaction id would record it twice); the error is logged.
             transaction.on_commit(
                 lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
                 using=using,
+                robust=True,
             )
     except BaseException:
         if counted:
@@ -132,7 +136,9 @@ def _write_fact(
         statements: list[roundtrip.Statement] = [tree_lock_statement(lineage_pks[0], exclusive=exclusive)]
         statements += [name_lock_statement(name) for name in lock_names]
         # Each statement has its own snapshot: the path check below sees every move committed before the lock.
-        rollup_sql, rollup_params = rollups.add_for_inserted("fact", lineage_pks, valid.feature_name, hour, valid.units)
+        rollup_sql, rollup_params = rollups.add_for_inserted(
+            "fact", lineage_pks, valid.feature_name, hour, valid.units, using=using
+        )
         params += rollup_params
         extra_cte, extra_count = "", "NULL"
         if with_fact is not None:

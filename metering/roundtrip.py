@@ -7,11 +7,12 @@ two: ``BEGIN; <lock>; <fact and rollups>`` in one, ``COMMIT`` in the other.
 - ``atomic(using)`` is ``transaction.atomic`` (savepoints, ``on_commit`` and rollback on error all as usual). When
   it opens the outermost transaction on psycopg 3 it lets the first batch carry the ``BEGIN``: psycopg decides
   whether to send ``BEGIN``, ``COMMIT`` and ``ROLLBACK`` from the server's transaction status, so the connection
-  is put back in autocommit mode until the batch's own ``BEGIN`` opens the transaction. So the batch's
-  ``execute`` must be the first thing run inside the block.
+  is put back in autocommit mode right before the batch's own ``BEGIN`` opens the transaction (only if nothing ran
+  in the block before, and only for a plain ``BEGIN``: no isolation level or access mode configured).
 - ``Batch.execute(statements)`` sends the statements as one query string when Django binds parameters on the client
-  (its default on psycopg 3, ``ClientCursor``), else one by one; it returns the last one's rows. Each statement
-  still takes its own snapshot, so a lock taken by one is respected by the reads of the next.
+  (its default on psycopg 3, ``ClientCursor``), else one by one; it returns the last one's rows. Under READ
+  COMMITTED (Django's default) each statement still takes its own snapshot, so a lock taken by one is respected by
+  the reads of the next.
 """
 
 from __future__ import annotations
@@ -26,21 +27,23 @@ Statement = tuple[str, Sequence[Any]]
 
 
 class Batch:
-    """The statements a transaction starts with. ``begin``: the first batch must open the transaction itself."""
+    """The statements a transaction starts with. ``outermost``: this block opened Django's outermost transaction."""
 
-    def __init__(self, using: str, begin: bool) -> None:
+    def __init__(self, using: str, outermost: bool) -> None:
         self.using = using
-        self.begin = begin
+        self.outermost = outermost
+        self.sent = False
 
     def execute(self, statements: Sequence[Statement]) -> list[tuple[Any, ...]]:
         """Run ``statements`` in order; the rows of the last one (a statement without rows gives ``[]``)."""
         connection = connections[self.using]
         statements = list(statements)
-        if self.begin:
+        multi = _binds_on_client(connection)
+        if multi and self.outermost and not self.sent and _fold_begin(connection):
             statements.insert(0, ("BEGIN", ()))
-            self.begin = False
+        self.sent = True
         with connection.cursor() as cursor:
-            if _binds_on_client(connection):
+            if multi:
                 cursor.execute("; ".join(sql for sql, _ in statements), [p for _, params in statements for p in params])
                 while cursor.nextset():
                     pass
@@ -51,10 +54,18 @@ class Batch:
 
 
 def _binds_on_client(connection: Any) -> bool:
+    """Django's cursors bind parameters on the client (several statements may then share one query string)."""
     if connection.vendor != "postgresql":
         return False
     connection.ensure_connection()
-    return _is_psycopg3(connection.connection) and _client_cursor(connection)
+    raw = connection.connection
+    if not _is_psycopg3(raw):
+        return False
+    import psycopg
+
+    # OPTIONS["server_side_binding"] = True, or a cursor factory of the project's own, binds on the server.
+    server_side = connection.settings_dict.get("OPTIONS", {}).get("server_side_binding") is True
+    return not server_side and issubclass(raw.cursor_factory, psycopg.ClientCursor)
 
 
 def _is_psycopg3(raw: Any) -> bool:
@@ -65,11 +76,6 @@ def _is_psycopg3(raw: Any) -> bool:
     return isinstance(raw, psycopg.Connection)
 
 
-def _client_cursor(connection: Any) -> bool:
-    # Django binds on the client unless OPTIONS["server_side_binding"] is True (then one query, one statement).
-    return connection.settings_dict.get("OPTIONS", {}).get("server_side_binding") is not True
-
-
 @contextmanager
 def atomic(using: str) -> Iterator[Batch]:
     """``transaction.atomic(using)`` whose first ``Batch.execute`` also opens the transaction when it can."""
@@ -77,14 +83,16 @@ def atomic(using: str) -> Iterator[Batch]:
     # Only Django's usual autocommit mode: with AUTOCOMMIT off, Django never commits here and nothing is folded.
     outermost = not connection.in_atomic_block and connection.get_autocommit()
     with transaction.atomic(using=using):
-        yield Batch(using, begin=outermost and _can_fold_begin(connection))
+        yield Batch(using, outermost)
 
 
-def _can_fold_begin(connection: Any) -> bool:
-    if connection.vendor != "postgresql" or not _client_cursor(connection):
-        return False
+def _fold_begin(connection: Any) -> bool:
+    """Let the batch send the ``BEGIN``: only when nothing ran yet in this transaction (the server is idle) and the
+    transaction is a plain one (psycopg would add an isolation level or access mode to its own ``BEGIN``)."""
     raw = connection.connection
-    if not _is_psycopg3(raw) or raw.info.transaction_status != 0:
-        return False  # not psycopg 3, or not idle: let psycopg open the transaction as usual
+    if raw.info.transaction_status != 0 or raw.autocommit:
+        return False
+    if raw.isolation_level is not None or raw.read_only is not None or raw.deferrable is not None:
+        return False
     raw.autocommit = True  # Django still manages the transaction; the batch's BEGIN opens it on the server
     return True

@@ -163,14 +163,16 @@ class QuotaPolicyHandler:
     def _decide(self, change: Change, using: str, *, exclusive: bool, enforce: bool = True) -> Decision:
         """``ledger.decide`` with this lineage's rules, reloaded if a limit of the tree changed meanwhile."""
         decide = ledger.decide_exclusively if exclusive else ledger.decide
-        refresh = False
-        for _ in range(MAX_ATTEMPTS):
-            rules = self._ruleset(change.feature, refresh=refresh)
+        for attempt in range(MAX_ATTEMPTS):
+            rules = self._ruleset(change.feature, refresh=attempt > 0)
+            # Should the token keep vanishing (eviction, flushes), the last attempt decides on the rules just read
+            # from the database, which are current without it.
+            token = rules.token if attempt < MAX_ATTEMPTS - 1 else None
             try:
-                return decide(self.context, rules.rules, change, using, enforce=enforce, token=rules.token)
+                return decide(self.context, rules.rules, change, using, enforce=enforce, token=token)
             except ledger.StaleRules:
-                refresh = True
-        raise RuntimeError("the quota rules of this tree keep changing")  # pragma: no cover
+                continue
+        raise AssertionError("unreachable: the last attempt decides without a token")  # pragma: no cover
 
     def _ruleset(self, feature: str, *, refresh: bool = False) -> RuleSet:
         redis = ledger.use_redis()
@@ -219,7 +221,9 @@ class QuotaPolicyHandler:
 
     def _after_commit(self, decision: Decision) -> None:
         context = self.context
-        transaction.on_commit(lambda: _send_thresholds(context, decision), using=metering_settings.DATABASE_ALIAS)
+        transaction.on_commit(
+            lambda: _send_thresholds(context, decision), using=metering_settings.DATABASE_ALIAS, robust=True
+        )
 
 
 class _Mode:
@@ -248,10 +252,19 @@ class _FactGate(_Mode):
         table = connection.ops.quote_name(QuotaReservation._meta.db_table)
         sql = (
             f"UPDATE {table} SET state = %s, record_id = (SELECT id FROM fact), closed_at = %s "  # noqa: S608
-            f"WHERE id = %s AND state = %s AND EXISTS (SELECT 1 FROM fact) RETURNING id"
+            f"WHERE id = %s AND tenant_id = %s AND window_at = %s AND state = %s AND EXISTS (SELECT 1 FROM fact) "
+            f"RETURNING id"
         )
-        now = connection.ops.adapt_datetimefield_value(utcnow())
-        return sql, [QuotaReservation.State.COMMITTED, now, self.reservation.pk, QuotaReservation.State.ACTIVE]
+        moment = connection.ops.adapt_datetimefield_value
+        row = self.reservation
+        return sql, [
+            QuotaReservation.State.COMMITTED,
+            moment(utcnow()),
+            row.pk,
+            row.tenant_id,
+            moment(row.window_at),
+            QuotaReservation.State.ACTIVE,
+        ]
 
     def count(
         self, valid: ValidEvent, context: TenantContext, record_id: int, using: str, with_fact_rows: int | None
@@ -364,13 +377,16 @@ def _insert_reservation(batch: roundtrip.Batch, context: TenantContext, row: Quo
         lock_trees([context.root.pk], exclusive=exclusive, using=using)
         return int(batch.execute([(insert, params)])[0][0])
     statements: list[roundtrip.Statement] = [
-        # A reservation is a hold, not a fact: should a crash lose the last ones, they are simply not held any
-        # more (their commit then finds no active row and records the fact all the same). No wait for the disk.
-        ("SET LOCAL synchronous_commit TO OFF", []),
         tree_lock_statement(context.root.pk, exclusive=exclusive),
         *(name_lock_statement(name) for name in names),
         (insert, params),
     ]
+    if batch.outermost:
+        # A reservation is a hold, not a fact, so its transaction need not wait for the disk: a crash may forget the
+        # last ones (their units then stay counted in Redis until the counters expire or are rebuilt, an
+        # over-count; their commit records the fact all the same). Only when the transaction is ours: inside a
+        # caller's, facts may be written too, and they always wait.
+        statements.insert(0, ("SET LOCAL synchronous_commit TO OFF", []))
     return int(batch.execute(statements)[0][0])
 
 

@@ -7,8 +7,11 @@ Two caches:
   tree's *rules token*, a random value kept in Redis under the tree's hash tag; the decision script refuses to
   decide with a token that is no longer current, and the caller reloads (``ledger.StaleRules``). A change to any
   limit in the tree deletes the token on commit, so every process's entries for that tree go stale at once,
-  and a lost Redis loses the token too. The token is read *before* the limits, so a change that commits after
-  the read always leaves the entry stale: a decision never uses limits older than the last committed change.
+  and a lost Redis loses the token too. The token is read *before* the limits, so a change whose invalidation
+  runs after the read always leaves the entry stale: once a change's on-commit invalidation has run, no decision
+  uses the older limits. Limits must therefore change through the model (admin, API, ``quota set``), never
+  ``QuerySet.update``, which sends no signal; should Redis be unreachable at that moment, entries still expire
+  after ``CACHE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -85,19 +88,27 @@ def ruleset(context: TenantContext, feature: str, redis: Any, *, refresh: bool =
         # The age limit bounds staleness should an invalidation ever fail to reach Redis.
         if cached is not None and now - cached.loaded_at < CACHE_TIMEOUT:
             return cached
-    key = token_key(context.root.pk)
-    token = redis.get(key)
-    if token is None:
-        redis.set(key, secrets.token_hex(8), nx=True)
-        token = redis.get(key)
+    token = current_token(redis, context.root.pk)
     rows = _load(feature, [level.pk for level in context.lineage])
-    loaded = RuleSet(
-        tuple(_from_rows(context, feature, rows)), token.decode() if isinstance(token, bytes) else token, now
-    )
+    loaded = RuleSet(tuple(_from_rows(context, feature, rows)), token, now)
     if len(_local) >= LOCAL_MAX_ENTRIES:
         _local.clear()
     _local[entry] = loaded
     return loaded
+
+
+def current_token(redis: Any, root_pk: int) -> str:
+    """The tree's rules token, created if missing. Never ``None``: a decision without one would not see changes."""
+    key = token_key(root_pk)
+    for _ in range(10):
+        token = redis.get(key)
+        if token is not None:
+            return str(token.decode() if isinstance(token, bytes) else token)
+        fresh = secrets.token_hex(8)
+        if redis.set(key, fresh, nx=True):
+            return fresh
+        # Another process created it, and it was deleted again before we read it (a limit change): read again.
+    raise counters.RedisError("the quota rules token keeps disappearing")
 
 
 def forget_local() -> None:
@@ -107,7 +118,8 @@ def forget_local() -> None:
 
 def _load(feature: str, tenant_pks: list[int]) -> dict[str, list[tuple[Any, ...]]]:
     loaded: dict[int, list[tuple[Any, ...]]] = {pk: [] for pk in tenant_pks}
-    for row in QuotaLimit.objects.filter(tenant_id__in=tenant_pks, feature=feature, is_active=True).values_list(
+    limits = QuotaLimit.objects.using(metering_settings.DATABASE_ALIAS)
+    for row in limits.filter(tenant_id__in=tenant_pks, feature=feature, is_active=True).values_list(
         "tenant_id", "id", "period", "limit", "enforcement", "warning_thresholds"
     ):
         loaded[row[0]].append(row[1:])
@@ -167,7 +179,8 @@ def invalidate(tenant_pk: int, feature: str) -> None:
         return
     from tenants.models import Tenant
 
-    path = Tenant.objects.filter(pk=tenant_pk).values_list("path", flat=True).first()
+    tenants = Tenant.objects.using(metering_settings.DATABASE_ALIAS)
+    path = tenants.filter(pk=tenant_pk).values_list("path", flat=True).first()
     if not path:
         return  # the tenant is gone: no lineage can reach its rules any more
     try:

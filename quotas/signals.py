@@ -21,4 +21,5 @@ def _invalidate_rules(sender: type[QuotaLimit], instance: QuotaLimit, **kwargs: 
     from .rules import invalidate
 
     tenant_pk, feature = instance.tenant_id, instance.feature
-    transaction.on_commit(lambda: invalidate(tenant_pk, feature), using=kwargs.get("using"))
+    # robust: the change is committed; a cache that cannot be told is logged (and bounded by CACHE_TIMEOUT).
+    transaction.on_commit(lambda: invalidate(tenant_pk, feature), using=kwargs.get("using"), robust=True)

@@ -212,3 +212,63 @@ def test_the_decision_script_refuses_a_stale_token_and_changes_nothing(redis_cac
         ledger.decide(context, rules, change, "default", token="not-the-token")
     decision = ledger.decide(context, rules, Change(feature="llm_tokens", used_at=utcnow()), "default")
     assert decision.statuses[0].used == 3
+
+
+def test_a_reservation_inside_a_callers_transaction_leaves_its_commits_durable(on_postgres, redis_cache):
+    tree(ORG)
+    limit("org", 100)
+    with transaction.atomic():
+        QuotaPolicyHandler("k1").reserve("llm_tokens", 5).commit(5)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            assert cursor.fetchone()[0] == "on"  # the fact written in this transaction waits for the disk
+    assert usage("org") == 5
+
+
+def test_a_failing_usage_recorded_receiver_does_not_fail_a_stored_fact(backend, caplog):
+    from metering.signals import usage_recorded
+
+    tree(ORG)
+
+    def broken(**kwargs: object) -> None:
+        raise RuntimeError("a receiver bug")
+
+    usage_recorded.connect(broken)
+    try:
+        record("k1", 2, transaction_id="kept")
+    finally:
+        usage_recorded.disconnect(broken)
+    assert UsageRecord.objects.filter(transaction_id="kept").exists()
+    assert usage("org") == 2
+    assert "a receiver bug" in caplog.text
+
+
+def test_a_configured_isolation_level_is_not_dropped_by_the_folded_begin(on_postgres):
+    import psycopg
+
+    tree(ORG)
+    record("k1", 1)
+    raw = connection.connection
+    raw.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    try:
+        with counting_statements() as sent:
+            record("k1", 2)
+    finally:
+        raw.isolation_level = None
+    assert not sent[0].startswith("BEGIN")  # psycopg opened it, with the isolation level
+    assert usage("org") == 3
+
+
+def test_a_tree_whose_rules_token_keeps_changing_still_decides_on_current_limits(redis_cache, monkeypatch):
+    import secrets
+
+    from quotas import rules
+
+    tree(ORG)
+    limit("org", 3)
+    # Every read finds a token that is gone by the time the decision script runs (eviction, flushes).
+    monkeypatch.setattr(rules, "current_token", lambda redis, root_pk: secrets.token_hex(8))
+    assert QuotaPolicyHandler("k1").consume("llm_tokens", 3).allowed
+    with pytest.raises(QuotaExceeded):
+        QuotaPolicyHandler("k2").consume("llm_tokens", 1)
+    assert usage("org") == 3
