@@ -49,6 +49,10 @@ class Gate(Protocol):
     def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
         """Named locks to take right after the tree lock, before the fact is written (``tenants.locks``)."""
 
+    def counts_first(self) -> bool:
+        """Whether ``count`` may run before the fact's rollups are written (then written right before ``COMMIT``,
+        so the hot rollup rows stay locked for the shortest time). Not when the decision reads the rollups."""
+
     def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
         """PostgreSQL: a data-modifying statement (``... RETURNING``) sent in the fact's round trip, run only if the
         fact is inserted, which may read the new fact's id as ``(SELECT id FROM fact)``; ``None``: nothing."""
@@ -87,12 +91,16 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
     counted = False
+    # On PostgreSQL, when the decision does not read the rollups: BEGIN, the locks and the fact in one round trip;
+    # the counters (Redis); the rollups and COMMIT in one round trip. The rollup rows every writer of the tree
+    # shares are then locked only while the server upserts and commits, never while this process works.
+    rollups_last = connections[using].vendor == "postgresql" and (gate is None or gate.counts_first())
     try:
-        # On PostgreSQL: BEGIN, the locks, the fact and its rollups in one round trip; the counters; COMMIT.
         with roundtrip.atomic(using) as batch:
             locks = [] if gate is None else gate.lock_names(valid, context)
             extra = None if gate is None else gate.with_fact(using)
-            record_id, extra_rows = _write_fact(batch, valid, context, bool(gate and gate.exclusive), locks, extra)
+            exclusive = bool(gate and gate.exclusive)
+            record_id, extra_rows = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
             if on_stored is not None:
                 on_stored(valid, record_id, context)
             if gate is not None:
@@ -107,6 +115,11 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
                 using=using,
                 robust=True,
             )
+            if rollups_last:
+                hour = floor_hour(valid.timestamp)
+                batch.execute_last(
+                    [rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)]
+                )
     except BaseException:
         if counted:
             # Counted in Redis, then the commit failed (or its outcome is unknown): the counters cannot be trusted.
@@ -122,10 +135,12 @@ def _write_fact(
     exclusive: bool,
     lock_names: list[str],
     with_fact: tuple[str, list[Any]] | None,
+    with_rollups: bool = True,
 ) -> tuple[int, int | None]:
     """Lock the tree, insert the fact unless the tenant already has this transaction id (and only if the lineage is
-    current), add it to every level's rollups. On PostgreSQL one round trip, ``with_fact`` included (its row count
-    is returned with the fact's id); elsewhere one statement at a time, ``with_fact`` left to its caller."""
+    current), add it to every level's rollups (unless ``with_rollups`` is false: PostgreSQL only, the caller adds
+    them). On PostgreSQL one round trip, ``with_fact`` included (its row count is returned with the fact's id);
+    elsewhere one statement at a time, ``with_fact`` left to its caller."""
     extra_rows: int | None = None
     using = batch.using
     connection = connections[using]
@@ -136,16 +151,19 @@ def _write_fact(
         statements: list[roundtrip.Statement] = [tree_lock_statement(lineage_pks[0], exclusive=exclusive)]
         statements += [name_lock_statement(name) for name in lock_names]
         # Each statement has its own snapshot: the path check below sees every move committed before the lock.
-        rollup_sql, rollup_params = rollups.add_for_inserted(
-            "fact", lineage_pks, valid.feature_name, hour, valid.units, using=using
-        )
-        params += rollup_params
+        rolled = ""
+        if with_rollups:
+            rollup_sql, rollup_params = rollups.add_for_inserted(
+                "fact", lineage_pks, valid.feature_name, hour, valid.units, using=using
+            )
+            rolled = f", rolled AS ({rollup_sql})"
+            params += rollup_params
         extra_cte, extra_count = "", "NULL"
         if with_fact is not None:
             extra_cte, extra_count = f", extra AS ({with_fact[0]})", "(SELECT count(*) FROM extra)"
             params += with_fact[1]
         fact_and_rollups = (
-            f"WITH fact AS ({insert}), rolled AS ({rollup_sql}){extra_cte} "  # noqa: S608
+            f"WITH fact AS ({insert}){rolled}{extra_cte} "  # noqa: S608
             f"SELECT fact.id, {extra_count} FROM fact"
         )
         statements.append((fact_and_rollups, params))

@@ -50,13 +50,19 @@ def add(
     using: str = "default",
 ) -> None:
     """Add ``units`` (and ``events``) to the hour's row of every tenant in ``lineage_pks``, root first."""
-    connection = connections[using]
-    bucket = connection.ops.adapt_datetimefield_value(hour)
+    with connections[using].cursor() as cursor:
+        cursor.execute(*add_statement(lineage_pks, feature, hour, units, events, using=using))
+
+
+def add_statement(
+    lineage_pks: Sequence[int], feature: str, hour: datetime, units: int, events: int = 1, *, using: str = "default"
+) -> tuple[str, list[Any]]:
+    """The SQL of ``add``, to send along with other statements."""
+    bucket = connections[using].ops.adapt_datetimefield_value(hour)
     params: list[Any] = []
     for pk in lineage_pks:
         params += [pk, feature, bucket, units, events]
-    with connection.cursor() as cursor:
-        cursor.execute(_upsert_sql(_table(UsageRollup, using), len(lineage_pks)), params)
+    return _upsert_sql(_table(UsageRollup, using), len(lineage_pks)), params
 
 
 def add_for_inserted(

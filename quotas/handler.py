@@ -160,7 +160,9 @@ class QuotaPolicyHandler:
 
     # ---- internals ----
 
-    def _decide(self, change: Change, using: str, *, exclusive: bool, enforce: bool = True) -> Decision:
+    def _decide(
+        self, change: Change, using: str, *, exclusive: bool, enforce: bool = True, used_written: bool = True
+    ) -> Decision:
         """``ledger.decide`` with this lineage's rules, reloaded if a limit of the tree changed meanwhile."""
         decide = ledger.decide_exclusively if exclusive else ledger.decide
         for attempt in range(MAX_ATTEMPTS):
@@ -169,7 +171,9 @@ class QuotaPolicyHandler:
             # from the database, which are current without it.
             token = rules.token if attempt < MAX_ATTEMPTS - 1 else None
             try:
-                return decide(self.context, rules.rules, change, using, enforce=enforce, token=token)
+                return decide(
+                    self.context, rules.rules, change, using, enforce=enforce, token=token, used_written=used_written
+                )
             except ledger.StaleRules:
                 continue
         raise AssertionError("unreachable: the last attempt decides without a token")  # pragma: no cover
@@ -240,9 +244,15 @@ class _FactGate(_Mode):
         self.feature = feature
         self.reservation = reservation
         self.decision: Decision | None = None
+        self._counts_first = False
 
     def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
         return ledger.lock_names(context, valid.feature_name)
+
+    def counts_first(self) -> bool:
+        # Redis decides from its counters; the database path and a rebuild (exclusive) read the rollups.
+        self._counts_first = ledger.use_redis() is not None and not self.exclusive
+        return self._counts_first
 
     def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
         """Close the reservation with the fact, in the fact's round trip; only an active one gives its units back."""
@@ -290,7 +300,13 @@ class _FactGate(_Mode):
                 reserved_at=reservation.window_at if closed else None,
             )
         # Committing a reservation never blocks: the work is done and must be recorded.
-        self.decision = self.handler._decide(change, using, exclusive=self.exclusive, enforce=reservation is None)
+        self.decision = self.handler._decide(
+            change,
+            using,
+            exclusive=self.exclusive,
+            enforce=reservation is None,
+            used_written=not self._counts_first,
+        )
 
 
 class Reservation:

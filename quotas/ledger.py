@@ -202,10 +202,12 @@ def decide(
     *,
     enforce: bool = True,
     token: str | None = None,
+    used_written: bool = True,
 ) -> Decision:
     """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``),
     ``NeedsRebuild``, or ``StaleRules`` (``token``: the rules token ``rules`` were read under, see ``rules.ruleset``).
-    Call inside the transaction that stores the change, after taking ``lock_names``."""
+    Call inside the transaction that stores the change, after taking ``lock_names``. ``used_written``: the change's
+    usage is already in the rollups (the database path sums them)."""
     redis = use_redis()
     if redis is not None:
         try:
@@ -215,7 +217,7 @@ def decide(
             lock_name(f"quota:{context.root.pk}:{change.feature}", using=using)
             root = context.root.pk
             transaction.on_commit(lambda: counters.drop_trees([root]), using=using)
-    return _decide_database(context, rules, change, using, enforce)
+    return _decide_database(context, rules, change, using, enforce, used_written)
 
 
 def _decide_redis(
@@ -284,9 +286,15 @@ def reserved_units(level_path: str, feature: str, start: datetime | None, end: d
 
 
 def _decide_database(
-    context: TenantContext, rules: Sequence[QuotaRule], change: Change, using: str, enforce: bool
+    context: TenantContext,
+    rules: Sequence[QuotaRule],
+    change: Change,
+    using: str,
+    enforce: bool,
+    used_written: bool = True,
 ) -> Decision:
-    # The change is already written (fact, rollups, reservation rows), so the sums below include it.
+    # The change is already written (fact, reservation rows, and its rollups when ``used_written``), so the sums
+    # below include it.
     moment = change.moment
     statuses = []
     for rule in rules:
@@ -294,6 +302,8 @@ def _decide_database(
         after = rollups.sum_units(rule.level.pk, rule.feature, start, end, using=using) + reserved_units(
             rule.level_path, rule.feature, start, end, using
         )
+        if not used_written and change.used_at is not None and rule.window(change.used_at)[0] == start:
+            after += change.used_delta
         before_units = after - _delta_for(rule, change)
         if enforce and rule.hard and before_units + change.check_units > rule.limit_units:
             raise exceeded(rule, before_units, change.check_units, moment)
@@ -309,6 +319,7 @@ def decide_exclusively(
     *,
     enforce: bool = True,
     token: str | None = None,
+    used_written: bool = True,
 ) -> Decision:
     """``decide`` for a caller that holds the tree lock exclusively: missing counters are rebuilt on the spot.
 
@@ -316,7 +327,7 @@ def decide_exclusively(
     """
     for _ in range(50):
         try:
-            return decide(context, rules, change, using, enforce=enforce, token=token)
+            return decide(context, rules, change, using, enforce=enforce, token=token, used_written=used_written)
         except NeedsRebuild as missing:
             rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change)
     raise RuntimeError("Redis keeps losing the quota counters")  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Benchmark scripts (see README.md); a package so they can share setup code."""
