@@ -2,7 +2,8 @@
 
 Recording a fact takes a tree lock, inserts the fact and upserts one rollup row per lineage level. Sent one by one
 that is five round trips (psycopg sends ``BEGIN`` on its own, then each statement, then ``COMMIT``); here it is
-two: ``BEGIN; <lock>; <fact and rollups>`` in one, ``COMMIT`` in the other.
+two: ``BEGIN; <lock>; <fact>`` in one, ``<rollups>; COMMIT`` in the other (``Batch.execute_last``), with the
+quota decision in Redis between them.
 
 - ``atomic(using)`` is ``transaction.atomic`` (savepoints, ``on_commit`` and rollback on error all as usual). When
   it opens the outermost transaction on psycopg 3 it lets the first batch carry the ``BEGIN``: psycopg decides
