@@ -126,6 +126,26 @@ def rebuild(
     return units
 
 
+class DropIfCommitFails:
+    """Around a transaction that changes a tree's counters before its COMMIT: if the block fails after
+    ``counted()`` (the COMMIT itself, or its outcome unknown), the tree's counters cannot be trusted: drop them, so
+    the next reader rebuilds them from the database."""
+
+    def __init__(self, root_pk: int) -> None:
+        self.root_pk = root_pk
+        self._counted = False
+
+    def counted(self) -> None:
+        self._counted = True
+
+    def __enter__(self) -> DropIfCommitFails:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if kind is not None and self._counted:
+            drop_trees([self.root_pk])
+
+
 def drop_trees(root_pks: Iterable[int]) -> None:
     """Forget every counter of these trees (after a move, or a write Redis did not see)."""
     redis = client()

@@ -1,9 +1,9 @@
 """Recording one usage fact: the straight line from an event to durable, counted usage.
 
 validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
-``transaction_id``), add it to the rollups of every level (on PostgreSQL these three are one round trip, with the
-``BEGIN`` when the transaction is ours: see ``metering.roundtrip``), add it to the live Redis counters -> after
-commit, send ``usage_recorded``.
+``transaction_id``), add it to the live Redis counters (the quota decision, when gated) and to the rollups of every
+level -> after commit, send ``usage_recorded``. On PostgreSQL that is two round trips: ``BEGIN``, lock and fact
+in one, rollups and ``COMMIT`` in the other (see ``metering.roundtrip``).
 Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent`` and writes nothing.
 """
 
@@ -58,12 +58,19 @@ class Gate(Protocol):
         fact is inserted, which may read the new fact's id as ``(SELECT id FROM fact)``; ``None``: nothing."""
 
     def count(
-        self, valid: ValidEvent, context: TenantContext, record_id: int, using: str, with_fact_rows: int | None
+        self,
+        valid: ValidEvent,
+        context: TenantContext,
+        record_id: int,
+        using: str,
+        with_fact_rows: int | None,
+        rollups_written: bool,
     ) -> None:
-        """Runs last, instead of the plain counter increment: decide and count in one atomic step.
+        """Runs instead of the plain counter increment: decide and count in one atomic step.
 
         ``with_fact_rows``: the rows ``with_fact``'s statement returned, or ``None`` if it was not run (it is only
-        on PostgreSQL), in which case ``count`` does that work itself."""
+        on PostgreSQL), in which case ``count`` does that work itself. ``rollups_written``: whether the fact is
+        already in the rollups (not when ``counts_first`` let them be written after)."""
 
 
 def record(
@@ -90,41 +97,32 @@ def record(
 def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None, gate: Gate | None) -> int:
     using = metering_settings.DATABASE_ALIAS
     lineage_pks = [level.pk for level in context.lineage]
-    counted = False
     # On PostgreSQL, when the decision does not read the rollups: BEGIN, the locks and the fact in one round trip;
     # the counters (Redis); the rollups and COMMIT in one round trip. The rollup rows every writer of the tree
     # shares are then locked only while the server upserts and commits, never while this process works.
     rollups_last = connections[using].vendor == "postgresql" and (gate is None or gate.counts_first())
-    try:
-        with roundtrip.atomic(using) as batch:
-            locks = [] if gate is None else gate.lock_names(valid, context)
-            extra = None if gate is None else gate.with_fact(using)
-            exclusive = bool(gate and gate.exclusive)
-            record_id, extra_rows = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
-            if on_stored is not None:
-                on_stored(valid, record_id, context)
-            if gate is not None:
-                gate.count(valid, context, record_id, using, extra_rows)
-            else:
-                count(valid, lineage_pks, using)
-            counted = True
-            # robust: once the fact is committed, a failing receiver must not make the caller believe it was not
-            # (a retry without a transaction id would record it twice); the error is logged.
-            transaction.on_commit(
-                lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
-                using=using,
-                robust=True,
-            )
-            if rollups_last:
-                hour = floor_hour(valid.timestamp)
-                batch.execute_last(
-                    [rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)]
-                )
-    except BaseException:
-        if counted:
-            # Counted in Redis, then the commit failed (or its outcome is unknown): the counters cannot be trusted.
-            counters.drop_trees([lineage_pks[0]])
-        raise
+    with counters.DropIfCommitFails(lineage_pks[0]) as counting, roundtrip.atomic(using) as batch:
+        locks = [] if gate is None else gate.lock_names(valid, context)
+        extra = None if gate is None else gate.with_fact(using)
+        exclusive = bool(gate and gate.exclusive)
+        record_id, extra_rows = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
+        if on_stored is not None:
+            on_stored(valid, record_id, context)
+        if gate is not None:
+            gate.count(valid, context, record_id, using, extra_rows, not rollups_last)
+        else:
+            count(valid, lineage_pks, using)
+        counting.counted()
+        # robust: once the fact is committed, a failing receiver must not make the caller believe it was not
+        # (a retry without a transaction id would record it twice); the error is logged.
+        transaction.on_commit(
+            lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
+            using=using,
+            robust=True,
+        )
+        if rollups_last:
+            hour = floor_hour(valid.timestamp)
+            batch.execute_last([rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)])
     return record_id
 
 

@@ -129,20 +129,15 @@ class QuotaPolicyHandler:
                 state=QuotaReservation.State.ACTIVE,
                 created_at=now,
             )
-            counted = False
-            try:
-                # On PostgreSQL: BEGIN, the locks and the row in one round trip; the decision; COMMIT.
-                with roundtrip.atomic(using) as batch:
-                    row.pk = _insert_reservation(batch, self.context, row, mode.exclusive)
-                    change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
-                    decision = self._decide(change, using, exclusive=mode.exclusive)
-                    counted = True
-                    holder["row"] = row
-                    self._after_commit(decision)
-            except BaseException:
-                if counted:  # held in Redis, but the commit failed: the counters cannot be trusted
-                    counters.drop_trees([self.context.root.pk])
-                raise
+            # On PostgreSQL: BEGIN, the locks and the row in one round trip; the decision; COMMIT.
+            counting = counters.DropIfCommitFails(self.context.root.pk)
+            with counting, roundtrip.atomic(using) as batch:
+                row.pk = _insert_reservation(batch, self.context, row, mode.exclusive)
+                change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
+                decision = self._decide(change, using, exclusive=mode.exclusive)
+                counting.counted()
+                holder["row"] = row
+                self._after_commit(decision)
 
         self._attempt(attempt, mode)
         return Reservation(self, holder["row"])
@@ -244,15 +239,13 @@ class _FactGate(_Mode):
         self.feature = feature
         self.reservation = reservation
         self.decision: Decision | None = None
-        self._counts_first = False
 
     def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
         return ledger.lock_names(context, valid.feature_name)
 
     def counts_first(self) -> bool:
         # Redis decides from its counters; the database path and a rebuild (exclusive) read the rollups.
-        self._counts_first = ledger.use_redis() is not None and not self.exclusive
-        return self._counts_first
+        return ledger.use_redis() is not None and not self.exclusive
 
     def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
         """Close the reservation with the fact, in the fact's round trip; only an active one gives its units back."""
@@ -277,7 +270,13 @@ class _FactGate(_Mode):
         ]
 
     def count(
-        self, valid: ValidEvent, context: TenantContext, record_id: int, using: str, with_fact_rows: int | None
+        self,
+        valid: ValidEvent,
+        context: TenantContext,
+        record_id: int,
+        using: str,
+        with_fact_rows: int | None,
+        rollups_written: bool,
     ) -> None:
         reservation = self.reservation
         if reservation is None:
@@ -305,7 +304,7 @@ class _FactGate(_Mode):
             using,
             exclusive=self.exclusive,
             enforce=reservation is None,
-            used_written=not self._counts_first,
+            used_written=rollups_written,
         )
 
 
