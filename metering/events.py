@@ -33,6 +33,19 @@ TRANSACTION_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no s
 Quantity = Decimal | int | float | str
 
 
+class JsonNumber(float):
+    """A JSON number as written: ``json.loads(text, parse_float=JsonNumber)`` keeps the literal, so a quantity sent
+    as ``1e-9999999`` or ``0.1234567`` is judged exactly as written (a plain float would round it), while metadata
+    holding it still serializes as the float it is."""
+
+    literal: str
+
+    def __new__(cls, literal: str) -> JsonNumber:
+        number = super().__new__(cls, literal)
+        number.literal = literal
+        return number
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -73,7 +86,9 @@ def quantity_to_units(value: object) -> int:
     """Exact integer units of a quantity. Raises ``InvalidQuantity``."""
     if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
         raise InvalidQuantity(f"quantity must be a number, got {type(value).__name__}")
-    if isinstance(value, float):
+    if isinstance(value, JsonNumber):
+        value = Decimal(value.literal)  # exact, whatever the float would have rounded it to
+    elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidQuantity(f"quantity must be finite, got {value!r}")
         value = repr(value)  # the shortest decimal that round-trips, not the binary expansion
