@@ -170,3 +170,48 @@ def _valid_metric(entry: object) -> bool:
         return False
     metadata = entry.get("metadata", True)
     return isinstance(metadata, bool) or (isinstance(metadata, list) and all(isinstance(k, str) for k in metadata))
+
+
+@register()
+def check_redis_timeouts(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The metering cache on django-redis: socket timeouts and the circuit breaker, or a hung Redis hangs requests."""
+    if not isinstance(getattr(settings, "METERING", {}), dict):
+        return []
+    config = getattr(settings, "CACHES", {}).get(metering_settings.CACHE_ALIAS)
+    if not isinstance(config, dict) or not str(config.get("BACKEND", "")).startswith("django_redis."):
+        return []
+    options = config.get("OPTIONS") or {}
+    messages: list[CheckMessage] = []
+    missing = [name for name in ("SOCKET_CONNECT_TIMEOUT", "SOCKET_TIMEOUT") if not options.get(name)]
+    if missing:
+        messages.append(
+            Warning(
+                f"The metering cache {metering_settings.CACHE_ALIAS!r} (django-redis) has no "
+                f"{' / '.join(missing)}: a hung Redis makes every request wait without bound.",
+                hint='Set OPTIONS["SOCKET_CONNECT_TIMEOUT"] and OPTIONS["SOCKET_TIMEOUT"] (e.g. 0.5 seconds).',
+                id="xaas_metering.W020",
+            )
+        )
+    if not _behind_breaker(options):
+        messages.append(
+            Warning(
+                f"The metering cache {metering_settings.CACHE_ALIAS!r} (django-redis) has no circuit breaker: "
+                "while Redis is hung every call pays its own timeout.",
+                hint='Set OPTIONS["CONNECTION_POOL_CLASS"] = "metering.breaker.BreakerConnectionPool".',
+                id="xaas_metering.W021",
+            )
+        )
+    return messages
+
+
+def _behind_breaker(options: dict[str, Any]) -> bool:
+    from .breaker import BreakerConnectionPool, BreakerMixin
+
+    try:
+        pool_class = import_string(str(options.get("CONNECTION_POOL_CLASS", "redis.connection.ConnectionPool")))
+    except ImportError:
+        return False
+    connection_class = (options.get("CONNECTION_POOL_KWARGS") or {}).get("connection_class")
+    return (isinstance(pool_class, type) and issubclass(pool_class, BreakerConnectionPool)) or (
+        isinstance(connection_class, type) and issubclass(connection_class, BreakerMixin)
+    )

@@ -1,7 +1,8 @@
 """``@enforce_quota(feature, quantity=1)``: one line to meter and enforce a view, sync or async.
 
 Works on function views, on class-based and DRF views through ``method_decorator``. The tenant comes from
-``request.tenant`` (``tenants.middleware.TenantMiddleware``). Blocked requests get a 429 JSON answer.
+``request.tenant`` (``tenants.middleware.TenantMiddleware``). Blocked requests get a 429 JSON answer; when the
+database (or Redis, with no fallback left) is down, a 503 JSON answer with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from django.http import HttpRequest, HttpResponse
 
 from metering.exceptions import InvalidUsageEvent
 from tenants.context import TenantContext
+from tenants.unavailable import STORE_ERRORS
 
 from .exceptions import QuotaExceeded
 from .handler import QuotaPolicyHandler
-from .http import add_quota_headers, error_response, quota_exceeded_response
+from .http import add_quota_headers, error_response, quota_exceeded_response, service_unavailable_response
 from .ledger import Decision
 
 Quantity = Decimal | int | str
@@ -47,6 +49,8 @@ def decide_for_request(request: HttpRequest, feature: str, quantity: QuantitySpe
         return quota_exceeded_response(error)
     except InvalidUsageEvent as error:
         return error_response(400, error.code, error.field, str(error))
+    except STORE_ERRORS as error:
+        return service_unavailable_response(error, f"quota decision on {feature!r}")
 
 
 def enforce_quota(feature: str, quantity: QuantitySpec = 1) -> Callable[[View], View]:

@@ -33,6 +33,18 @@ class QuotaExceededAPIError(APIException):
         self.wait = int(retry_after) if retry_after else None  # DRF's handler turns this into Retry-After
 
 
+class ServiceUnavailableAPIError(APIException):
+    """A data store is down: 503 with the decorator's body; ``wait`` becomes ``Retry-After`` (DRF's handler too)."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "service_unavailable"
+
+    def __init__(self, body: dict[str, Any], retry_after: int) -> None:
+        super().__init__(detail=body)
+        self.detail = body
+        self.wait = retry_after
+
+
 class QuotaPermission(BasePermission):
     message = "quota exceeded"
 
@@ -48,6 +60,8 @@ class QuotaPermission(BasePermission):
                 headers = {name: outcome[name] for name in names if outcome.has_header(name)}
                 request._request._xaas_quota_headers = headers  # type: ignore[attr-defined]
                 raise QuotaExceededAPIError(body, headers)
+            if outcome.status_code == 503:
+                raise ServiceUnavailableAPIError(body, int(outcome["Retry-After"]))
             raise _BadRequest(body, outcome.status_code)
         request._request._xaas_quota_decision = outcome  # type: ignore[attr-defined]
         return True

@@ -1,4 +1,5 @@
-"""HTTP faces of a decision: 429 bodies and the ``Retry-After`` / IETF ``RateLimit-Policy`` / ``RateLimit`` fields."""
+"""HTTP faces of a decision: 429 bodies and the ``Retry-After`` / IETF ``RateLimit-Policy`` / ``RateLimit`` fields;
+503 when a data store is down."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from decimal import Decimal
 from django.http import HttpResponse, JsonResponse
 
 from metering.events import utcnow
+from tenants.unavailable import unavailable_response
 
 from .exceptions import QuotaExceeded
 from .ledger import Decision, QuotaStatus
@@ -65,3 +67,8 @@ def quota_exceeded_response(error: QuotaExceeded) -> JsonResponse:
 
 def error_response(status: int, code: str, field: str, message: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "field": field, "message": message}}, status=status)
+
+
+def service_unavailable_response(error: BaseException, where: str = "quota enforcement") -> JsonResponse:
+    """503 JSON (``{"error": {"code": "service_unavailable", ...}}``) with ``Retry-After``: a store is down."""
+    return unavailable_response(error, where)

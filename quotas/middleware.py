@@ -2,7 +2,8 @@
 
 ``METERING["QUOTA_ROUTES"]`` is a list of ``{"url_name": ...}`` or ``{"path_prefix": ...}`` entries with a
 ``feature`` and a ``quantity`` (default 1). Put it after ``TenantMiddleware``. A view that raises
-``QuotaExceeded`` itself (through ``QuotaPolicyHandler``) is answered 429 too.
+``QuotaExceeded`` itself (through ``QuotaPolicyHandler``) is answered 429 too; a data store down, in the decision
+or in the view, 503 JSON with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from django.http import HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 
 from metering.conf import metering_settings
+from tenants.unavailable import is_store_unavailable
 
 from .decorators import decide_for_request
 from .exceptions import QuotaExceeded
-from .http import add_quota_headers, quota_exceeded_response
+from .http import add_quota_headers, quota_exceeded_response, service_unavailable_response
 from .ledger import Decision
 
 DECISION_ATTRIBUTE = "_xaas_quota_decision"
@@ -57,4 +59,8 @@ class QuotaMiddleware(MiddlewareMixin):
         return add_quota_headers(response, decision) if decision is not None else response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        return quota_exceeded_response(exception) if isinstance(exception, QuotaExceeded) else None
+        if isinstance(exception, QuotaExceeded):
+            return quota_exceeded_response(exception)
+        if is_store_unavailable(exception):
+            return service_unavailable_response(exception, f"view {request.path!r}")
+        return None

@@ -1,4 +1,8 @@
-"""Resolve ``request.tenant`` (a ``TenantContext`` or ``None``) once per request, for sync and async views."""
+"""Resolve ``request.tenant`` (a ``TenantContext`` or ``None``) once per request, for sync and async views.
+
+A database (or cache) that is down while the tenant is resolved, or while any later view runs, is answered with a
+JSON 503 and ``Retry-After`` (``tenants.unavailable``), never an HTML 500.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from .conf import tenant_settings
 from .context import TenantContext
 from .exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
 from .lineage import get_context
+from .unavailable import STORE_ERRORS, is_store_unavailable, unavailable_response
 
 
 def resolve_tenant(request: HttpRequest) -> TenantContext | None:
@@ -36,7 +41,8 @@ def tenant_error_response(error: TenantError) -> JsonResponse:
 
 
 class TenantMiddleware:
-    """Sets ``request.tenant``. A request naming an unknown or inactive tenant is answered 404/403 in JSON."""
+    """Sets ``request.tenant``. A request naming an unknown or inactive tenant is answered 404/403 in JSON; a
+    data store that is down, while resolving it or in a view, 503 in JSON."""
 
     sync_capable = True
     async_capable = True
@@ -54,6 +60,8 @@ class TenantMiddleware:
             request.tenant = resolve_tenant(request)  # type: ignore[attr-defined]
         except TenantError as error:
             return tenant_error_response(error)
+        except STORE_ERRORS as error:
+            return unavailable_response(error, "tenant resolution")
         response: HttpResponse = self.get_response(request)
         return response
 
@@ -62,5 +70,13 @@ class TenantMiddleware:
             request.tenant = await sync_to_async(resolve_tenant)(request)  # type: ignore[attr-defined]
         except TenantError as error:
             return tenant_error_response(error)
+        except STORE_ERRORS as error:
+            return unavailable_response(error, "tenant resolution")
         response: HttpResponse = await self.get_response(request)
         return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """A view (or a later middleware) that met a store down: 503 JSON; anything else is Django's to answer."""
+        if is_store_unavailable(exception):
+            return unavailable_response(exception, f"view {request.path!r}")
+        return None

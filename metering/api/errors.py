@@ -21,6 +21,9 @@ from rest_framework.views import set_rollback
 from metering.exceptions import InvalidUsageEvent
 from quotas.exceptions import QuotaExceeded
 from tenants.exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
+from tenants.unavailable import CODE as UNAVAILABLE_CODE
+from tenants.unavailable import MESSAGE as UNAVAILABLE_MESSAGE
+from tenants.unavailable import RETRY_AFTER_SECONDS, is_store_unavailable, log_unavailable
 
 logger = logging.getLogger("metering.api")
 
@@ -82,6 +85,11 @@ def _from_validation(exc: exceptions.ValidationError) -> ApiError:
 
 def _translate(exc: Exception) -> Exception:
     """Django's and the apps' named errors as ``ApiError``; anything else unchanged."""
+    if is_store_unavailable(exc):  # the database, or Redis with no fallback left, is down: retry, not a bug
+        log_unavailable(exc, "api")
+        unavailable = ApiError(503, UNAVAILABLE_CODE, UNAVAILABLE_MESSAGE, None)
+        unavailable.wait = RETRY_AFTER_SECONDS  # type: ignore[attr-defined]
+        return unavailable
     if isinstance(exc, Http404):
         return not_found(None, str(exc) or "not found")
     if isinstance(exc, DjangoPermissionDenied):
