@@ -210,5 +210,11 @@ LOGGING = {
     "loggers": {
         "metering": {"handlers": ["console"], "level": os.environ.get("METERING_LOG_LEVEL", "WARNING")},
         "tenants": {"handlers": ["console"], "level": os.environ.get("METERING_LOG_LEVEL", "WARNING")},
+        # With DEBUG off, Django's own console handler is silent: every 500's traceback (django.request logs it at
+        # ERROR, in the API or not) still reaches the console. With DEBUG on, Django's handler prints it already.
+        **({} if DEBUG else {"django.request": {"handlers": ["console"], "level": "ERROR"}}),
     },
 }
+
+# A failed CSRF check under /api/ or /demo/ answers JSON (project/errors.py); elsewhere Django's page.
+CSRF_FAILURE_VIEW = "project.errors.csrf_failure"

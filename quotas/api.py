@@ -8,6 +8,7 @@ set above a tenant binds everything below it whatever the tenant sets for its ch
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -26,16 +27,17 @@ from metering.api.base import (
     ApiView,
     FeatureField,
     QuantityField,
+    QueryIntegerField,
     StrictBooleanField,
-    StrictCharField,
     StrictIntegerField,
+    TenantIdField,
     iso,
     query_params,
     reject_unknown,
     tenant_in_scope,
 )
 from metering.api.errors import ApiError, unknown_tenant
-from metering.api.schema import ERROR_RESPONSES, ErrorSerializer
+from metering.api.schema import BODY_STATUSES, RETRY_AFTER, ClosedSerializer, error_responses
 from metering.conf import metering_settings
 from metering.events import units_to_quantity, utcnow
 from tenants.lineage import get_context
@@ -50,9 +52,9 @@ ENFORCEMENTS = [choice.value for choice in QuotaLimit.Enforcement]
 IDENTITY_FIELDS = ("tenant_id", "feature", "period")
 
 
-class QuotaSerializer(serializers.Serializer):
+class QuotaSerializer(ClosedSerializer):
     id = serializers.IntegerField(read_only=True)
-    tenant_id = StrictCharField(max_length=128, help_text="A tenant strictly below the API key's own tenant.")
+    tenant_id = TenantIdField(help_text="A tenant strictly below the API key's own tenant.")
     feature = FeatureField()
     limit = QuantityField(code="invalid_limit", help_text="At most this much per window; 0 blocks everything.")
     period = serializers.ChoiceField(choices=PERIODS, default=QuotaLimit.Period.MONTH)
@@ -87,7 +89,7 @@ class QuotaSerializer(serializers.Serializer):
 class QuotaUpdateSerializer(QuotaSerializer):
     """A quota's identity (tenant, feature, period) is fixed; send it back unchanged or leave it out."""
 
-    tenant_id = StrictCharField(max_length=128, required=False, help_text="Immutable.")
+    tenant_id = TenantIdField(required=False, help_text="Immutable.")
     feature = FeatureField(required=False, help_text="Immutable.")
     period = serializers.ChoiceField(choices=PERIODS, required=False, help_text="Immutable.")
 
@@ -96,11 +98,11 @@ WRITABLE = frozenset(name for name, field in QuotaSerializer().fields.items() if
 
 
 class QuotaListQuerySerializer(serializers.Serializer):
-    tenant_id = serializers.CharField(required=False, max_length=128, help_text="Only this tenant's quotas.")
-    feature = serializers.CharField(required=False, max_length=100)
+    tenant_id = TenantIdField(required=False, help_text="Only this tenant's quotas.")
+    feature = FeatureField(required=False, help_text="Only quotas on this feature.")
     period = serializers.ChoiceField(choices=PERIODS, required=False)
-    page = serializers.IntegerField(required=False, min_value=1)
-    page_size = serializers.IntegerField(required=False, min_value=1, max_value=ApiPagination.max_page_size)
+    page = QueryIntegerField(required=False, min_value=1)
+    page_size = QueryIntegerField(required=False, min_value=1, max_value=ApiPagination.max_page_size)
 
 
 def _model_errors(error: DjangoValidationError) -> ApiError:
@@ -145,44 +147,61 @@ def _forbidden() -> ApiError:
     )
 
 
-_WRITE_ERRORS = {
-    **ERROR_RESPONSES,
-    403: OpenApiResponse(ErrorSerializer, description="The quota's tenant is the key's own tenant."),
-    409: OpenApiResponse(ErrorSerializer, description="That tenant already has a quota on this feature and period."),
-}
+_SELF_ESCALATION = "The quota's tenant is the key's own tenant (or the key's tenant is deactivated)."
+_WRITE_ERRORS = error_responses(*BODY_STATUSES, 409, s403=_SELF_ESCALATION)
+_CHANGE_ERRORS = error_responses(*BODY_STATUSES, s403=_SELF_ESCALATION)
+MAX_ID = 2**63 - 1  # bigint: a larger id names no quota
+QUOTA_ID = OpenApiParameter(
+    "id",
+    {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+    OpenApiParameter.PATH,
+    description="The quota's id (in the key's subtree).",
+)
 
 
 @extend_schema_view(
     list=extend_schema(
         summary="Quotas in the key's subtree",
-        parameters=[QuotaListQuerySerializer],
-        responses={200: QuotaSerializer(many=True), **ERROR_RESPONSES},
+        parameters=[QuotaListQuerySerializer, RETRY_AFTER],
+        responses={200: QuotaSerializer(many=True), **error_responses()},
     ),
     create=extend_schema(
         summary="Create a quota on a tenant strictly below the key's own",
         request=QuotaSerializer,
+        parameters=[RETRY_AFTER],
         responses={201: QuotaSerializer, **_WRITE_ERRORS},
     ),
-    retrieve=extend_schema(summary="One quota", responses={200: QuotaSerializer, **ERROR_RESPONSES}),
+    retrieve=extend_schema(
+        summary="One quota",
+        parameters=[QUOTA_ID, RETRY_AFTER],
+        responses={200: QuotaSerializer, **error_responses()},
+    ),
     update=extend_schema(
         summary="Change a quota's limit, enforcement, thresholds or state",
         request=QuotaUpdateSerializer,
-        responses={200: QuotaSerializer, **_WRITE_ERRORS},
+        parameters=[QUOTA_ID, RETRY_AFTER],
+        responses={200: QuotaSerializer, **_CHANGE_ERRORS},
     ),
     partial_update=extend_schema(
         summary="Change some of a quota's limit, enforcement, thresholds or state",
         request=QuotaUpdateSerializer,
-        responses={200: QuotaSerializer, **_WRITE_ERRORS},
+        parameters=[QUOTA_ID, RETRY_AFTER],
+        responses={200: QuotaSerializer, **_CHANGE_ERRORS},
     ),
-    destroy=extend_schema(summary="Delete a quota", responses={204: None, **_WRITE_ERRORS}),
+    destroy=extend_schema(
+        summary="Delete a quota",
+        parameters=[QUOTA_ID, RETRY_AFTER],
+        responses={204: None, **error_responses(s403=_SELF_ESCALATION)},
+    ),
 )
-@extend_schema(tags=["quotas"], parameters=[OpenApiParameter("id", int, OpenApiParameter.PATH)])
+@extend_schema(tags=["quotas"])
 class QuotaViewSet(ApiView, viewsets.GenericViewSet):
     """Quotas of the key's subtree; writes only strictly below the key's own tenant (no self-escalation)."""
 
     serializer_class = QuotaSerializer
     pagination_class = ApiPagination
     queryset = QuotaLimit.objects.none()  # the real one is get_queryset: the key's subtree
+    lookup_value_regex = "[0-9]+"  # ASCII digits ("³" is a digit to str.isdigit, not to int)
 
     def get_queryset(self) -> QuerySet[QuotaLimit]:
         return (
@@ -193,7 +212,8 @@ class QuotaViewSet(ApiView, viewsets.GenericViewSet):
 
     def get_object(self) -> QuotaLimit:
         raw = str(self.kwargs.get("pk", ""))
-        quota = self.get_queryset().filter(pk=int(raw)).first() if raw.isdigit() and len(raw) < 19 else None
+        number = int(raw) if re.fullmatch(r"[0-9]{1,19}", raw) else 0
+        quota = self.get_queryset().filter(pk=number).first() if 0 < number <= MAX_ID else None
         if quota is None:
             # A quota outside the subtree is answered like one that never existed.
             raise ApiError(404, "not_found", f"no quota {raw!r}", "id")
@@ -274,9 +294,7 @@ class QuotaViewSet(ApiView, viewsets.GenericViewSet):
 
 
 class EntitlementQuerySerializer(serializers.Serializer):
-    tenant_id = serializers.CharField(
-        required=False, max_length=128, help_text="Default: the API key's tenant. Must be in the key's subtree."
-    )
+    tenant_id = TenantIdField(required=False)
     feature = FeatureField()
     quantity = QuantityField(required=False, help_text="How much the tenant would use (default 1).")
 
@@ -368,8 +386,8 @@ class EntitlementsView(ApiView):
         operation_id="entitlements_retrieve",
         summary="Would a quantity fit? Per lineage level, consuming nothing",
         description=ENTITLEMENTS_DOC,
-        parameters=[EntitlementQuerySerializer],
-        responses={200: EntitlementSerializer, **ERROR_RESPONSES},
+        parameters=[EntitlementQuerySerializer, RETRY_AFTER],
+        responses={200: EntitlementSerializer, **error_responses()},
         tags=["entitlements"],
     )
     def get(self, request: Request) -> Response:

@@ -13,7 +13,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
@@ -54,6 +54,11 @@ def unknown_tenant(tenant_id: object, field: str = "tenant_id") -> ApiError:
 
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> Response:
     return Response(error.body(), status=error.status_code, headers=headers)
+
+
+def json_error(status_code: int, code: str, message: str, field: str | None = None) -> JsonResponse:
+    """The API's error body from a plain Django view (outside DRF): 404 catch-alls, CSRF failures, 500 pages."""
+    return JsonResponse({"error": {"code": code, "field": field, "message": message}}, status=status_code)
 
 
 def _first_error(detail: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], Any] | None:

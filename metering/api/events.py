@@ -13,17 +13,20 @@ enforcement points (``@enforce_quota``, the middleware, ``QuotaPolicyHandler``) 
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, PolymorphicProxySerializer, extend_schema
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+    extend_schema_field,
+)
 from rest_framework import serializers, status
-from rest_framework.exceptions import ParseError
-from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -43,13 +46,21 @@ from metering.meter import get_meter
 from tenants.authentication import TenantPrincipal
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError, UnknownTenant
-from tenants.lineage import get_context
+from tenants.lineage import get_context, validate_tenant_id
 
-from .base import ApiView, FeatureField, QuantityField, parse_moment
+from .base import (
+    ApiView,
+    FeatureField,
+    QuantityField,
+    TenantIdField,
+    check_quantity_length,
+    parse_moment,
+)
 from .errors import ApiError
-from .schema import ERROR_RESPONSES, ErrorSerializer
+from .schema import BODY_STATUSES, RETRY_AFTER, ClosedSerializer, error_responses
 
 MAX_EVENTS = 1000
+TRANSACTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # metering.events.TRANSACTION_ID_RE, as JSON Schema states it
 EVENT_FIELDS = frozenset({"tenant_id", "feature_name", "quantity", "timestamp", "metadata", "transaction_id"})
 
 Problems = dict[str, list[tuple[str, str]]]
@@ -68,28 +79,6 @@ class _Parsed:
 
 class _Rollback(Exception):
     pass
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-class BoundedJSONParser(BaseParser):
-    """JSON with its own size bound, sized for a full batch (``max_body_bytes``), instead of Django's
-    ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default: too small for 1,000 events with metadata)."""
-
-    media_type = "application/json"
-
-    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
-        limit = max_body_bytes()
-        raw = stream.read(limit + 1) if stream is not None else b""
-        if len(raw) > limit:
-            raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes", "body")
-        encoding = (parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET
-        try:
-            return json.loads(raw.decode(encoding), parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ParseError(f"JSON parse error - {error}") from None
 
 
 def _tenant_context(principal: TenantPrincipal, tenant_id: str, cache: dict[str, Any]) -> TenantContext | TenantError:
@@ -121,8 +110,10 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
 
     tenant_id = raw.get("tenant_id", principal.tenant.external_id)
     context: TenantContext | None = None
-    if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:
-        problem("tenant_id", "invalid_tenant_id", "tenant_id must be a string of 1 to 128 characters")
+    try:
+        tenant_id = validate_tenant_id(tenant_id)
+    except TenantError as error:  # InvalidTenantId
+        problem("tenant_id", error.code, str(error))
     else:
         found = _tenant_context(principal, tenant_id, contexts)
         if isinstance(found, TenantError):
@@ -146,7 +137,7 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
         problem("quantity", "required", "quantity is required")
     else:
         try:
-            quantity_to_units(quantity)
+            quantity_to_units(check_quantity_length(quantity))
         except InvalidUsageEvent as error:
             problem("quantity", error.code, str(error))
 
@@ -159,7 +150,8 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
 
     metadata = raw.get("metadata")
     try:
-        metadata = validate_metadata(metadata)
+        # null means "no metadata" (declared nullable in the schema), whatever the Python API makes of None.
+        metadata = validate_metadata({} if metadata is None else metadata)
     except InvalidUsageEvent as error:
         problem("metadata", error.code, str(error))
 
@@ -206,26 +198,44 @@ def _validation_errors(problems: dict[int, Problems], count: int) -> ApiError:
 # ---- schema-only serializers ----
 
 
-class EventSerializer(serializers.Serializer):
-    tenant_id = serializers.CharField(
-        required=False, max_length=128, help_text="Default: the API key's tenant. Must be in the key's subtree."
-    )
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "format": "date-time", "maxLength": 64},
+            {"type": "number"},
+        ],
+        "description": "ISO-8601 with a UTC offset (2025-01-31T12:00:00Z) or Unix seconds. Default: now. "
+        "Not more than FUTURE_TOLERANCE_SECONDS in the future.",
+    }
+)
+class EventTimestampField(serializers.JSONField):
+    """Schema only: the events endpoint parses timestamps itself (``parse_event``)."""
+
+
+class EventSerializer(ClosedSerializer):
+    tenant_id = TenantIdField(required=False)
     feature_name = FeatureField()
     quantity = QuantityField()
-    timestamp = serializers.JSONField(
+    timestamp = EventTimestampField(required=False)
+    metadata = serializers.DictField(
         required=False,
-        help_text="ISO-8601 with a UTC offset (2025-01-31T12:00:00Z) or Unix seconds. Default: now. "
-        "Not more than FUTURE_TOLERANCE_SECONDS in the future.",
+        allow_null=True,
+        help_text="A JSON object of at most MAX_METADATA_BYTES once encoded; null is the same as no metadata.",
     )
-    metadata = serializers.DictField(required=False, help_text="A JSON object of at most MAX_METADATA_BYTES.")
     transaction_id = serializers.RegexField(
-        r"^[\x21-\x7e]{1,128}$",
+        TRANSACTION_ID_PATTERN,
+        max_length=128,
         help_text="Idempotency key: the same one for the same tenant is stored once (retries are safe).",
     )
 
 
-class EventBatchSerializer(serializers.Serializer):
-    events = EventSerializer(many=True, help_text=f"1 to {MAX_EVENTS} events, stored all or nothing.")
+class EventBatchSerializer(ClosedSerializer):
+    events = serializers.ListField(
+        child=EventSerializer(),
+        min_length=1,
+        max_length=MAX_EVENTS,
+        help_text=f"1 to {MAX_EVENTS} events, stored all or nothing.",
+    )
 
 
 class EventResultSerializer(serializers.Serializer):
@@ -242,7 +252,8 @@ class EventsResponseSerializer(serializers.Serializer):
 
 
 class EventsView(ApiView):
-    parser_classes = [BoundedJSONParser]
+    def max_body_bytes(self) -> int:
+        return max_body_bytes()
 
     @extend_schema(
         operation_id="events_create",
@@ -256,9 +267,9 @@ class EventsView(ApiView):
         responses={
             201: OpenApiResponse(EventsResponseSerializer, description="At least one event was stored."),
             200: OpenApiResponse(EventsResponseSerializer, description="Every event was a duplicate."),
-            422: OpenApiResponse(ErrorSerializer, description="Some events are invalid; nothing was stored."),
-            **ERROR_RESPONSES,
+            **error_responses(*BODY_STATUSES, 422),
         },
+        parameters=[RETRY_AFTER],
         examples=[
             OpenApiExample(
                 "One event",
@@ -290,9 +301,9 @@ class EventsView(ApiView):
         tags=["events"],
     )
     def post(self, request: Request) -> Response:
-        length = request.META.get("CONTENT_LENGTH") or "0"
+        length = str(request.META.get("CONTENT_LENGTH") or "0")
         limit = max_body_bytes()
-        if length.isdigit() and int(length) > limit:
+        if re.fullmatch(r"[0-9]+", length) and int(length) > limit:
             raise ApiError(413, "payload_too_large", f"the body must be at most {limit} bytes", "body")
         body = request.data
         if not isinstance(body, dict) or not body:

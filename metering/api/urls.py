@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
 from django.urls import path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.routers import SimpleRouter
 
 from quotas.api import EntitlementsView, QuotaViewSet
 
 from . import schema  # noqa: F401  (registers the API-key security scheme with drf-spectacular)
+from .errors import json_error
 from .events import EventsView
 from .usage import UsageView
 
@@ -23,17 +25,10 @@ router = SimpleRouter(trailing_slash=False)
 router.register("quotas", QuotaViewSet, basename="quota")
 
 
+@csrf_exempt  # any method gets the JSON 404, not Django's HTML CSRF 403 (the API authenticates by key only)
 def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
-    return JsonResponse(
-        {
-            "error": {
-                "code": "not_found",
-                "field": None,
-                "message": f"no API endpoint at {request.path} (paths take no trailing slash)",
-            }
-        },
-        status=404,
-    )
+    """The JSON 404 of every path under the prefix that names no endpoint, whatever the method."""
+    return json_error(404, "not_found", f"no API endpoint at {request.path} (paths take no trailing slash)")
 
 
 urlpatterns = [

@@ -17,17 +17,15 @@ from metering.windows import PERIODS, Period, window
 from tenants.lineage import get_context
 from tenants.models import Tenant
 
-from .base import ApiView, FeatureField, MomentField, iso, query_params, tenant_in_scope
+from .base import ApiView, FeatureField, MomentField, TenantIdField, iso, query_params, tenant_in_scope
 from .errors import ApiError
-from .schema import ERROR_RESPONSES
+from .schema import RETRY_AFTER, error_responses
 
 MAX_CHILDREN = 1000
 
 
 class UsageQuerySerializer(serializers.Serializer):
-    tenant_id = serializers.CharField(
-        required=False, max_length=128, help_text="Default: the API key's tenant. Must be in the key's subtree."
-    )
+    tenant_id = TenantIdField(required=False)
     feature = FeatureField()
     period = serializers.ChoiceField(
         choices=list(PERIODS),
@@ -73,8 +71,8 @@ class UsageView(ApiView):
         summary="Usage of a tenant's subtree, with a per-child breakdown",
         description="Usage is the sum of the tenant's whole subtree. Windows are UTC calendar windows "
         "(`hour`, `day`, `month`) holding `at` (default now), `total` for everything, or `[start, end)`.",
-        parameters=[UsageQuerySerializer],
-        responses={200: UsageSerializer, **ERROR_RESPONSES},
+        parameters=[UsageQuerySerializer, RETRY_AFTER],
+        responses={200: UsageSerializer, **error_responses()},
         tags=["usage"],
     )
     def get(self, request: Request) -> Response:
@@ -88,7 +86,12 @@ class UsageView(ApiView):
         else:
             period = params.get("period", "month")
             assert period is not None
-            start, end = window(period, at)
+            try:
+                start, end = window(period, at)
+            except OverflowError:  # the window of a moment in December 9999 ends past year 9999
+                raise ApiError(
+                    400, "invalid_datetime", f"the {period} window of {iso(at)} ends after year 9999", "at"
+                ) from None
         context = get_context(tenant.external_id, require_active=False)
         total = get_usage(context, feature, start, end)
         children = list(
