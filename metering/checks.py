@@ -58,6 +58,10 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
                 id="xaas_metering.E004",
             )
         )
+    from .events import max_quantity_problem  # units are int64: MAX_QUANTITY * 10**6 must fit
+
+    if (problem := max_quantity_problem(metering_settings.MAX_QUANTITY)) is not None:
+        messages.append(Error(f"METERING['MAX_QUANTITY'] {problem}.", id="xaas_metering.E006"))
     for key in (
         "MAX_METADATA_BYTES",
         "FUTURE_TOLERANCE_SECONDS",

@@ -12,8 +12,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
 
 from .conf import metering_settings
 from .exceptions import (
@@ -22,13 +24,28 @@ from .exceptions import (
     InvalidQuantity,
     InvalidTimestamp,
     InvalidTransactionId,
+    InvalidUsageEvent,
 )
 
 DECIMAL_PLACES = 6
 UNIT = Decimal(10) ** -DECIMAL_PLACES
 UNITS_PER_ONE = 10**DECIMAL_PLACES
-FEATURE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
-TRANSACTION_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+# Units are stored in signed 64-bit columns and Redis INCRBY counters: no single quantity may exceed this.
+MAX_UNITS = 2**63 - 1
+# Every pattern is matched with ``fullmatch``: ``$`` would accept a trailing newline ("llm_tokens\n").
+FEATURE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+TRANSACTION_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
+# A quantity written as a string: plain ASCII decimal, no sign, exponent, whitespace, "_" or Unicode digits.
+QUANTITY_STRING_RE = re.compile(r"[0-9]+(?:\.[0-9]{1,6})?")
+# A JSON number as RFC 8259 writes it (also what ``float.__repr__`` writes): judged by its exact value.
+JSON_NUMBER_RE = re.compile(r"(-?)(0|[1-9][0-9]*)(?:\.([0-9]+))?(?:[eE]([+-]?)([0-9]+))?")
+# Facts before the Unix epoch are refused: Lago and the counters' window ids count Unix seconds, and no real usage
+# predates it. The upper bound keeps every window computation (the month after, the hour after) inside year 9999.
+EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(9999, 1, 1, tzinfo=UTC)
+# Metadata is stored as JSON (PostgreSQL jsonb): bounded nesting, so neither validation nor a later json.loads of
+# the stored value can recurse without bound.
+MAX_METADATA_DEPTH = 32
 
 Quantity = Decimal | int | float | str
 
@@ -82,30 +99,116 @@ class ValidEvent:
         return units_to_quantity(self.units)
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """A short ``repr`` for messages: hostile input may be megabytes long, or an int too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # int -> str beyond sys.get_int_max_str_digits()
+        return f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def max_quantity_problem(value: object) -> str | None:
+    """Why ``value`` cannot be ``METERING['MAX_QUANTITY']``, or ``None`` (system check ``xaas_metering.E006``)."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+        return f"must be an int, a Decimal or a decimal string, got {type(value).__name__}"
+    try:
+        maximum = Decimal(value)
+    except (InvalidOperation, ValueError):
+        return f"must be a number, got {_shown(value)}"
+    if not maximum.is_finite() or maximum <= 0:
+        return f"must be a positive finite number, got {_shown(value)}"
+    if maximum > _LARGEST_MAX_QUANTITY:
+        return (
+            f"must be at most {_LARGEST_MAX_QUANTITY} (2**63 - 1 units of 10**-{DECIMAL_PLACES}: units are stored "
+            f"in signed 64-bit integers), got {_shown(value)}"
+        )
+    return None
+
+
+_LARGEST_MAX_QUANTITY = Decimal(MAX_UNITS).scaleb(-DECIMAL_PLACES)
+
+
+def max_quantity_units() -> int:
+    """``MAX_QUANTITY`` in units (rounded down to whole units). Raises ``ImproperlyConfigured`` if it is invalid."""
+    value = metering_settings.MAX_QUANTITY
+    problem = max_quantity_problem(value)
+    if problem is not None:
+        raise ImproperlyConfigured(f"METERING['MAX_QUANTITY'] {problem}")
+    return int(Decimal(value).quantize(UNIT, rounding=ROUND_FLOOR).scaleb(DECIMAL_PLACES))
+
+
+def _exact_units(negative: bool, digits: str, exponent: int, shown: str) -> int:
+    """Units of ``(-1)**negative * int(digits) * 10**exponent``, decided on the digits and the exponent before any
+    number is built: no Decimal context can round or underflow it (``1e-9999999`` is not 0), no huge int is made."""
+    digits = digits.lstrip("0")
+    if not digits:
+        return 0  # exactly zero, whatever its sign or exponent
+    significant = digits.rstrip("0")
+    exponent += len(digits) - len(significant)
+    if negative:
+        raise InvalidQuantity(f"quantity must not be negative, got {shown}")
+    scale = exponent + DECIMAL_PLACES  # units = int(significant) * 10**scale
+    if scale < 0:
+        raise InvalidQuantity(f"quantity has more than {DECIMAL_PLACES} decimal places: {shown}")
+    maximum = max_quantity_units()
+    if len(significant) + scale > len(str(maximum)) or int(significant) * 10**scale > maximum:
+        raise InvalidQuantity(f"quantity {shown} exceeds the maximum of {units_to_quantity(maximum)}")
+    return int(significant) * 10**scale
+
+
+def _units_of_json_number(literal: str, shown: str) -> int:
+    match = JSON_NUMBER_RE.fullmatch(literal)
+    if match is None:
+        raise InvalidQuantity(f"quantity must be a JSON number, got {shown}")
+    sign, whole, fraction, exponent_sign, exponent_digits = match.groups(default="")
+    exponent = 0
+    if exponent_digits:
+        # Beyond 18 digits the exponent outweighs any number of digits this process could hold: clamp it, so a
+        # 10,000-digit exponent is neither parsed nor trusted.
+        magnitude = int(exponent_digits) if len(exponent_digits.lstrip("0")) <= 18 else 10**18
+        exponent = -magnitude if exponent_sign == "-" else magnitude
+    return _exact_units(sign == "-", whole + fraction, exponent - len(fraction), shown)
+
+
 def quantity_to_units(value: object) -> int:
-    """Exact integer units of a quantity. Raises ``InvalidQuantity``."""
+    """Exact integer units of a quantity. Raises ``InvalidQuantity``.
+
+    One grammar: a ``str`` is ASCII digits with an optional ``.`` and 1-6 more digits (no sign, whitespace, ``_``,
+    exponent or Unicode digits); an ``int`` (not ``bool``) is at least 0; a ``float`` is finite, at least 0 and has
+    at most 6 decimals as ``repr`` writes it; a ``Decimal`` is finite, at least 0 with at most 6 decimals; a
+    ``JsonNumber`` is judged by its literal (``5e2`` is 500). Every kind is at most ``MAX_QUANTITY``.
+    """
     if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
         raise InvalidQuantity(f"quantity must be a number, got {type(value).__name__}")
+    if isinstance(value, str):
+        match = QUANTITY_STRING_RE.fullmatch(value)
+        if match is None:
+            raise InvalidQuantity(
+                f"quantity must be a finite decimal written as ASCII digits with an optional '.' and at most "
+                f"{DECIMAL_PLACES} decimals (no sign, spaces, '_' or exponent), got {_shown(value)}"
+            )
+        whole, _, fraction = value.partition(".")
+        return _exact_units(False, whole + fraction, -len(fraction), _shown(value))
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidQuantity(f"quantity must not be negative, got {_shown(value)}")
+        maximum = max_quantity_units()
+        if value * UNITS_PER_ONE > maximum:  # a multiplication, never int -> str: 10**5000 is refused, not printed
+            raise InvalidQuantity(f"quantity {_shown(value)} exceeds the maximum of {units_to_quantity(maximum)}")
+        return int(value) * UNITS_PER_ONE
     if isinstance(value, JsonNumber):
-        value = Decimal(value.literal)  # exact, whatever the float would have rounded it to
-    elif isinstance(value, float):
+        return _units_of_json_number(value.literal, _shown(value.literal))
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidQuantity(f"quantity must be finite, got {value!r}")
-        value = repr(value)  # the shortest decimal that round-trips, not the binary expansion
-    try:
-        quantity = Decimal(value.strip() if isinstance(value, str) else value)
-    except (InvalidOperation, ValueError):
-        raise InvalidQuantity(f"quantity must be a number, got {value!r}") from None
-    if not quantity.is_finite():
-        raise InvalidQuantity(f"quantity must be finite, got {value!r}")
-    if quantity < 0:
-        raise InvalidQuantity(f"quantity must not be negative, got {quantity}")
-    if quantity > Decimal(metering_settings.MAX_QUANTITY):
-        raise InvalidQuantity(f"quantity {quantity} exceeds the maximum of {metering_settings.MAX_QUANTITY}")
-    scaled = quantity * UNITS_PER_ONE
-    if scaled != scaled.to_integral_value():
-        raise InvalidQuantity(f"quantity has more than {DECIMAL_PLACES} decimal places: {quantity}")
-    return int(scaled)
+        # The shortest decimal that round-trips, not the binary expansion (0.1 is 0.1).
+        return _units_of_json_number(float.__repr__(value), float.__repr__(value))
+    if not value.is_finite():
+        raise InvalidQuantity(f"quantity must be finite, got {_shown(value)}")
+    sign, digit_tuple, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    return _exact_units(bool(sign), "".join(map(str, digit_tuple)), exponent, _shown(value))
 
 
 def units_to_quantity(units: int) -> Decimal:
@@ -115,56 +218,127 @@ def units_to_quantity(units: int) -> Decimal:
 
 
 def validate_feature_name(name: object) -> str:
+    """``name`` if it is 1-``MAX_FEATURE_NAME_LENGTH`` ASCII letters, digits and ``_ . : -`` (not starting with
+    ``. : -``). Raises ``InvalidFeatureName``."""
     if not isinstance(name, str) or not name:
         raise InvalidFeatureName("feature_name must be a non-empty string")
-    if len(name) > metering_settings.MAX_FEATURE_NAME_LENGTH or not FEATURE_NAME_RE.match(name):
+    if len(name) > metering_settings.MAX_FEATURE_NAME_LENGTH or not FEATURE_NAME_RE.fullmatch(name):
         raise InvalidFeatureName(
             f"feature_name must be at most {metering_settings.MAX_FEATURE_NAME_LENGTH} characters of letters, "
-            f"digits and _ . : -, got {name!r}"
+            f"digits and _ . : -, got {_shown(name)}"
         )
-    return name
+    return str(name)
+
+
+def utc_moment(moment: object, name: str, error: type[InvalidUsageEvent]) -> datetime:
+    """``moment`` as a plain UTC ``datetime`` from ``EARLIEST_TIMESTAMP`` to ``LATEST_TIMESTAMP``; otherwise
+    ``error`` naming ``name``. Never ``OverflowError``: ``datetime(1, 1, 1, tzinfo=+05:00)`` has no UTC year."""
+    if not isinstance(moment, datetime):
+        raise error(f"{name} must be a datetime, got {type(moment).__name__}", field=name)
+    try:
+        offset = moment.utcoffset()  # a hostile tzinfo may return anything, or raise
+        utc = moment.astimezone(UTC) if offset is not None else None
+    except (OverflowError, ValueError, TypeError):
+        raise error(f"{name} {_shown(moment, 80)} is outside years 1-9999 once converted to UTC", field=name) from None
+    if utc is None:
+        raise error(f"{name} must be timezone-aware (naive datetimes are ambiguous)", field=name)
+    if not EARLIEST_TIMESTAMP <= utc <= LATEST_TIMESTAMP:
+        raise error(
+            f"{name} {utc.isoformat()} is outside {EARLIEST_TIMESTAMP.isoformat()} .. {LATEST_TIMESTAMP.isoformat()}",
+            field=name,
+        )
+    # A plain datetime: a subclass could compare, hash or print differently from what is stored.
+    return datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond, tzinfo=UTC)
 
 
 def validate_timestamp(timestamp: object, *, now: datetime | None = None) -> datetime:
-    if not isinstance(timestamp, datetime):
-        raise InvalidTimestamp(f"timestamp must be a datetime, got {type(timestamp).__name__}")
-    if timestamp.tzinfo is None or timestamp.utcoffset() is None:
-        raise InvalidTimestamp("timestamp must be timezone-aware (naive datetimes are ambiguous)")
-    timestamp = timestamp.astimezone(UTC)
-    limit = (now or utcnow()) + timedelta(seconds=metering_settings.FUTURE_TOLERANCE_SECONDS)
+    """The aware UTC time of a fact: not before 1970-01-01 UTC, not in the future beyond
+    ``FUTURE_TOLERANCE_SECONDS``. Raises ``InvalidTimestamp``."""
+    timestamp = utc_moment(timestamp, "timestamp", InvalidTimestamp)
+    try:
+        limit = (now or utcnow()) + timedelta(seconds=metering_settings.FUTURE_TOLERANCE_SECONDS)
+    except OverflowError:
+        limit = LATEST_TIMESTAMP
     if timestamp > limit:
         raise InvalidTimestamp(f"timestamp {timestamp.isoformat()} is in the future")
     return timestamp
 
 
+# Neither can be stored: PostgreSQL jsonb refuses \u0000 and UTF-8 cannot encode a lone surrogate.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+
+
 def validate_metadata(metadata: object) -> dict[str, Any]:
+    """A clean copy of ``metadata``: a JSON object with string keys, at most ``MAX_METADATA_DEPTH`` levels deep and
+    ``MAX_METADATA_BYTES`` once encoded, holding no NUL and no lone surrogate. Raises ``InvalidMetadata``."""
     if metadata is None:
         return {}
-    if not isinstance(metadata, dict) or not all(isinstance(key, str) for key in metadata):
-        raise InvalidMetadata("metadata must be a JSON object with string keys")
+    if not isinstance(metadata, dict):
+        raise InvalidMetadata(f"metadata must be a JSON object with string keys, got {type(metadata).__name__}")
+    limit = metering_settings.MAX_METADATA_BYTES
+    budget = limit  # every key and every value takes at least one byte once encoded: a cheap early size bound
+    # Iterative, so depth is refused by name instead of by RecursionError (a dict holding itself included).
+    pending: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int]] = [(metadata, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidMetadata(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
+        is_object = isinstance(node, dict)
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            budget -= 2 if is_object else 1
+            if budget < 0:
+                raise InvalidMetadata(f"metadata is larger than {limit} bytes once encoded")
+            if is_object:
+                if not isinstance(key, str):
+                    raise InvalidMetadata(f"metadata keys must be strings, got {type(key).__name__} {_shown(key)}")
+                budget = _check_text(key, "key", budget, limit)
+            if isinstance(value, str):
+                budget = _check_text(value, "value", budget, limit)
+            elif isinstance(value, dict | list | tuple):
+                pending.append((value, depth + 1))
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    raise InvalidMetadata(f"metadata numbers must be finite, got {value!r}")
+            elif value is not None and not isinstance(value, int):
+                raise InvalidMetadata(f"metadata must hold only JSON values, got {type(value).__name__}")
     try:
         encoded = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError) as error:  # e.g. an int beyond the int -> str digit limit
         raise InvalidMetadata(f"metadata must hold only JSON values: {error}") from None
-    limit = metering_settings.MAX_METADATA_BYTES
     if len(encoded.encode()) > limit:
         raise InvalidMetadata(f"metadata is larger than {limit} bytes once encoded")
     loaded: dict[str, Any] = json.loads(encoded)
     return loaded
 
 
+def _check_text(text: str, role: str, budget: int, limit: int) -> int:
+    """Refuse a metadata key or value that cannot be stored; returns the size budget left after it."""
+    budget -= len(text)
+    if budget < 0:
+        raise InvalidMetadata(f"metadata is larger than {limit} bytes once encoded")
+    unstorable = _UNSTORABLE_RE.search(text)
+    if unstorable is not None:
+        what = "NUL (\\u0000)" if unstorable.group() == "\x00" else "a lone surrogate"
+        raise InvalidMetadata(f"metadata {role} {_shown(text)} holds {what}, which cannot be stored")
+    return budget
+
+
 def validate_transaction_id(transaction_id: object) -> str:
+    """``transaction_id``, or a fresh random one for ``None``: 1-128 printable ASCII characters without spaces.
+    Raises ``InvalidTransactionId``."""
     if transaction_id is None:
         return uuid.uuid4().hex
-    if not isinstance(transaction_id, str) or not TRANSACTION_ID_RE.match(transaction_id):
-        raise InvalidTransactionId("transaction_id must be 1-128 printable ASCII characters without spaces")
-    return transaction_id
+    if not isinstance(transaction_id, str) or not TRANSACTION_ID_RE.fullmatch(transaction_id):
+        raise InvalidTransactionId(
+            f"transaction_id must be 1-128 printable ASCII characters without spaces, got {_shown(transaction_id)}"
+        )
+    return str(transaction_id)
 
 
 def validate_event(event: UsageEvent) -> ValidEvent:
     """Check every field of ``event``. Raises the ``InvalidUsageEvent`` subclass naming the first bad field."""
     if not isinstance(event, UsageEvent):
-        raise TypeError(f"expected a UsageEvent, got {type(event).__name__}")
+        raise InvalidUsageEvent(f"expected a UsageEvent, got {type(event).__name__}")
     from tenants.lineage import validate_tenant_id
 
     return ValidEvent(

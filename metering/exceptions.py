@@ -30,43 +30,53 @@ class InvalidUsageEvent(MeteringError, ValueError):
     code = "invalid"
     field = "event"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
+        if field is not None:
+            self.field = field
 
 
 class InvalidQuantity(InvalidUsageEvent):
-    """Negative, NaN, infinite, non-numeric, too precise or absurdly large."""
+    """Negative, NaN, infinite, not a number, not in the one quantity grammar (``"1_000"``, ``" 7 "``, ``"5e2"`` as
+    a string, Unicode digits), more than 6 decimals, or above ``MAX_QUANTITY``."""
 
     code = "invalid_quantity"
     field = "quantity"
 
 
 class InvalidTimestamp(InvalidUsageEvent):
-    """Not a datetime, naive (no timezone), or in the future beyond the tolerance."""
+    """Not a datetime, naive (no timezone), outside years 1-9999 once in UTC, before 1970-01-01 UTC, or in the
+    future beyond the tolerance."""
 
     code = "invalid_timestamp"
     field = "timestamp"
 
 
 class InvalidFeatureName(InvalidUsageEvent):
+    """Empty, too long, or not letters, digits and ``_ . : -`` (the whole string: no trailing newline)."""
+
     code = "invalid_feature_name"
     field = "feature_name"
 
 
 class InvalidMetadata(InvalidUsageEvent):
-    """Not a JSON object of JSON values, or larger than ``MAX_METADATA_BYTES``."""
+    """Not a JSON object of JSON values with string keys, NUL or a lone surrogate in a key or value, nested deeper
+    than ``MAX_METADATA_DEPTH``, a non-finite number, or larger than ``MAX_METADATA_BYTES``."""
 
     code = "invalid_metadata"
     field = "metadata"
 
 
 class InvalidTransactionId(InvalidUsageEvent):
+    """Not 1-128 printable ASCII characters without spaces (the whole string: no trailing newline)."""
+
     code = "invalid_transaction_id"
     field = "transaction_id"
 
 
 class InvalidPeriod(InvalidUsageEvent):
-    """A usage query with a naive time, or an end before its start."""
+    """A usage query with a time that is not an aware datetime from 1970-01-01 to 9999-01-01 UTC, or an end before
+    its start. ``field`` is ``start_time`` or ``end_time``."""
 
     code = "invalid_period"
     field = "start_time"

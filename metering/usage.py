@@ -17,24 +17,19 @@ from tenants.lineage import get_context
 
 from . import counters, rollups
 from .conf import metering_settings
-from .events import units_to_quantity, validate_feature_name
+from .events import units_to_quantity, utc_moment, validate_feature_name
 from .exceptions import InvalidPeriod
 from .models import UsageRollup
 from .windows import Period, ceil_hour, floor_hour, matching_period, window
 
 
 def _validate_range(start: datetime | None, end: datetime | None) -> None:
-    for name, moment in (("start_time", start), ("end_time", end)):
-        if moment is None:
-            continue
-        if not isinstance(moment, datetime) or moment.tzinfo is None or moment.utcoffset() is None:
-            error = InvalidPeriod(f"{name} must be a timezone-aware datetime or None")
-            error.field = name
-            raise error
-    if start is not None and end is not None and end < start:
-        error = InvalidPeriod("end_time is before start_time")
-        error.field = "end_time"
-        raise error
+    """Each end ``None`` or an aware datetime from 1970-01-01 to 9999-01-01 UTC (so that no window computation
+    overflows); ``end`` not before ``start``. Raises ``InvalidPeriod`` naming ``start_time`` or ``end_time``."""
+    first = None if start is None else utc_moment(start, "start_time", InvalidPeriod)
+    last = None if end is None else utc_moment(end, "end_time", InvalidPeriod)
+    if first is not None and last is not None and last < first:
+        raise InvalidPeriod("end_time is before start_time", field="end_time")
 
 
 def get_usage_units(

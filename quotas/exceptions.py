@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -60,3 +60,23 @@ class QuotaExceeded(Exception):
 
 class QuotaConfigurationError(Exception):
     """Quotas need an adapter that stores facts in this database (``DatabaseMeteringAdapter`` or a subclass)."""
+
+
+# A reservation holds quota at every level of the lineage until it ends: longer than a day is a leak, not a hold.
+MAX_RESERVATION_TTL = timedelta(days=1)
+
+
+class InvalidReservationTtl(ValueError):
+    """``reserve(ttl=...)`` is not a ``datetime.timedelta`` above zero and at most ``MAX_RESERVATION_TTL``."""
+
+    code = "invalid_ttl"
+    field = "ttl"
+
+
+def validate_reservation_ttl(ttl: object) -> timedelta:
+    """``ttl`` if it is a ``timedelta`` with ``0 < ttl <= MAX_RESERVATION_TTL``; else ``InvalidReservationTtl``."""
+    if not isinstance(ttl, timedelta):
+        raise InvalidReservationTtl(f"ttl must be a datetime.timedelta, got {type(ttl).__name__}")
+    if not timedelta(0) < ttl <= MAX_RESERVATION_TTL:
+        raise InvalidReservationTtl(f"ttl must be above 0 and at most {MAX_RESERVATION_TTL}, got {ttl}")
+    return timedelta(days=ttl.days, seconds=ttl.seconds, microseconds=ttl.microseconds)

@@ -111,9 +111,15 @@ class QuotaPolicyHandler:
     def reserve(
         self, feature: str, estimate: Decimal | int | str, *, ttl: timedelta = DEFAULT_RESERVATION_TTL
     ) -> Reservation:
-        """Hold ``estimate`` at every level (or raise ``QuotaExceeded``). Commit the actual amount or release."""
+        """Hold ``estimate`` at every level (or raise ``QuotaExceeded``). Commit the actual amount or release.
+
+        ``ttl``: a ``timedelta`` above 0 and at most ``MAX_RESERVATION_TTL`` (a day), else ``InvalidReservationTtl``.
+        """
+        from .exceptions import validate_reservation_ttl
+
         feature = validate_feature_name(feature)
         units = quantity_to_units(estimate)
+        ttl = validate_reservation_ttl(ttl)
         using = metering_settings.DATABASE_ALIAS
         holder: dict[str, QuotaReservation] = {}
         mode = _Mode()

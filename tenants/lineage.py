@@ -12,7 +12,7 @@ from django.db import connection
 from .conf import tenant_settings
 from .context import TenantContext, TenantRef
 from .exceptions import InactiveTenant, InvalidTenantId, UnknownTenant
-from .models import Tenant
+from .models import TENANT_ID_RE, Tenant
 
 CACHE_PREFIX = "xaas:lineage:v1:"
 logger = logging.getLogger("tenants.lineage")
@@ -23,9 +23,19 @@ def _cache_key(tenant_id: str) -> str:
 
 
 def validate_tenant_id(tenant_id: object) -> str:
-    if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128:
-        raise InvalidTenantId(f"tenant_id must be a non-empty string of at most 128 characters, got {tenant_id!r}")
-    return tenant_id
+    """``tenant_id`` if it is a tenant id a ``Tenant`` could have (``TENANT_ID_RE``, the model's own grammar: 1-128
+    ASCII letters, digits and ``. _ : @ -``, starting with a letter or digit). Raises ``InvalidTenantId``.
+
+    The grammar refuses by construction what no tenant can be called: NUL, lone surrogates, control (Cc) and format
+    (Cf) characters — a zero-width space or a right-to-left override would make two ids look the same — whitespace
+    anywhere, the empty string and a trailing newline (matched on the whole string)."""
+    if not isinstance(tenant_id, str) or not 1 <= len(tenant_id) <= 128 or not TENANT_ID_RE.fullmatch(tenant_id):
+        shown = repr(tenant_id) if isinstance(tenant_id, str) and len(tenant_id) <= 140 else type(tenant_id).__name__
+        raise InvalidTenantId(
+            "tenant_id must be 1-128 characters: letters, digits and . _ : @ -, starting with a letter or digit; "
+            f"got {shown}"
+        )
+    return str(tenant_id)
 
 
 def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool = True) -> TenantContext:

@@ -6,6 +6,7 @@ indexed query and its subtree one prefix query. ``tenants.tree`` is the only cod
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings
@@ -13,7 +14,10 @@ from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models, transaction
 
+# The pattern is part of migration 0001 (a field validator), so it stays as written; its "$" would accept a trailing
+# newline, which Tenant.clean refuses with TENANT_ID_RE (whole-string match), the grammar lineage addressing uses.
 TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+TENANT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 tenant_id_validator = RegexValidator(
     TENANT_ID_PATTERN,
     "A tenant id is 1-128 characters: letters, digits and . _ : @ -, starting with a letter or digit.",
@@ -98,6 +102,12 @@ class Tenant(models.Model):
         from .exceptions import TreeError
         from .tree import check_parent
 
+        if (
+            isinstance(self.external_id, str)
+            and self.external_id.endswith("\n")
+            and re.search(TENANT_ID_PATTERN, self.external_id)
+        ):  # passed the field validator only thanks to its "$"
+            raise ValidationError({"external_id": tenant_id_validator.message})
         if self.pk is not None:
             stored = type(self).objects.filter(pk=self.pk).values_list("external_id", flat=True).first()
             if stored is not None and stored != self.external_id:

@@ -245,7 +245,7 @@ def test_reservation_release_and_context_manager(backend):
 def test_an_abandoned_reservation_expires_by_itself(backend):
     tree(ORG)
     limit("org", 10)
-    QuotaPolicyHandler("k1").reserve("llm_tokens", 10, ttl=timedelta(seconds=-1))  # already past its time
+    QuotaPolicyHandler("k1").reserve("llm_tokens", 10, ttl=timedelta(microseconds=1))  # past its time at once
     # The next decision that finds no room expires the tree's abandoned reservations and decides again.
     assert QuotaPolicyHandler("k2").consume("llm_tokens", 10).allowed
     assert QuotaReservation.objects.get().state == "expired"
@@ -254,7 +254,7 @@ def test_an_abandoned_reservation_expires_by_itself(backend):
 def test_expire_reservations_sweeps_only_due_ones(backend):
     tree(ORG)
     limit("org", 10)
-    QuotaPolicyHandler("k1").reserve("llm_tokens", 3, ttl=timedelta(seconds=-1))
+    QuotaPolicyHandler("k1").reserve("llm_tokens", 3, ttl=timedelta(microseconds=1))
     QuotaPolicyHandler("k1").reserve("llm_tokens", 3)
     assert expire_reservations() == 1
     assert sorted(QuotaReservation.objects.values_list("state", flat=True)) == ["active", "expired"]
