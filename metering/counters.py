@@ -1,16 +1,21 @@
 """Hot usage counters in Redis: a cache of the rollups that is exact, and rebuilt from the database when lost.
 
 Each counter is the units of one tenant's subtree for one feature in one window (hour, day, month, total), under
-the key ``xaas:{t<root pk>}:u:<tenant pk>:<feature>:<period>:<window start>``. The ``{t<root>}`` hash tag puts a
-whole tree in one Redis Cluster slot, so one script may touch every level of a lineage.
+the key ``xaas:{t<root pk>}:e<epoch>:u:<tenant pk>:<feature>:<period>:<window start>``. The ``{t<root>}`` hash tag
+puts a whole tree in one Redis Cluster slot, so one script may touch every level of a lineage. Values are decimal
+strings added and compared exactly by the Lua scripts (``lua/bignum.lua``), at any size.
 
 Why it stays exact:
 - a writer adds to the counters that *exist*, inside its database transaction and while holding its tree's lock
   shared (``tenants.locks``), as the last step before commit;
 - a counter is only ever *created* by a rebuild, which takes the tree's lock exclusively, so it waits for every
   in-flight writer, then sums the committed rollups and sets the value. No writer can be counted twice or missed;
-- losing Redis (flush, restart, eviction, TTL) only means the next read rebuilds. A writer that fails to reach Redis
-  still commits its fact and drops the tree's counters after commit; the TTL bounds staleness if that fails too.
+- losing Redis (flush, restart, eviction, TTL) only means the next read rebuilds;
+- a write or decision that Redis did *not* see (Redis unreachable, a subtree moved, rollups repaired) bumps the
+  tree's **epoch** (``CounterEpoch``) in its own transaction. The epoch is part of every key, and the hot path reads
+  it in the statement that stores the fact, so from that commit on every reader and decider uses keys that do not
+  exist yet and rebuilds them: counters from before an outage are never used again, even when Redis comes back with
+  its old data. Old generations expire with their TTL.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 
 from tenants.locks import lock_trees
 
-from . import rollups
+from . import rollups, scripts
 from .conf import metering_settings
+from .models import CounterEpoch
 from .windows import WINDOWED_PERIODS, Period, window
 
 logger = logging.getLogger("metering.counters")
@@ -38,16 +44,6 @@ except ImportError:  # pragma: no cover
 
     class RedisError(Exception):  # type: ignore[no-redef]
         pass
-
-
-INCREMENT_EXISTING = """
-for _, key in ipairs(KEYS) do
-    if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, ARGV[1]) end
-end
-return 0
-"""
-
-_scripts: dict[int, Any] = {}
 
 
 def client() -> Any | None:
@@ -68,26 +64,73 @@ USED = "u"
 RESERVED = "r"  # quota held by open reservations (``quotas``), kept apart so usage reads never include it
 
 
-def key(root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None, kind: str = USED) -> str:
+def key(
+    root_pk: int,
+    tenant_pk: int,
+    feature: str,
+    period: Period,
+    start: datetime | None,
+    kind: str = USED,
+    *,
+    epoch: int,
+) -> str:
     window_id = "all" if start is None else str(int(start.timestamp()))
-    return f"{tree_tag(root_pk)}:{kind}:{tenant_pk}:{feature}:{period}:{window_id}"
+    return f"{tree_tag(root_pk)}:e{epoch}:{kind}:{tenant_pk}:{feature}:{period}:{window_id}"
 
 
-def keys_for_fact(lineage_pks: Sequence[int], feature: str, timestamp: datetime, kind: str = USED) -> list[str]:
+def keys_for_fact(
+    lineage_pks: Sequence[int], feature: str, timestamp: datetime, kind: str = USED, *, epoch: int
+) -> list[str]:
     """Every counter a fact at ``timestamp`` adds to: each level x (hour, day, month, total)."""
     root = lineage_pks[0]
     starts: list[tuple[Period, datetime | None]] = [
         (period, window(period, timestamp)[0]) for period in WINDOWED_PERIODS
     ]
     starts.append(("total", None))
-    return [key(root, pk, feature, period, start, kind) for pk in lineage_pks for period, start in starts]
+    return [key(root, pk, feature, period, start, kind, epoch=epoch) for pk in lineage_pks for period, start in starts]
 
 
 def increment_existing(redis: Any, keys: list[str], units: int) -> None:
-    script = _scripts.get(id(redis))
-    if script is None:
-        script = _scripts[id(redis)] = redis.register_script(INCREMENT_EXISTING)
-    script(keys=keys, args=[units])
+    scripts.script(redis, "metering", "increment")(keys=keys, args=[str(units)])
+
+
+# ---- the tree's counter epoch ----
+
+
+def _epoch_table(using: str) -> str:
+    return connections[using].ops.quote_name(CounterEpoch._meta.db_table)
+
+
+def epoch_subquery(root_pk: int, using: str) -> tuple[str, list[Any]]:
+    """SQL of the tree's current epoch (0 when it has no row), to read within a statement the hot path sends anyway."""
+    sql = f"COALESCE((SELECT epoch FROM {_epoch_table(using)} WHERE root_id = %s), 0)"  # noqa: S608 (our table)
+    return sql, [root_pk]
+
+
+def current_epoch(root_pk: int, using: str) -> int:
+    """The tree's current epoch (one primary-key lookup)."""
+    sql, params = epoch_subquery(root_pk, using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        return int(cursor.fetchone()[0])
+
+
+def bump_epoch_statement(root_pk: int, using: str) -> tuple[str, list[Any]]:
+    table = _epoch_table(using)
+    sql = (
+        f"INSERT INTO {table} (root_id, epoch) VALUES (%s, 1) "  # noqa: S608 (our table)
+        f"ON CONFLICT (root_id) DO UPDATE SET epoch = {table}.epoch + 1"
+    )
+    return sql, [root_pk]
+
+
+def bump_epochs(root_pks: Iterable[int], using: str) -> None:
+    """Retire the trees' counters as of this transaction's commit: after it, every decision rebuilds them.
+
+    Call inside the transaction of the write Redis did not see (it commits or rolls back with it)."""
+    with connections[using].cursor() as cursor:
+        for root_pk in sorted(set(root_pks)):
+            cursor.execute(*bump_epoch_statement(root_pk, using))
 
 
 def read(
@@ -97,12 +140,12 @@ def read(
     redis = client()
     if redis is None:
         return None
-    counter = key(root_pk, tenant_pk, feature, period, start)
+    using = metering_settings.DATABASE_ALIAS
     try:
-        value = redis.get(counter)
+        value = redis.get(key(root_pk, tenant_pk, feature, period, start, epoch=current_epoch(root_pk, using)))
         if value is not None:
             return int(value)
-        return rebuild(redis, root_pk, tenant_pk, feature, counter, start, end)
+        return rebuild(redis, root_pk, tenant_pk, feature, period, start, end)
     except RedisError as error:
         logger.warning("usage counter unavailable, reading the database instead: %s", type(error).__name__)
         return None
@@ -113,16 +156,19 @@ def rebuild(
     root_pk: int,
     tenant_pk: int,
     feature: str,
-    counter: str,
+    period: Period,
     start: datetime | None,
     end: datetime | None,
 ) -> int:
-    """Set ``counter`` from the committed rollups, with the tree locked exclusively (no writer in flight)."""
+    """Set the counter from the committed rollups, with the tree locked exclusively (no writer in flight), under the
+    epoch read with that lock held."""
     using = metering_settings.DATABASE_ALIAS
     with transaction.atomic(using=using):
         lock_trees([root_pk], exclusive=True, using=using)
+        epoch = current_epoch(root_pk, using)
         units = rollups.sum_units(tenant_pk, feature, start, end, using=using)
-        redis.set(counter, units, ex=int(metering_settings.COUNTER_TTL_SECONDS))
+        counter = key(root_pk, tenant_pk, feature, period, start, epoch=epoch)
+        redis.set(counter, str(units), ex=int(metering_settings.COUNTER_TTL_SECONDS))
     return units
 
 
@@ -143,7 +189,20 @@ class DropIfCommitFails:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if kind is not None and self._counted:
-            drop_trees([self.root_pk])
+            forget_trees([self.root_pk])
+
+
+def forget_trees(root_pks: Iterable[int]) -> None:
+    """After a transaction that counted in Redis failed: its counters must not be trusted. Bump the trees' epochs (in
+    a transaction of their own) and drop the counters; either one suffices, so each is tried."""
+    root_pks = sorted(set(root_pks))
+    using = metering_settings.DATABASE_ALIAS
+    try:
+        with transaction.atomic(using=using):
+            bump_epochs(root_pks, using)
+    except DatabaseError as error:
+        logger.error("could not bump the counter epoch of trees %s: %s", root_pks, type(error).__name__)
+    drop_trees(root_pks)
 
 
 def drop_trees(root_pks: Iterable[int]) -> None:
@@ -158,3 +217,8 @@ def drop_trees(root_pks: Iterable[int]) -> None:
                 redis.delete(*batch[offset : offset + 500])
     except RedisError as error:
         logger.error("could not drop usage counters of trees %s: %s", sorted(root_pks), type(error).__name__)
+
+
+def epoch_for(root_pk: int, using: str) -> int:
+    """The tree's counter epoch when Redis counters are configured (one primary-key lookup), else 0 (no query)."""
+    return current_epoch(root_pk, using) if client() is not None else 0

@@ -17,6 +17,7 @@ __all__ = [
     "MeteringError",
     "TenantError",
     "UnknownTenant",
+    "UsageTotalOutOfRange",
 ]
 
 
@@ -92,3 +93,10 @@ class DuplicateUsageEvent(MeteringError):
         self.tenant_id = tenant_id
         self.transaction_id = transaction_id
         self.record_id = record_id
+
+
+class UsageTotalOutOfRange(InvalidQuantity):
+    """The fact would carry a level's hourly total beyond what the database stores exactly (2**63 - 1 units on
+    SQLite; 10**38 - 1 on PostgreSQL). Refused, for this fact only; nothing was stored."""
+
+    code = "usage_total_out_of_range"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from django.db import models
 
@@ -42,6 +43,21 @@ class UsageRecord(models.Model):
         return units_to_quantity(self.units)
 
 
+class UnitsField(models.BigIntegerField):
+    """Integer units summed over many facts: ``numeric(38,0)`` on PostgreSQL, so a rollup row is exact far beyond
+    64 bits (10**38 units: more facts than any database can write in an hour at the largest quantity), a 64-bit
+    integer elsewhere (SQLite: a row that would pass 2**63 - 1 refuses the fact, see ``metering.rollups``). Read as
+    a Python ``int`` on every backend."""
+
+    def db_type(self, connection: Any) -> str | None:
+        if connection.vendor == "postgresql":
+            return "numeric(38,0)"
+        return super().db_type(connection)
+
+    def from_db_value(self, value: Any, expression: Any, connection: Any) -> int | None:
+        return None if value is None else int(value)
+
+
 class UsageRollup(models.Model):
     """Usage of a tenant's whole subtree for one feature in one UTC hour, kept in the fact's transaction."""
 
@@ -50,7 +66,7 @@ class UsageRollup(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_rollups", db_index=False)
     feature = models.CharField(max_length=100)
     bucket = models.DateTimeField(help_text="Start of the UTC hour.")
-    units = models.BigIntegerField(default=0)
+    units = UnitsField(default=0)
     events = models.BigIntegerField(default=0)
 
     class Meta:
@@ -65,6 +81,24 @@ class UsageRollup(models.Model):
     @property
     def quantity(self) -> Decimal:
         return units_to_quantity(self.units)
+
+
+class CounterEpoch(models.Model):
+    """The generation of a tree's Redis counters (``metering.counters``): part of every counter's key.
+
+    Bumped in the transaction of any write or decision that Redis did not see (Redis unreachable, a subtree moved,
+    rollups repaired), so once it commits no decision can use the counters of the generation before — however Redis
+    comes back (restarted with its old data, or never flushed). No row: epoch 0.
+    """
+
+    root = models.OneToOneField(Tenant, on_delete=models.CASCADE, primary_key=True, related_name="+")
+    epoch = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "counter epoch"
+
+    def __str__(self) -> str:
+        return f"tree {self.root_id}: epoch {self.epoch}"
 
 
 class UsageOutbox(models.Model):

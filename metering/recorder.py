@@ -3,7 +3,8 @@
 validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
 ``transaction_id``), add it to the live Redis counters (the quota decision, when gated) and to the rollups of every
 level -> after commit, send ``usage_recorded``. On PostgreSQL that is two round trips: ``BEGIN``, lock and fact
-in one, rollups and ``COMMIT`` in the other (see ``metering.roundtrip``).
+in one (which also reads the tree's counter epoch, see ``metering.counters``), rollups and ``COMMIT`` in the other
+(see ``metering.roundtrip``).
 Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent`` and writes nothing.
 """
 
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from django.db import connections, transaction
+from django.db import DataError, connections, transaction
 
 from tenants.context import TenantContext
 from tenants.lineage import get_context
@@ -65,12 +66,14 @@ class Gate(Protocol):
         using: str,
         with_fact_rows: int | None,
         rollups_written: bool,
+        epoch: int,
     ) -> None:
         """Runs instead of the plain counter increment: decide and count in one atomic step.
 
         ``with_fact_rows``: the rows ``with_fact``'s statement returned, or ``None`` if it was not run (it is only
         on PostgreSQL), in which case ``count`` does that work itself. ``rollups_written``: whether the fact is
-        already in the rollups (not when ``counts_first`` let them be written after)."""
+        already in the rollups (not when ``counts_first`` let them be written after). ``epoch``: the tree's counter
+        epoch, read under the tree lock in the fact's statement."""
 
 
 def record(
@@ -105,13 +108,13 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
         locks = [] if gate is None else gate.lock_names(valid, context)
         extra = None if gate is None else gate.with_fact(using)
         exclusive = bool(gate and gate.exclusive)
-        record_id, extra_rows = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
+        record_id, extra_rows, epoch = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
         if on_stored is not None:
             on_stored(valid, record_id, context)
         if gate is not None:
-            gate.count(valid, context, record_id, using, extra_rows, not rollups_last)
+            gate.count(valid, context, record_id, using, extra_rows, not rollups_last, epoch)
         else:
-            count(valid, lineage_pks, using)
+            count(valid, lineage_pks, using, epoch)
         counting.counted()
         # robust: once the fact is committed, a failing receiver must not make the caller believe it was not
         # (a retry without a transaction id would record it twice); the error is logged.
@@ -122,7 +125,13 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
         )
         if rollups_last:
             hour = floor_hour(valid.timestamp)
-            batch.execute_last([rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)])
+            rollup = rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)
+            try:
+                batch.execute_last([rollup])
+            except DataError as error:
+                if rollups.out_of_range(error):
+                    raise rollups.refusal(valid.feature_name) from None
+                raise
     return record_id
 
 
@@ -134,12 +143,13 @@ def _write_fact(
     lock_names: list[str],
     with_fact: tuple[str, list[Any]] | None,
     with_rollups: bool = True,
-) -> tuple[int, int | None]:
+) -> tuple[int, int | None, int]:
     """Lock the tree, insert the fact unless the tenant already has this transaction id (and only if the lineage is
     current), add it to every level's rollups (unless ``with_rollups`` is false: PostgreSQL only, the caller adds
-    them). On PostgreSQL one round trip, ``with_fact`` included (its row count is returned with the fact's id);
-    elsewhere one statement at a time, ``with_fact`` left to its caller."""
+    them). On PostgreSQL one round trip, ``with_fact`` included (its row count is returned with the fact's id and
+    the tree's counter epoch); elsewhere one statement at a time, ``with_fact`` left to its caller."""
     extra_rows: int | None = None
+    epoch = 0
     using = batch.using
     connection = connections[using]
     lineage_pks = [level.pk for level in context.lineage]
@@ -160,15 +170,23 @@ def _write_fact(
         if with_fact is not None:
             extra_cte, extra_count = f", extra AS ({with_fact[0]})", "(SELECT count(*) FROM extra)"
             params += with_fact[1]
+        epoch_sql, epoch_params = counters.epoch_subquery(lineage_pks[0], using)
+        params += epoch_params
         fact_and_rollups = (
             f"WITH fact AS ({insert}){rolled}{extra_cte} "  # noqa: S608
-            f"SELECT fact.id, {extra_count} FROM fact"
+            f"SELECT fact.id, {extra_count}, {epoch_sql} FROM fact"
         )
         statements.append((fact_and_rollups, params))
-        rows = batch.execute(statements)
+        try:
+            rows = batch.execute(statements)
+        except DataError as error:
+            if rollups.out_of_range(error):
+                raise rollups.refusal(valid.feature_name) from None
+            raise
         record_id = int(rows[0][0]) if rows else None
-        if rows and with_fact is not None:
-            extra_rows = int(rows[0][1])
+        if rows:
+            extra_rows = None if with_fact is None else int(rows[0][1])
+            epoch = int(rows[0][2])
     else:
         lock_trees([lineage_pks[0]], exclusive=exclusive, using=using)
         for name in lock_names:
@@ -177,8 +195,10 @@ def _write_fact(
         record_id = int(rows[0][0]) if rows else None
         if record_id is not None:
             rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
+            if counters.client() is not None:
+                epoch = counters.current_epoch(lineage_pks[0], using)
     if record_id is not None:
-        return record_id, extra_rows
+        return record_id, extra_rows, epoch
     existing = (
         UsageRecord.objects.using(using)
         .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
@@ -216,16 +236,16 @@ def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> t
     return sql, params
 
 
-def count(valid: ValidEvent, lineage_pks: list[int], using: str) -> None:
+def count(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> None:
     """Add the fact to the tree's live Redis counters (those that exist; see ``metering.counters``)."""
     redis = counters.client()
     if redis is None:
         return
-    keys = counters.keys_for_fact(lineage_pks, valid.feature_name, valid.timestamp)
+    keys = counters.keys_for_fact(lineage_pks, valid.feature_name, valid.timestamp, epoch=epoch)
     try:
         counters.increment_existing(redis, keys, valid.units)
     except counters.RedisError as error:
-        # The fact is the truth and still commits; counters that missed it must not be trusted afterwards.
-        logger.warning("usage counters missed a fact (%s); dropping them after commit", type(error).__name__)
-        root = lineage_pks[0]
-        transaction.on_commit(lambda: counters.drop_trees([root]), using=using)
+        # The fact is the truth and still commits; the counters that missed it are retired with it (epoch bump in
+        # this transaction), so no decision uses them again, whenever and with whatever data Redis comes back.
+        logger.warning("usage counters missed a fact (%s); retiring the tree's counters", type(error).__name__)
+        counters.bump_epochs([lineage_pks[0]], using)

@@ -3,6 +3,10 @@
 So a tenant's rollup rows hold its whole subtree's usage, and any window's usage is a sum over at most one row per
 hour of one tenant, whatever the size of the subtree or the number of facts. Rows are upserted root first, so two
 writers lock shared rows in the same order and never deadlock.
+
+Exact range: a row holds up to 10**38 - 1 units on PostgreSQL (``numeric(38,0)``) and 2**63 - 1 on SQLite; a fact
+that would carry a row past it is refused (``UsageTotalOutOfRange``), never stored rounded. Sums over many rows are
+exact on both (PostgreSQL sums numerics; on SQLite a sum past 64 bits is redone in Python).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import connections, transaction
-from django.db.models import Count, Sum
+from django.db import DataError, OperationalError, connections, transaction
+from django.db.models import Count, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 from django.dispatch import receiver
 
@@ -22,21 +26,40 @@ from tenants.locks import lock_trees
 from tenants.models import Tenant
 from tenants.signals import subtree_moved
 
+from .exceptions import UsageTotalOutOfRange
 from .models import UsageRecord, UsageRollup
 
 RollupKey = tuple[int, str, datetime]  # (tenant pk, feature, hour)
+SQLITE_MAX_UNITS = 2**63 - 1  # SQLite integers are 64-bit; past that, + silently yields an inexact REAL
 
 
 def _table(model: type[Any], using: str) -> str:
     return connections[using].ops.quote_name(model._meta.db_table)
 
 
-def _upsert_sql(table: str, rows: int, source: str | None = None) -> str:
+def _upsert_sql(table: str, rows: int, source: str | None = None, *, guarded: bool = False) -> str:
+    """``guarded`` (SQLite): a row that would pass 64 bits is left alone, and only updated rows are returned, so the
+    caller sees the refusal; PostgreSQL raises ``numeric_value_out_of_range`` by itself."""
     values = source or "VALUES " + ", ".join(["(%s, %s, %s, %s, %s)"] * rows)
-    return (
+    sql = (
         f"INSERT INTO {table} (tenant_id, feature, bucket, units, events) {values} "
         f"ON CONFLICT (tenant_id, feature, bucket) DO UPDATE SET "
         f"units = {table}.units + excluded.units, events = {table}.events + excluded.events"
+    )
+    if guarded:
+        sql += f" WHERE {table}.units <= {SQLITE_MAX_UNITS} - excluded.units RETURNING 1"
+    return sql
+
+
+def out_of_range(error: Exception) -> bool:
+    """Whether a database error is PostgreSQL's ``numeric_value_out_of_range`` (a rollup row would overflow)."""
+    return isinstance(error, DataError) and getattr(error.__cause__, "sqlstate", None) == "22003"
+
+
+def refusal(feature: str) -> UsageTotalOutOfRange:
+    return UsageTotalOutOfRange(
+        f"this fact would carry the hourly total of {feature!r} at a level of its lineage beyond the exact range; "
+        "nothing was stored"
     )
 
 
@@ -49,20 +72,33 @@ def add(
     *,
     using: str = "default",
 ) -> None:
-    """Add ``units`` (and ``events``) to the hour's row of every tenant in ``lineage_pks``, root first."""
-    with connections[using].cursor() as cursor:
-        cursor.execute(*add_statement(lineage_pks, feature, hour, units, events, using=using))
+    """Add ``units`` (and ``events``) to the hour's row of every tenant in ``lineage_pks``, root first.
+
+    Raises ``UsageTotalOutOfRange`` when a row would leave the exact range (roll the transaction back)."""
+    connection = connections[using]
+    guarded = connection.vendor != "postgresql"
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(*add_statement(lineage_pks, feature, hour, units, events, using=using))
+        except DataError as error:
+            if out_of_range(error):
+                raise refusal(feature) from None
+            raise
+        if guarded and len(cursor.fetchall()) < len(lineage_pks):
+            raise refusal(feature)
 
 
 def add_statement(
     lineage_pks: Sequence[int], feature: str, hour: datetime, units: int, events: int = 1, *, using: str = "default"
 ) -> tuple[str, list[Any]]:
-    """The SQL of ``add``, to send along with other statements."""
-    bucket = connections[using].ops.adapt_datetimefield_value(hour)
+    """The SQL of ``add``, to send along with other statements (on PostgreSQL it returns no rows)."""
+    connection = connections[using]
+    bucket = connection.ops.adapt_datetimefield_value(hour)
     params: list[Any] = []
     for pk in lineage_pks:
         params += [pk, feature, bucket, units, events]
-    return _upsert_sql(_table(UsageRollup, using), len(lineage_pks)), params
+    guarded = connection.vendor != "postgresql"
+    return _upsert_sql(_table(UsageRollup, using), len(lineage_pks), guarded=guarded), params
 
 
 def add_for_inserted(
@@ -101,7 +137,18 @@ def sum_units(
         rows = rows.filter(bucket__gte=start)
     if end is not None:
         rows = rows.filter(bucket__lt=end)
-    return int(rows.aggregate(total=Sum("units"))["total"] or 0)
+    return exact_sum(rows)
+
+
+def exact_sum(rows: QuerySet[Any], field: str = "units") -> int:
+    """``SUM(field)`` of ``rows`` as an exact ``int``. SQLite refuses a sum past 64 bits ("integer overflow"): then
+    the rows are summed in Python, exactly (PostgreSQL sums bigints and numerics as exact numerics)."""
+    try:
+        return int(rows.aggregate(total=Sum(field))["total"] or 0)
+    except OperationalError as error:
+        if "integer overflow" not in str(error):
+            raise
+        return sum(int(value) for value in rows.values_list(field, flat=True).iterator())
 
 
 def sum_units_from_facts(
@@ -111,7 +158,7 @@ def sum_units_from_facts(
     facts = UsageRecord.objects.using(using).filter(
         tenant__path__startswith=tenant_path, feature=feature, timestamp__gte=start, timestamp__lt=end
     )
-    return int(facts.aggregate(total=Sum("units"))["total"] or 0)
+    return exact_sum(facts)
 
 
 @receiver(subtree_moved, dispatch_uid="xaas_metering_move_rollups")
@@ -140,7 +187,8 @@ def move_rollups(
                 cursor.execute(_upsert_sql(table, 0, source), [ancestor, tenant.pk])
         if leaving:
             UsageRollup.objects.using(using).filter(tenant_id__in=leaving, units=0, events=0).delete()
-    counters.drop_trees(root_pks)
+    # In the move's transaction: from its commit on, both trees' counters are rebuilt before any decision.
+    counters.bump_epochs(root_pks, using)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,16 +216,12 @@ def reconcile_tree(root: Tenant, *, repair: bool, using: str = "default") -> lis
             lock_trees([root.pk], exclusive=True, using=using)
             found = _reconcile_window(root, tenants, day, day + timedelta(days=1), repair, using)
             if repair and found:
-                # Counters built from the old rows must not outlive them.
-                transaction.on_commit(lambda: _drop_counters(root.pk), using=using)
+                # Counters built from the old rows must not outlive them: retired with this day's repair.
+                from . import counters
+
+                counters.bump_epochs([root.pk], using)
         differences += found
     return differences
-
-
-def _drop_counters(root_pk: int) -> None:
-    from . import counters
-
-    counters.drop_trees([root_pk])
 
 
 def _days_with_data(root: Tenant, tenants: dict[int, tuple[str, str]], using: str) -> list[datetime]:

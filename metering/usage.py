@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
+from django.db import OperationalError
 from django.db.models import Sum
 
 from tenants.context import TenantContext
@@ -87,9 +88,17 @@ def usage_by_tenant_and_feature(tenant_pks: list[int], period: Period, at: datet
     rows = UsageRollup.objects.using(metering_settings.DATABASE_ALIAS).filter(tenant_id__in=tenant_pks)
     if start is not None and end is not None:
         rows = rows.filter(bucket__gte=start, bucket__lt=end)
+    grouped = rows.values_list("tenant_id", "feature").annotate(units=Sum("units")).order_by("tenant_id", "feature")
+    try:
+        sums = [(tenant_pk, feature, int(units or 0)) for tenant_pk, feature, units in grouped]
+    except OperationalError as error:  # SQLite: a sum past 64 bits; add the rows up in Python, exactly
+        if "integer overflow" not in str(error):
+            raise
+        totals: dict[tuple[int, str], int] = {}
+        for tenant_pk, feature, units in rows.values_list("tenant_id", "feature", "units").iterator():
+            totals[(tenant_pk, feature)] = totals.get((tenant_pk, feature), 0) + int(units)
+        sums = [(tenant_pk, feature, units) for (tenant_pk, feature), units in sorted(totals.items())]
     result: dict[int, dict[str, Decimal]] = {}
-    for tenant_pk, feature, units in (
-        rows.values_list("tenant_id", "feature").annotate(units=Sum("units")).order_by("tenant_id", "feature")
-    ):
-        result.setdefault(tenant_pk, {})[feature] = units_to_quantity(units or 0)
+    for tenant_pk, feature, units in sums:
+        result.setdefault(tenant_pk, {})[feature] = units_to_quantity(units)
     return result

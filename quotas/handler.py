@@ -33,7 +33,7 @@ from tenants.locks import lock_trees, name_lock_statement, tree_lock_statement
 
 from . import ledger
 from .exceptions import QuotaConfigurationError, QuotaExceeded
-from .ledger import Change, Decision, NeedsRebuild
+from .ledger import Change, Decision, NeedsExclusive
 from .models import QuotaReservation
 from .rules import QuotaRule, RuleSet, rules_for, ruleset
 from .signals import quota_exceeded, quota_threshold_reached
@@ -94,10 +94,11 @@ class QuotaPolicyHandler:
                 with transaction.atomic(using=using):
                     if exclusive:
                         lock_trees([self.context.root.pk], exclusive=True, using=using)
-                    decision = self._decide(change, using, exclusive=exclusive)
+                    epoch = counters.epoch_for(self.context.root.pk, using)
+                    decision = self._decide(change, using, exclusive=exclusive, epoch=epoch)
                     transaction.set_rollback(True, using=using)  # a check writes nothing
                 return decision
-            except NeedsRebuild:
+            except NeedsExclusive:
                 exclusive = True
             except QuotaExceeded as error:
                 if raise_exception:
@@ -138,9 +139,9 @@ class QuotaPolicyHandler:
             # On PostgreSQL: BEGIN, the locks and the row in one round trip; the decision; COMMIT.
             counting = counters.DropIfCommitFails(self.context.root.pk)
             with counting, roundtrip.atomic(using) as batch:
-                row.pk = _insert_reservation(batch, self.context, row, mode.exclusive)
+                row.pk, epoch = _insert_reservation(batch, self.context, row, mode.exclusive)
                 change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
-                decision = self._decide(change, using, exclusive=mode.exclusive)
+                decision = self._decide(change, using, exclusive=mode.exclusive, epoch=epoch)
                 counting.counted()
                 holder["row"] = row
                 self._after_commit(decision)
@@ -162,7 +163,14 @@ class QuotaPolicyHandler:
     # ---- internals ----
 
     def _decide(
-        self, change: Change, using: str, *, exclusive: bool, enforce: bool = True, used_written: bool = True
+        self,
+        change: Change,
+        using: str,
+        *,
+        exclusive: bool,
+        enforce: bool = True,
+        used_written: bool = True,
+        epoch: int = 0,
     ) -> Decision:
         """``ledger.decide`` with this lineage's rules, reloaded if a limit of the tree changed meanwhile."""
         decide = ledger.decide_exclusively if exclusive else ledger.decide
@@ -173,7 +181,14 @@ class QuotaPolicyHandler:
             token = rules.token if attempt < MAX_ATTEMPTS - 1 else None
             try:
                 return decide(
-                    self.context, rules.rules, change, using, enforce=enforce, token=token, used_written=used_written
+                    self.context,
+                    rules.rules,
+                    change,
+                    using,
+                    enforce=enforce,
+                    token=token,
+                    used_written=used_written,
+                    epoch=epoch,
                 )
             except ledger.StaleRules:
                 continue
@@ -204,8 +219,9 @@ class QuotaPolicyHandler:
         for _ in range(MAX_ATTEMPTS):
             try:
                 run()
-            except NeedsRebuild:
-                # Redis lost counters: decide again with the tree locked exclusively, rebuilding on the spot.
+            except NeedsExclusive:
+                # Redis lost counters (or is unreachable): decide again with the tree locked exclusively, rebuilding
+                # them on the spot (or deciding on the database).
                 mode.exclusive = True
                 continue
             except QuotaExceeded as error:
@@ -283,6 +299,7 @@ class _FactGate(_Mode):
         using: str,
         with_fact_rows: int | None,
         rollups_written: bool,
+        epoch: int,
     ) -> None:
         reservation = self.reservation
         if reservation is None:
@@ -311,6 +328,7 @@ class _FactGate(_Mode):
             exclusive=self.exclusive,
             enforce=reservation is None,
             used_written=rollups_written,
+            epoch=epoch,
         )
 
 
@@ -374,8 +392,11 @@ class Reservation:
         await self.arelease()
 
 
-def _insert_reservation(batch: roundtrip.Batch, context: TenantContext, row: QuotaReservation, exclusive: bool) -> int:
-    """Lock the tree (and on the database path the tree's decisions on the feature), insert ``row``; its id."""
+def _insert_reservation(
+    batch: roundtrip.Batch, context: TenantContext, row: QuotaReservation, exclusive: bool
+) -> tuple[int, int]:
+    """Lock the tree (and on the database path the tree's decisions on the feature), insert ``row``; its id and the
+    tree's counter epoch (read in the same statement on PostgreSQL)."""
     using = batch.using
     connection = connections[using]
     table = connection.ops.quote_name(QuotaReservation._meta.db_table)
@@ -396,7 +417,11 @@ def _insert_reservation(batch: roundtrip.Batch, context: TenantContext, row: Quo
     names = ledger.lock_names(context, row.feature)
     if connection.vendor != "postgresql":
         lock_trees([context.root.pk], exclusive=exclusive, using=using)
-        return int(batch.execute([(insert, params)])[0][0])
+        pk = int(batch.execute([(insert, params)])[0][0])
+        return pk, counters.epoch_for(context.root.pk, using)
+    epoch_sql, epoch_params = counters.epoch_subquery(context.root.pk, using)
+    insert = insert.replace("RETURNING id", f"RETURNING id, {epoch_sql}")
+    params += epoch_params
     statements: list[roundtrip.Statement] = [
         tree_lock_statement(context.root.pk, exclusive=exclusive),
         *(name_lock_statement(name) for name in names),
@@ -408,7 +433,8 @@ def _insert_reservation(batch: roundtrip.Batch, context: TenantContext, row: Quo
         # over-count; their commit records the fact all the same). Only when the transaction is ours: inside a
         # caller's, facts may be written too, and they always wait.
         statements.insert(0, ("SET LOCAL synchronous_commit TO OFF", []))
-    return int(batch.execute(statements)[0][0])
+    returned = batch.execute(statements)[0]
+    return int(returned[0]), int(returned[1])
 
 
 def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:
@@ -423,7 +449,8 @@ def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:
         )
         if closed:
             change = Change(feature=row.feature, reserved_delta=-row.units, reserved_at=row.window_at)
-            ledger.decide(context, [], change, using, enforce=False)
+            epoch = counters.epoch_for(context.root.pk, using)
+            ledger.decide(context, [], change, using, enforce=False, epoch=epoch)
     return bool(closed)
 
 

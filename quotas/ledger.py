@@ -3,11 +3,17 @@
 A ``Change`` says what must fit (``check_units``) and what to count (usage and/or reserved units). The decision
 runs inside the fact's transaction, with the tree locked shared, as its last step:
 
-- **Redis** (a django-redis cache): one Lua script reads the counters of every quota of every level; if any hard
-  quota would be exceeded it changes nothing and says which; otherwise it adds to every live counter at once. Keys
-  share the tree's hash tag, so the script runs on Redis Cluster. A missing counter (flush, restart, TTL) aborts
-  the attempt: the counters are rebuilt from the database with the tree locked exclusively (every writer in
-  flight has finished), and the attempt is retried — so a lost Redis never lets usage overshoot.
+- **Redis** (a django-redis cache): one Lua script (``lua/decide.lua``) reads the counters of every quota of every
+  level; if any hard quota would be exceeded it changes nothing and says which; otherwise it adds to every live
+  counter at once, exactly at any size (decimal strings, ``metering/lua/bignum.lua``). Keys share the tree's hash
+  tag, so the script runs on Redis Cluster, and carry the tree's counter epoch read in the fact's own statement. A
+  missing counter (flush, restart, TTL, a new epoch) aborts the attempt: the counters are rebuilt from the database
+  with the tree locked exclusively (every writer in flight has finished), and the attempt is retried — so a lost
+  Redis never lets usage overshoot.
+- **Redis unreachable** (down, hung, refused): the attempt is retried with the tree locked exclusively, decided on
+  the database, and the tree's epoch is bumped in the same transaction, so the counters Redis holds (if it comes
+  back with them) are never used again. Exclusive, because a decision on the database must not run beside one on
+  Redis that cannot see it.
 - **Database** (no Redis): the tree's decisions on one feature are serialized by a lock (an advisory lock on
   PostgreSQL; an immediate transaction on SQLite), and each quota is summed from the rollups and open reservations,
   this change included.
@@ -25,58 +31,17 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Sum
 
-from metering import counters, rollups
+from metering import counters, rollups, scripts
 from metering.conf import metering_settings
 from metering.events import units_to_quantity
 from metering.windows import Period
 from tenants.context import TenantContext
-from tenants.locks import lock_name, lock_trees
+from tenants.locks import lock_trees
 
 from .exceptions import QuotaExceeded
 from .models import QuotaReservation
 from .rules import QuotaRule, token_key
-
-DECIDE = """
--- KEYS: per rule (used, reserved) pairs; then usage keys to add to; then reserved keys to add to; then, if a
--- token is given, the tree's rules token key.
--- ARGV: rules, usage keys, reserved keys, usage delta, reserved delta, units to check, then (limit, hard) per
--- rule, then the rules token the caller read its rules under ('' when it did not use the token).
-local rules, used_keys, reserved_keys = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local used_delta, reserved_delta, check = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local token = ARGV[7 + 2 * rules]
-if token ~= '' and redis.call('GET', KEYS[#KEYS]) ~= token then return {3} end
-local missing = {}
-for i = 1, 2 * rules do
-    if redis.call('EXISTS', KEYS[i]) == 0 then missing[#missing + 1] = i end
-end
-if #missing > 0 then return {0, unpack(missing)} end
-local before = {1}
-for i = 1, rules do
-    local used = tonumber(redis.call('GET', KEYS[2 * i - 1]))
-    local reserved = tonumber(redis.call('GET', KEYS[2 * i]))
-    local limit, hard = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-    if hard == 1 and used + reserved + check > limit then return {2, i, used, reserved} end
-    before[#before + 1] = used
-    before[#before + 1] = reserved
-end
-local offset = 2 * rules
-if used_delta ~= 0 then
-    for i = offset + 1, offset + used_keys do
-        if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], used_delta) end
-    end
-end
-offset = offset + used_keys
-if reserved_delta ~= 0 then
-    for i = offset + 1, offset + reserved_keys do
-        if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], reserved_delta) end
-    end
-end
-return before
-"""
-
-_scripts: dict[int, Any] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +100,21 @@ class StaleRules(Exception):
     """The rules a decision was given are older than the tree's last limit change; reload them and decide again."""
 
 
-class NeedsRebuild(Exception):
-    """Counters a decision needs are missing from Redis; rebuild them (outside the transaction) and retry."""
+class NeedsExclusive(Exception):
+    """Decide again with the tree locked exclusively (no other writer in flight)."""
+
+
+class NeedsRebuild(NeedsExclusive):
+    """Counters a decision needs are missing from Redis; rebuild them (tree locked exclusively) and retry."""
 
     def __init__(self, rules: Sequence[QuotaRule], change: Change) -> None:
         super().__init__("quota counters missing")
         self.rules = list(rules)
         self.change = change
+
+
+class RedisUnavailable(NeedsExclusive):
+    """Redis failed during a decision: decide again, exclusively, on the database (see the module)."""
 
 
 def exceeded(rule: QuotaRule, used_units: int, requested_units: int, moment: datetime) -> QuotaExceeded:
@@ -203,25 +176,35 @@ def decide(
     enforce: bool = True,
     token: str | None = None,
     used_written: bool = True,
+    epoch: int = 0,
+    exclusive: bool = False,
 ) -> Decision:
     """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``),
-    ``NeedsRebuild``, or ``StaleRules`` (``token``: the rules token ``rules`` were read under, see ``rules.ruleset``).
-    Call inside the transaction that stores the change, after taking ``lock_names``. ``used_written``: the change's
-    usage is already in the rollups (the database path sums them)."""
+    ``NeedsRebuild``, ``RedisUnavailable`` or ``StaleRules`` (``token``: the rules token ``rules`` were read under,
+    see ``rules.ruleset``). Call inside the transaction that stores the change, after taking ``lock_names``.
+    ``used_written``: the change's usage is already in the rollups (the database path sums them). ``epoch``: the
+    tree's counter epoch read under the tree lock; ``exclusive``: that lock is held exclusively."""
     redis = use_redis()
     if redis is not None:
         try:
-            return _decide_redis(redis, context, rules, change, enforce, token)
-        except counters.RedisError:
-            # Redis failed mid-decision: decide on the database instead, and distrust the tree's counters.
-            lock_name(f"quota:{context.root.pk}:{change.feature}", using=using)
-            root = context.root.pk
-            transaction.on_commit(lambda: counters.drop_trees([root]), using=using)
+            return _decide_redis(redis, context, rules, change, enforce, token, epoch)
+        except counters.RedisError as error:
+            if rules and not exclusive:
+                # A decision on the database must not run beside decisions on Redis that cannot see it.
+                raise RedisUnavailable(type(error).__name__) from None
+            # Exclusive, or nothing to decide (a release): count on the database, retire the Redis counters.
+            counters.bump_epochs([context.root.pk], using)
     return _decide_database(context, rules, change, using, enforce, used_written)
 
 
 def _decide_redis(
-    redis: Any, context: TenantContext, rules: Sequence[QuotaRule], change: Change, enforce: bool, token: str | None
+    redis: Any,
+    context: TenantContext,
+    rules: Sequence[QuotaRule],
+    change: Change,
+    enforce: bool,
+    token: str | None,
+    epoch: int,
 ) -> Decision:
     moment = change.moment
     root = context.root.pk
@@ -230,32 +213,34 @@ def _decide_redis(
     limits: list[int] = []
     for rule in rules:
         start = rule.window(moment)[0]
-        rule_keys.append(counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.USED))
-        rule_keys.append(counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.RESERVED))
-        limits += [rule.limit_units, 1 if (rule.hard and enforce) else 0]
+        rule_keys.append(
+            counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.USED, epoch=epoch)
+        )
+        rule_keys.append(
+            counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.RESERVED, epoch=epoch)
+        )
+        limits += [str(rule.limit_units), "1" if (rule.hard and enforce) else "0"]
     used_keys = (
-        counters.keys_for_fact(lineage, change.feature, change.used_at, counters.USED)
+        counters.keys_for_fact(lineage, change.feature, change.used_at, counters.USED, epoch=epoch)
         if change.used_delta and change.used_at
         else []
     )
     reserved_keys = (
-        counters.keys_for_fact(lineage, change.feature, change.reserved_at, counters.RESERVED)
+        counters.keys_for_fact(lineage, change.feature, change.reserved_at, counters.RESERVED, epoch=epoch)
         if change.reserved_delta and change.reserved_at
         else []
     )
-    script = _scripts.get(id(redis))
-    if script is None:
-        script = _scripts[id(redis)] = redis.register_script(DECIDE)
     token_keys = [] if token is None else [token_key(root)]
-    result = script(
+    # Every amount travels as a decimal string: the script adds and compares them exactly (no doubles).
+    result = scripts.script(redis, "quotas", "decide")(
         keys=rule_keys + used_keys + reserved_keys + token_keys,
         args=[
             len(rules),
             len(used_keys),
             len(reserved_keys),
-            change.used_delta,
-            change.reserved_delta,
-            change.check_units,
+            str(change.used_delta),
+            str(change.reserved_delta),
+            str(change.check_units),
             *limits,
             token or "",
         ],
@@ -282,7 +267,7 @@ def reserved_units(level_path: str, feature: str, start: datetime | None, end: d
     )
     if start is not None and end is not None:
         rows = rows.filter(window_at__gte=start, window_at__lt=end)
-    return int(rows.aggregate(total=Sum("units"))["total"] or 0)
+    return rollups.exact_sum(rows)
 
 
 def _decide_database(
@@ -320,6 +305,7 @@ def decide_exclusively(
     enforce: bool = True,
     token: str | None = None,
     used_written: bool = True,
+    epoch: int = 0,
 ) -> Decision:
     """``decide`` for a caller that holds the tree lock exclusively: missing counters are rebuilt on the spot.
 
@@ -327,9 +313,24 @@ def decide_exclusively(
     """
     for _ in range(50):
         try:
-            return decide(context, rules, change, using, enforce=enforce, token=token, used_written=used_written)
+            return decide(
+                context,
+                rules,
+                change,
+                using,
+                enforce=enforce,
+                token=token,
+                used_written=used_written,
+                epoch=epoch,
+                exclusive=True,
+            )
         except NeedsRebuild as missing:
-            rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change)
+            try:
+                rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change, epoch=epoch)
+            except counters.RedisError:
+                # Redis went away between the decision and the rebuild: decide on the database.
+                counters.bump_epochs([context.root.pk], using)
+                return _decide_database(context, rules, change, using, enforce, used_written)
     raise RuntimeError("Redis keeps losing the quota counters")  # pragma: no cover
 
 
@@ -340,8 +341,10 @@ def rebuild(
     *,
     locked: bool = False,
     pending: Change | None = None,
+    epoch: int | None = None,
 ) -> None:
-    """Set every counter the rules need from the database, with the tree locked exclusively.
+    """Set every counter the rules need from the database, with the tree locked exclusively, under ``epoch`` (read
+    under that lock; ``None``: read it here).
 
     ``locked``: the caller's transaction already holds the tree lock exclusively and has already written
     ``pending`` (its fact, rollups or reservation rows), which the database sums therefore include: it is left out
@@ -356,11 +359,15 @@ def rebuild(
     with transaction.atomic(using=using):
         if not locked:
             lock_trees([root], exclusive=True, using=using)
+        if epoch is None or not locked:
+            epoch = counters.current_epoch(root, using)
         values: dict[str, int] = {}
         for rule in rules:
             start, end = rule.window(moment)
-            used_key = counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.USED)
-            reserved_key = counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.RESERVED)
+            used_key = counters.key(root, rule.level.pk, rule.feature, rule.period, start, counters.USED, epoch=epoch)
+            reserved_key = counters.key(
+                root, rule.level.pk, rule.feature, rule.period, start, counters.RESERVED, epoch=epoch
+            )
             values[used_key] = rollups.sum_units(rule.level.pk, rule.feature, start, end, using=using)
             values[reserved_key] = reserved_units(rule.level_path, rule.feature, start, end, using)
             if pending is not None:
@@ -370,5 +377,5 @@ def rebuild(
                     values[reserved_key] -= pending.reserved_delta
         pipe = redis.pipeline(transaction=False)
         for key, value in values.items():
-            pipe.set(key, value, ex=ttl)
+            pipe.set(key, str(value), ex=ttl)
         pipe.execute()
