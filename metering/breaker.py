@@ -210,7 +210,7 @@ class BreakerConnectionPool(ConnectionPool):
     ``breaker_cooldown`` (seconds, default 5) is how long calls fail fast before one probes.
     """
 
-    def __init__(self, connection_class: type[Connection] = Connection, **kwargs: Any) -> None:
+    def __init__(self, connection_class: type[Any] = Connection, **kwargs: Any) -> None:
         connection_class = _BEHIND_BREAKER.get(connection_class, connection_class)
         if not issubclass(connection_class, BreakerMixin):
             raise TypeError(f"BreakerConnectionPool cannot put {connection_class.__name__} behind its breaker")

@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -115,7 +116,12 @@ def test_while_one_thread_probes_the_others_fail_fast(server):
     timed(lambda: client.ping())
     time.sleep(COOLDOWN + 0.05)
     probe_done = threading.Event()
-    probe = threading.Thread(target=lambda: (timed(lambda: client.ping()), probe_done.set()))
+
+    def probing() -> None:
+        timed(lambda: client.ping())
+        probe_done.set()
+
+    probe = threading.Thread(target=probing)
     probe.start()
     time.sleep(0.05)  # the probe is waiting on the hung server
     results = []
@@ -250,7 +256,9 @@ def test_a_hung_redis_leaves_decisions_exact_and_fast_on_the_database(server):
 
 def test_checks_warn_of_a_redis_cache_without_timeouts_or_breaker():
     def ids(options: dict) -> set[str]:
-        config = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}}
+        config: dict[str, dict[str, Any]] = {
+            "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}
+        }
         config["default"]["OPTIONS"] = options
         with override_settings(CACHES=config):
             return {m.id for m in run_checks() if m.id in ("xaas_metering.W020", "xaas_metering.W021")}
