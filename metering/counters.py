@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import DatabaseError, connections, transaction
@@ -222,3 +223,66 @@ def drop_trees(root_pks: Iterable[int]) -> None:
 def epoch_for(root_pk: int, using: str) -> int:
     """The tree's counter epoch when Redis counters are configured (one primary-key lookup), else 0 (no query)."""
     return current_epoch(root_pk, using) if client() is not None else 0
+
+
+# ---- reconciliation: the live counters against the database ----
+
+
+@dataclass(frozen=True, slots=True)
+class CounterDrift:
+    """A live usage counter whose value is not what the committed rollups say."""
+
+    key: str
+    tenant_pk: int
+    feature: str
+    period: Period
+    window_start: datetime | None
+    stored_units: int
+    expected_units: int
+
+
+def parse_key(counter: str) -> tuple[int, str, int, str, Period, datetime | None] | None:
+    """``(epoch, kind, tenant pk, feature, period, window start)`` of a counter key; ``None`` if it is not one.
+    Feature names may contain ``:``, so the key is read from both ends."""
+    parts = counter.split(":")
+    if len(parts) < 8 or not parts[2].startswith("e"):
+        return None
+    try:
+        epoch, tenant_pk = int(parts[2][1:]), int(parts[4])
+    except ValueError:
+        return None
+    period, window_id = parts[-2], parts[-1]
+    if period not in (*WINDOWED_PERIODS, "total"):
+        return None
+    start = None if window_id == "all" else datetime.fromtimestamp(int(window_id), UTC)
+    return epoch, parts[3], tenant_pk, ":".join(parts[5:-2]), period, start
+
+
+def compare_live(root_pk: int, *, repair: bool, using: str) -> list[CounterDrift]:
+    """Every live usage counter of the tree's current epoch against the committed rollups, with the tree locked
+    exclusively (no writer in flight, so both sides are the same instant). ``repair``: when any differs, bump the
+    epoch in that transaction, so every counter of the tree is rebuilt from the database before it is used again.
+    Reserved counters (``quotas``) are retired with them. Redis off: nothing to compare."""
+    redis = client()
+    if redis is None:
+        return []
+    drift: list[CounterDrift] = []
+    with transaction.atomic(using=using):
+        lock_trees([root_pk], exclusive=True, using=using)
+        epoch = current_epoch(root_pk, using)
+        prefix = f"{tree_tag(root_pk)}:e{epoch}:{USED}:"
+        names = sorted(name.decode() for name in redis.scan_iter(match=prefix + "*", count=1000))
+        for offset in range(0, len(names), 500):
+            chunk = names[offset : offset + 500]
+            for name, value in zip(chunk, redis.mget(chunk), strict=True):
+                parsed = parse_key(name)
+                if value is None or parsed is None:
+                    continue  # expired meanwhile, or not ours
+                _, _, tenant_pk, feature, period, start = parsed
+                end = window(period, start)[1] if start is not None else None
+                expected = rollups.sum_units(tenant_pk, feature, start, end, using=using)
+                if int(value) != expected:
+                    drift.append(CounterDrift(name, tenant_pk, feature, period, start, int(value), expected))
+        if repair and drift:
+            bump_epochs([root_pk], using)
+    return drift

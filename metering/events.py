@@ -138,7 +138,7 @@ def max_quantity_units() -> int:
     return int(Decimal(value).quantize(UNIT, rounding=ROUND_FLOOR).scaleb(DECIMAL_PLACES))
 
 
-def _exact_units(negative: bool, digits: str, exponent: int, shown: str) -> int:
+def _exact_units(negative: bool, digits: str, exponent: int, shown: str, maximum: int | None = None) -> int:
     """Units of ``(-1)**negative * int(digits) * 10**exponent``, decided on the digits and the exponent before any
     number is built: no Decimal context can round or underflow it (``1e-9999999`` is not 0), no huge int is made."""
     digits = digits.lstrip("0")
@@ -151,13 +151,13 @@ def _exact_units(negative: bool, digits: str, exponent: int, shown: str) -> int:
     scale = exponent + DECIMAL_PLACES  # units = int(significant) * 10**scale
     if scale < 0:
         raise InvalidQuantity(f"quantity has more than {DECIMAL_PLACES} decimal places: {shown}")
-    maximum = max_quantity_units()
+    maximum = max_quantity_units() if maximum is None else maximum
     if len(significant) + scale > len(str(maximum)) or int(significant) * 10**scale > maximum:
         raise InvalidQuantity(f"quantity {shown} exceeds the maximum of {units_to_quantity(maximum)}")
     return int(significant) * 10**scale
 
 
-def _units_of_json_number(literal: str, shown: str) -> int:
+def _units_of_json_number(literal: str, shown: str, maximum: int | None = None) -> int:
     match = JSON_NUMBER_RE.fullmatch(literal)
     if match is None:
         raise InvalidQuantity(f"quantity must be a JSON number, got {shown}")
@@ -168,16 +168,17 @@ def _units_of_json_number(literal: str, shown: str) -> int:
         # 10,000-digit exponent is neither parsed nor trusted.
         magnitude = int(exponent_digits) if len(exponent_digits.lstrip("0")) <= 18 else 10**18
         exponent = -magnitude if exponent_sign == "-" else magnitude
-    return _exact_units(sign == "-", whole + fraction, exponent - len(fraction), shown)
+    return _exact_units(sign == "-", whole + fraction, exponent - len(fraction), shown, maximum)
 
 
-def quantity_to_units(value: object) -> int:
+def quantity_to_units(value: object, *, maximum_units: int | None = None) -> int:
     """Exact integer units of a quantity. Raises ``InvalidQuantity``.
 
     One grammar: a ``str`` is ASCII digits with an optional ``.`` and 1-6 more digits (no sign, whitespace, ``_``,
     exponent or Unicode digits); an ``int`` (not ``bool``) is at least 0; a ``float`` is finite, at least 0 and has
     at most 6 decimals as ``repr`` writes it; a ``Decimal`` is finite, at least 0 with at most 6 decimals; a
-    ``JsonNumber`` is judged by its literal (``5e2`` is 500). Every kind is at most ``MAX_QUANTITY``.
+    ``JsonNumber`` is judged by its literal (``5e2`` is 500). Every kind is at most ``MAX_QUANTITY`` (or
+    ``maximum_units``: a quota limit bounds a window's total, not one fact).
     """
     if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
         raise InvalidQuantity(f"quantity must be a number, got {type(value).__name__}")
@@ -189,26 +190,26 @@ def quantity_to_units(value: object) -> int:
                 f"{DECIMAL_PLACES} decimals (no sign, spaces, '_' or exponent), got {_shown(value)}"
             )
         whole, _, fraction = value.partition(".")
-        return _exact_units(False, whole + fraction, -len(fraction), _shown(value))
+        return _exact_units(False, whole + fraction, -len(fraction), _shown(value), maximum_units)
     if isinstance(value, int):
         if value < 0:
             raise InvalidQuantity(f"quantity must not be negative, got {_shown(value)}")
-        maximum = max_quantity_units()
+        maximum = max_quantity_units() if maximum_units is None else maximum_units
         if value * UNITS_PER_ONE > maximum:  # a multiplication, never int -> str: 10**5000 is refused, not printed
             raise InvalidQuantity(f"quantity {_shown(value)} exceeds the maximum of {units_to_quantity(maximum)}")
         return int(value) * UNITS_PER_ONE
     if isinstance(value, JsonNumber):
-        return _units_of_json_number(value.literal, _shown(value.literal))
+        return _units_of_json_number(value.literal, _shown(value.literal), maximum_units)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidQuantity(f"quantity must be finite, got {value!r}")
         # The shortest decimal that round-trips, not the binary expansion (0.1 is 0.1).
-        return _units_of_json_number(float.__repr__(value), float.__repr__(value))
+        return _units_of_json_number(float.__repr__(value), float.__repr__(value), maximum_units)
     if not value.is_finite():
         raise InvalidQuantity(f"quantity must be finite, got {_shown(value)}")
     sign, digit_tuple, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite
-    return _exact_units(bool(sign), "".join(map(str, digit_tuple)), exponent, _shown(value))
+    return _exact_units(bool(sign), "".join(map(str, digit_tuple)), exponent, _shown(value), maximum_units)
 
 
 def units_to_quantity(units: int) -> Decimal:

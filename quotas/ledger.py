@@ -210,7 +210,7 @@ def _decide_redis(
     root = context.root.pk
     lineage = [level.pk for level in context.lineage]
     rule_keys: list[str] = []
-    limits: list[int] = []
+    limits: list[str] = []
     for rule in rules:
         start = rule.window(moment)[0]
         rule_keys.append(

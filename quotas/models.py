@@ -6,11 +6,30 @@ from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
-from django.db import models
+from django.db import connections, models, router
 
 from metering.events import quantity_to_units, units_to_quantity
 from metering.exceptions import InvalidQuantity
 from tenants.models import Tenant
+
+# The largest limit: what the ``limit`` column holds, numeric(24,6): 10**18 - 10**-6 of a unit, compared exactly by
+# the counters. A limit bounds a window's total, so it may be far above MAX_QUANTITY (one fact's bound). SQLite has
+# no exact decimal type and Django reads its decimals back through 15 significant digits, so there a limit is also
+# refused beyond 15 significant digits (it would come back rounded): 999999999.999999 or 999999999999999000 are fine.
+MAX_LIMIT_UNITS = 10**24 - 1
+SQLITE_LIMIT_DIGITS = 15
+
+
+def limit_to_units(value: object) -> int:
+    """Exact units of a quota limit (the quantity grammar, up to ``MAX_LIMIT_UNITS``). Raises ``InvalidQuantity``."""
+    return quantity_to_units(value, maximum_units=MAX_LIMIT_UNITS)
+
+
+def stored_exactly(units: int, using: str | None = None) -> bool:
+    """Whether the database holding quota limits stores a limit of ``units`` exactly."""
+    if connections[using or router.db_for_write(QuotaLimit)].vendor == "postgresql":
+        return True
+    return len(str(units).rstrip("0")) <= SQLITE_LIMIT_DIGITS
 
 
 def default_thresholds() -> list[int]:
@@ -60,7 +79,7 @@ class QuotaLimit(models.Model):
 
     @property
     def limit_units(self) -> int:
-        return quantity_to_units(self.limit)
+        return limit_to_units(self.limit)
 
     def clean(self) -> None:
         from metering.events import validate_feature_name
@@ -72,9 +91,13 @@ class QuotaLimit(models.Model):
             raise ValidationError({"feature": str(error)}) from error
         if self.limit is not None:
             try:
-                quantity_to_units(self.limit)
+                units = limit_to_units(self.limit)
             except InvalidQuantity as error:
                 raise ValidationError({"limit": str(error)}) from error
+            if not stored_exactly(units):
+                raise ValidationError(
+                    {"limit": f"this database stores at most {SQLITE_LIMIT_DIGITS} significant digits of a limit"}
+                )
         thresholds = self.warning_thresholds
         if not isinstance(thresholds, list) or not all(
             isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 100 for value in thresholds

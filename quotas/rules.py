@@ -28,11 +28,11 @@ from django.core.cache import caches
 
 from metering import counters
 from metering.conf import metering_settings
-from metering.events import quantity_to_units, units_to_quantity
+from metering.events import units_to_quantity
 from metering.windows import Period, window
 from tenants.context import TenantContext, TenantRef
 
-from .models import QuotaLimit
+from .models import QuotaLimit, limit_to_units
 
 logger = logging.getLogger("quotas.rules")
 CACHE_PREFIX = "xaas:quota-rules:v1:"
@@ -159,7 +159,7 @@ def _from_rows(context: TenantContext, feature: str, cached: dict[str, Any]) -> 
                     level_path=path,
                     feature=feature,
                     period=period,
-                    limit_units=quantity_to_units(Decimal(limit)),
+                    limit_units=limit_to_units(Decimal(limit)),
                     hard=enforcement == QuotaLimit.Enforcement.HARD,
                     thresholds=tuple(sorted(thresholds or ())),
                 )

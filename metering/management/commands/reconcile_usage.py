@@ -1,14 +1,13 @@
-"""``manage.py reconcile_usage``: recompute the hourly rollups of tenant trees from their facts, and repair them."""
+"""``manage.py reconcile_usage``: recompute the hourly rollups of tenant trees from their facts, compare the live
+Redis counters with them, and repair both."""
 
 from __future__ import annotations
 
 from datetime import UTC
 from decimal import Decimal
-from functools import partial
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
 
 from metering import counters
 from metering.conf import metering_settings
@@ -20,7 +19,10 @@ from tenants.tree import get_tenant
 
 
 class Command(BaseCommand):
-    help = "Check every rollup of the given root trees (default: all) against the usage facts and repair them."
+    help = (
+        "Check every rollup of the given root trees (default: all) against the usage facts, and every live Redis "
+        "counter against the rollups; repair what differs (--dry-run: report only)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("root_ids", nargs="*", metavar="ROOT_ID", help="Root tenants (default: every root).")
@@ -30,19 +32,32 @@ class Command(BaseCommand):
         dry_run: bool = options["dry_run"]
         roots = self.roots(options["root_ids"])
         using = metering_settings.DATABASE_ALIAS
-        found = 0
+        found = drifted = 0
+        names: dict[int, str] = {}
         for root in roots:
-            # reconcile_tree runs one day per transaction, each under the tree's exclusive lock.
+            # reconcile_tree runs one day per transaction, each under the tree's exclusive lock (and retires the
+            # tree's counters with every day it repairs).
             differences = reconcile_tree(root, repair=not dry_run, using=using)
-            if not dry_run:
-                # Always drop the tree's Redis counters, so the next read rebuilds them from the (repaired) rows:
-                # a counter can be stale even where the rollups are right (a write Redis missed).
-                transaction.on_commit(partial(counters.drop_trees, [root.pk]), using=using)
             for difference in sorted(differences, key=lambda d: (d.tenant_id, d.feature, d.bucket)):
                 self.stdout.write(describe(difference))
             found += len(differences)
+            try:
+                drift = counters.compare_live(root.pk, repair=not dry_run, using=using)
+            except counters.RedisError as error:
+                self.stderr.write(
+                    f"{root.external_id}: Redis unreachable ({type(error).__name__}), counters not compared"
+                )
+                continue
+            if drift:
+                names.update(
+                    Tenant.objects.filter(pk__in={d.tenant_pk for d in drift}).values_list("pk", "external_id")
+                )
+            for item in sorted(drift, key=lambda d: d.key):
+                self.stdout.write(describe_drift(item, names.get(item.tenant_pk, str(item.tenant_pk))))
+            drifted += len(drift)
         verb = "found" if dry_run else "repaired"
         self.stdout.write(f"{found} differences {verb} in {len(roots)} trees")
+        self.stdout.write(f"{drifted} live counters {verb} drifting from the rollups")
 
     def roots(self, root_ids: list[str]) -> list[Tenant]:
         if not root_ids:
@@ -68,6 +83,14 @@ def describe(difference: RollupDifference) -> str:
     if difference.stored_events != difference.expected_events:
         line += f" ({difference.stored_events} -> {difference.expected_events} events)"
     return line
+
+
+def describe_drift(drift: counters.CounterDrift, tenant_id: str) -> str:
+    window = "all time" if drift.window_start is None else f"{drift.window_start.astimezone(UTC):%Y-%m-%d %H:00} UTC"
+    return (
+        f"counter {tenant_id} {drift.feature} {drift.period} from {window}: "
+        f"Redis {format_units(drift.stored_units)} -> rollups {format_units(drift.expected_units)}"
+    )
 
 
 def format_units(units: int) -> str:
