@@ -9,22 +9,29 @@ is the same endpoint through the brief's async service, as an ASGI deployment wo
 
 from __future__ import annotations
 
-import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import wraps
+from inspect import iscoroutinefunction
+from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 
 from metering import InvalidUsageEvent, MeteringProtocol, UsageEvent, get_meter
+from metering.api.base import length_required, loads_json
+from metering.api.errors import ApiError, json_error
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
-from quotas.http import add_quota_headers, error_response, quota_exceeded_response
+from quotas.http import add_quota_headers, error_response, quota_exceeded_response, service_unavailable_response
 from quotas.ledger import Decision
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError
 from tenants.middleware import tenant_error_response
+from tenants.unavailable import STORE_ERRORS
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -95,15 +102,62 @@ class GuardedAIService(AIService):
         return {"model": "fake-echo", "prompt_chars": len(prompt)}
 
 
+MAX_BODY_BYTES = 6 * MAX_PROMPT_CHARS + 1024  # room for the longest prompt with every character \u-escaped
+
+
+def read_json(request: HttpRequest) -> object | JsonResponse:
+    """The body parsed as the API parses JSON (``metering.api.base.loads_json``: bounded size and depth, UTF-8, no
+    NaN), or the JSON error answer: 411 chunked, 413 too large, 400 ``invalid_json`` naming ``body``."""
+    refused = length_required(request.META, request.method)
+    if refused is None:
+        length = str(request.META.get("CONTENT_LENGTH") or "0")
+        if not re.fullmatch(r"[0-9]{1,18}", length) or int(length) > MAX_BODY_BYTES:
+            refused = ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes", "body")
+    if refused is None:
+        try:
+            return loads_json(request.body or b"null", limit=MAX_BODY_BYTES)
+        except RequestDataTooBig:  # beyond DATA_UPLOAD_MAX_MEMORY_SIZE, should that be set lower
+            refused = ApiError(413, "payload_too_large", "the body is too large", "body")
+        except ApiError as error:
+            refused = error
+    return json_error(refused.status_code, refused.code, refused.message, refused.field)
+
+
+def post_only(view: Callable[..., Any]) -> Callable[..., Any]:
+    """``require_POST`` answering a JSON 405 (with ``Allow``), for sync and async views alike."""
+
+    def refuse(request: HttpRequest) -> JsonResponse:
+        response = json_error(405, "method_not_allowed", f"{request.method} is not allowed: use POST")
+        response["Allow"] = "POST"
+        return response
+
+    if iscoroutinefunction(view):
+
+        @wraps(view)
+        async def async_guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            if request.method != "POST":
+                return refuse(request)
+            return await view(request, *args, **kwargs)
+
+        return async_guarded
+
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        if request.method != "POST":
+            return refuse(request)
+        return view(request, *args, **kwargs)
+
+    return guarded
+
+
 def parse_request(request: HttpRequest) -> tuple[TenantContext, str] | JsonResponse:
     """The tenant and the prompt, or the 400 answer naming what is wrong."""
+    body = read_json(request)
+    if isinstance(body, JsonResponse):
+        return body
     tenant: TenantContext | None = getattr(request, "tenant", None)
     if tenant is None:
         return error_response(400, "missing_tenant", "X-Tenant-ID", "name the tenant in the X-Tenant-ID header")
-    try:
-        body = json.loads(request.body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return error_response(400, "invalid_json", "body", "the body must be a JSON object")
     if not isinstance(body, dict):
         return error_response(400, "invalid_json", "body", "the body must be a JSON object")
     prompt = body.get("prompt")
@@ -132,7 +186,7 @@ def answer(outcome: tuple[Completion, Decision] | Answered) -> JsonResponse:
 
 
 @csrf_exempt
-@require_POST
+@post_only
 def completions(request: HttpRequest) -> JsonResponse:
     parsed = parse_request(request)
     if isinstance(parsed, JsonResponse):
@@ -143,11 +197,13 @@ def completions(request: HttpRequest) -> JsonResponse:
         )
     except ANSWERED as error:
         outcome = error
+    except STORE_ERRORS as error:
+        return service_unavailable_response(error, "demo")
     return answer(outcome)
 
 
 @csrf_exempt
-@require_POST
+@post_only
 async def completions_async(request: HttpRequest) -> JsonResponse:
     parsed = parse_request(request)
     if isinstance(parsed, JsonResponse):
@@ -158,4 +214,6 @@ async def completions_async(request: HttpRequest) -> JsonResponse:
         )
     except ANSWERED as error:
         outcome = error
+    except STORE_ERRORS as error:
+        return service_unavailable_response(error, "demo")
     return answer(outcome)

@@ -8,7 +8,10 @@ import pytest
 from django.contrib.staticfiles import finders
 from django.test import Client
 from drf_spectacular.validation import validate_schema
+from openapi_spec_validator import validate
 
+from metering.api.base import FEATURE_PATTERN
+from metering.api.base import TENANT_ID_SCHEMA_PATTERN as TENANT_ID_PATTERN
 from tests.api_helpers import error_of
 
 pytest_plugins = ["tests.api_fixtures"]
@@ -32,7 +35,93 @@ def schema(db):
 
 def test_the_schema_is_valid_openapi_3(schema):
     assert schema["openapi"].startswith("3.")
-    validate_schema(schema)  # raises on an invalid document
+    validate_schema(schema)  # drf-spectacular's own check: raises on an invalid document
+    validate(schema)  # openapi-spec-validator: the reference validator (it caught a stray path parameter once)
+
+
+def test_the_id_path_parameter_is_on_the_detail_routes_only(schema):
+    for path, methods in PATHS.items():
+        for method in methods:
+            names = [(p["name"], p["in"]) for p in schema["paths"][path][method].get("parameters", [])]
+            if "{id}" in path:
+                assert ("id", "path") in names, (path, method)
+                (param,) = [p for p in schema["paths"][path][method]["parameters"] if p["name"] == "id"]
+                assert param["schema"] == {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+            else:
+                assert not [name for name, where in names if where == "path"], (path, method, names)
+
+
+def _component(schema, name):
+    return schema["components"]["schemas"][name]
+
+
+def test_quantities_are_declared_as_the_server_judges_them(schema):
+    for component, field in [
+        ("EventRequest", "quantity"),
+        ("QuotaRequest", "limit"),
+        ("PatchedQuotaUpdateRequest", "limit"),
+    ]:
+        declared = _component(schema, component)["properties"][field]["oneOf"]
+        assert declared == [
+            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$", "maxLength": 20},
+            {"type": "number", "minimum": 0, "maximum": 10**12},
+        ]
+    (quantity,) = [p for p in schema["paths"]["/api/v1/entitlements"]["get"]["parameters"] if p["name"] == "quantity"]
+    assert quantity["schema"]["oneOf"][0]["pattern"] == r"^[0-9]+(\.[0-9]{1,6})?$"
+
+
+def test_every_string_is_bounded_and_patterned_as_the_server_checks_it(schema):
+    event = _component(schema, "EventRequest")["properties"]
+    assert event["tenant_id"]["maxLength"] == 128 and event["tenant_id"]["pattern"] == TENANT_ID_PATTERN
+    assert event["feature_name"] == {**event["feature_name"], "maxLength": 100, "pattern": FEATURE_PATTERN}
+    assert event["transaction_id"]["maxLength"] == 128
+    assert event["transaction_id"]["pattern"] == "^[\\u0021-\\u007e]{1,128}$"
+    assert event["metadata"]["nullable"] is True  # null is accepted as "no metadata" (test_api_hostile)
+    assert event["timestamp"]["oneOf"][0] == {"type": "string", "format": "date-time", "maxLength": 64}
+    quota = _component(schema, "QuotaRequest")["properties"]
+    assert quota["tenant_id"]["pattern"] == TENANT_ID_PATTERN and quota["feature"]["pattern"] == FEATURE_PATTERN
+    for path, methods in PATHS.items():
+        for method in methods:
+            for param in schema["paths"][path][method].get("parameters", []):
+                declared = param["schema"]
+                if declared.get("type") == "string" and "enum" not in declared:
+                    assert "maxLength" in declared, (path, method, param["name"])
+
+
+def test_request_bodies_refuse_unknown_fields(schema):
+    for name in [
+        "EventRequest",
+        "EventBatchRequest",
+        "QuotaRequest",
+        "QuotaUpdateRequest",
+        "PatchedQuotaUpdateRequest",
+    ]:
+        assert _component(schema, name)["additionalProperties"] is False, name
+    assert _component(schema, "EventBatchRequest")["properties"]["events"]["maxItems"] == 1000
+
+
+EXPECTED_ERRORS = {
+    ("/api/v1/events", "post"): {400, 401, 403, 404, 406, 411, 413, 415, 422, 503},
+    ("/api/v1/usage", "get"): {400, 401, 403, 404, 406, 503},
+    ("/api/v1/entitlements", "get"): {400, 401, 403, 404, 406, 503},
+    ("/api/v1/quotas", "get"): {400, 401, 403, 404, 406, 503},
+    ("/api/v1/quotas", "post"): {400, 401, 403, 404, 406, 409, 411, 413, 415, 503},
+    ("/api/v1/quotas/{id}", "get"): {400, 401, 403, 404, 406, 503},
+    ("/api/v1/quotas/{id}", "put"): {400, 401, 403, 404, 406, 411, 413, 415, 503},
+    ("/api/v1/quotas/{id}", "patch"): {400, 401, 403, 404, 406, 411, 413, 415, 503},
+    ("/api/v1/quotas/{id}", "delete"): {400, 401, 403, 404, 406, 503},
+}
+
+
+def test_every_error_status_a_route_can_answer_is_declared_with_the_error_body(schema):
+    for (path, method), expected in EXPECTED_ERRORS.items():
+        responses = schema["paths"][path][method]["responses"]
+        errors = {int(code) for code in responses if int(code) >= 400}
+        assert errors == expected, (path, method, errors)
+        for code in errors:
+            body = responses[str(code)]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/Error"}, (path, method, code)
+        assert responses["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer"}
 
 
 def test_the_schema_has_every_endpoint_and_method(schema):
@@ -86,7 +175,9 @@ def test_swagger_ui_is_served_without_a_cdn(db):
 # ---- JSON errors, never HTML, anywhere under /api/ ----
 
 
-@pytest.mark.parametrize("path", ["/api/v1/nothing", "/api/v1/events/", "/api/v1/quotas/1/extra", "/api/v1/"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/nothing", "/api/v1/events/", "/api/v1/quotas/1/extra", "/api/v1/", "/api/x", "/api"]
+)
 def test_unknown_api_paths_are_json_404(api, path):
     response = api.get(path)
     assert response.status_code == 404

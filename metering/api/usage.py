@@ -88,7 +88,7 @@ class UsageView(ApiView):
             assert period is not None
             try:
                 start, end = window(period, at)
-            except OverflowError:  # the window of a moment in December 9999 ends past year 9999
+            except (OverflowError, ValueError):  # the window of a moment late in 9999 ends past year 9999
                 raise ApiError(
                     400, "invalid_datetime", f"the {period} window of {iso(at)} ends after year 9999", "at"
                 ) from None
