@@ -24,13 +24,16 @@ from .models import UsageRollup
 from .windows import Period, ceil_hour, floor_hour, matching_period, window
 
 
-def _validate_range(start: datetime | None, end: datetime | None) -> None:
-    """Each end ``None`` or an aware datetime from 1970-01-01 to 9999-01-01 UTC (so that no window computation
-    overflows); ``end`` not before ``start``. Raises ``InvalidPeriod`` naming ``start_time`` or ``end_time``."""
+def _validate_range(start: datetime | None, end: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """The range in plain UTC datetimes: each end ``None`` or an aware datetime from 1970-01-01 to 9999-01-01 UTC
+    (so that no window computation overflows), ``end`` not before ``start``. Raises ``InvalidPeriod`` naming
+    ``start_time`` or ``end_time``. UTC, because an offset such as -21:56:00.9 is a valid Python ``timezone`` that
+    PostgreSQL refuses ("time zone displacement out of range")."""
     first = None if start is None else utc_moment(start, "start_time", InvalidPeriod)
     last = None if end is None else utc_moment(end, "end_time", InvalidPeriod)
     if first is not None and last is not None and last < first:
         raise InvalidPeriod("end_time is before start_time", field="end_time")
+    return first, last
 
 
 def get_usage_units(
@@ -38,7 +41,7 @@ def get_usage_units(
 ) -> int:
     """Exact units used by the tenant's subtree in ``[start_time, end_time)``; ``None`` leaves an end open."""
     feature = validate_feature_name(feature_name)
-    _validate_range(start_time, end_time)
+    start_time, end_time = _validate_range(start_time, end_time)
     context = tenant_id if isinstance(tenant_id, TenantContext) else get_context(tenant_id, require_active=False)
     period = matching_period(start_time, end_time)
     if period is not None:

@@ -506,3 +506,16 @@ def test_a_created_tenant_is_addressable(tenant_id):
     get_meter().record_usage_sync(UsageEvent(tenant_id, "llm_tokens", 2))
     assert QuotaPolicyHandler(tenant_id).check("llm_tokens", 1).allowed
     assert get_meter().get_usage_sync(tenant_id, "llm_tokens", None, None) == 2
+
+
+def test_odd_but_valid_offsets_are_stored_and_queried_in_utc(forest):
+    # Python allows any offset below 24 h, to the microsecond; PostgreSQL refuses such displacements, so every
+    # moment is converted to UTC before it reaches a query.
+    odd = timezone(-timedelta(hours=21, minutes=56, microseconds=976816))
+    moment = datetime(2026, 1, 10, 3, 0, tzinfo=odd)
+    get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 3, moment))
+    assert UsageRecord.objects.get().timestamp == moment.astimezone(UTC)
+    start = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=23, minutes=59, seconds=59, microseconds=999999)))
+    end = datetime(2026, 2, 1, 0, 0, 0, 1, tzinfo=odd)
+    assert get_meter().get_usage_sync("org", "llm_tokens", start, end) == 3
+    assert get_meter().get_usage_sync("org", "llm_tokens", None, end) == 3
