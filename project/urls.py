@@ -1,5 +1,9 @@
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
 from django.contrib import admin
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -15,13 +19,32 @@ def json_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     return json_error(404, "not_found", f"nothing at {request.path}")
 
 
+def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """The schema and docs views render their errors as YAML or HTML (their renderers); under /api/ they are JSON,
+    with the same body the exception handler made (and its ``Allow`` / ``WWW-Authenticate`` headers)."""
+
+    @wraps(view)  # keeps csrf_exempt, as DRF set it
+    def answered(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        data = getattr(response, "data", None)
+        if response.status_code >= 400 and isinstance(data, dict) and "error" in data:
+            shaped = JsonResponse(data, status=response.status_code)
+            for name in ("Allow", "WWW-Authenticate", "Retry-After"):
+                if response.has_header(name):
+                    shaped[name] = response[name]
+            return shaped
+        return response
+
+    return answered
+
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("demo/completions", demo.completions, name="demo-completions"),
     path("demo/completions-async", demo.completions_async, name="demo-completions-async"),
     path("api/v1/", include("metering.api.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/schema/", json_errors(SpectacularAPIView.as_view()), name="schema"),
+    path("api/docs/", json_errors(SpectacularSwaggerView.as_view(url_name="schema")), name="swagger-ui"),
     re_path(r"^(?:api|demo)(?:/(?P<rest>.*))?$", json_not_found),
 ]
 

@@ -512,3 +512,20 @@ def test_with_debug_off_a_500_outside_the_api_logs_its_traceback_and_answers_jso
     assert "Traceback (most recent call last)" in done.stderr, done.stderr
     assert "RuntimeError: boom from the demo" in done.stderr
     assert "Internal Server Error: /demo/completions" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("POST", "/api/schema/", {}, 405),
+        ("DELETE", "/api/docs/", {}, 405),
+        ("GET", "/api/schema/", {"Accept": "text/csv"}, 406),
+        ("GET", "/api/schema/?format=xml", {}, 404),
+    ],
+)
+def test_the_schema_and_docs_pages_answer_their_errors_as_json(db, method, path, headers, status):
+    response = Client(enforce_csrf_checks=True).generic(method, path, headers=headers)
+    assert response.status_code == status
+    assert error_of(response)["code"] in {"method_not_allowed", "not_acceptable", "not_found"}
+    if status == 405:
+        assert "GET" in response["Allow"]
