@@ -21,6 +21,7 @@ Why it stays exact:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,6 +56,21 @@ def client() -> Any | None:
         return get_redis_connection(metering_settings.CACHE_ALIAS)
     except (NotImplementedError, AttributeError, KeyError):
         return None
+
+
+UNREACHABLE_MEMORY_SECONDS = 1.0
+_unreachable_at = -UNREACHABLE_MEMORY_SECONDS
+
+
+def note_unreachable() -> None:
+    """A Redis call of this process just failed (the quota paths then start on the database for a moment)."""
+    global _unreachable_at
+    _unreachable_at = time.monotonic()
+
+
+def recently_unreachable() -> bool:
+    """Whether a Redis call of this process failed within the last second."""
+    return time.monotonic() - _unreachable_at < UNREACHABLE_MEMORY_SECONDS
 
 
 def tree_tag(root_pk: int) -> str:

@@ -77,7 +77,12 @@ class QuotaPolicyHandler:
         if units == 0:
             return self.check(feature, 0, raise_exception=True)
         event = UsageEvent(
-            self.context.tenant_id, feature, quantity, utcnow(), metadata or {}, transaction_id=transaction_id
+            self.context.tenant_id,
+            feature,
+            quantity,
+            utcnow(),
+            {} if metadata is None else metadata,
+            transaction_id=transaction_id,
         )
         gate = _FactGate(self, feature)
         return self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
@@ -88,7 +93,7 @@ class QuotaPolicyHandler:
         units = quantity_to_units(quantity)
         change = Change(feature=feature, check_units=units, used_at=utcnow())
         using = metering_settings.DATABASE_ALIAS
-        exclusive = False
+        exclusive = counters.recently_unreachable()
         for _ in range(MAX_ATTEMPTS):
             try:
                 with transaction.atomic(using=using):
@@ -248,15 +253,18 @@ class QuotaPolicyHandler:
 
 
 class _Mode:
-    """How the next attempt locks its tree: shared normally, exclusive after Redis lost counters."""
+    """How the next attempt locks its tree: shared normally, exclusive after Redis lost counters or failed. While
+    Redis has just failed in this process, start exclusive: a shared attempt would only fail the same way."""
 
-    exclusive = False
+    def __init__(self) -> None:
+        self.exclusive = counters.recently_unreachable()
 
 
 class _FactGate(_Mode):
     """The quota decision inside a fact's transaction (see ``metering.recorder.Gate``)."""
 
     def __init__(self, handler: QuotaPolicyHandler, feature: str, reservation: QuotaReservation | None = None) -> None:
+        super().__init__()
         self.handler = handler
         self.feature = feature
         self.reservation = reservation
@@ -356,7 +364,12 @@ class Reservation:
             raise RuntimeError("this reservation is already committed or released")
         handler = self.handler
         event = UsageEvent(
-            handler.context.tenant_id, self.row.feature, actual, utcnow(), metadata or {}, transaction_id
+            handler.context.tenant_id,
+            self.row.feature,
+            actual,
+            utcnow(),
+            {} if metadata is None else metadata,
+            transaction_id,
         )
         gate = _FactGate(handler, self.row.feature, reservation=self.row)
         decision = handler._attempt(lambda: _meter().record_fact(event, context=handler.context, gate=gate), gate)

@@ -189,6 +189,7 @@ def decide(
         try:
             return _decide_redis(redis, context, rules, change, enforce, token, epoch)
         except counters.RedisError as error:
+            counters.note_unreachable()
             if rules and not exclusive:
                 # A decision on the database must not run beside decisions on Redis that cannot see it.
                 raise RedisUnavailable(type(error).__name__) from None

@@ -410,10 +410,14 @@ def test_a_non_event_is_a_named_error():
     assert isinstance(raised.value, ValueError) and raised.value.field == "event"
 
 
-@pytest.mark.xfail(strict=True, reason="handler.consume takes `metadata or {}`: a falsy non-dict passes unseen")
-def test_consume_refuses_falsy_non_dict_metadata(forest):
+@pytest.mark.parametrize("falsy", [[], "", 0, False])
+def test_consume_and_commit_refuse_falsy_non_dict_metadata(forest, falsy):
+    handler = QuotaPolicyHandler("k1")
     with pytest.raises(InvalidMetadata):
-        QuotaPolicyHandler("k1").consume("llm_tokens", 1, metadata=[])  # type: ignore[arg-type]
+        handler.consume("llm_tokens", 1, metadata=falsy)  # type: ignore[arg-type]
+    with handler.reserve("llm_tokens", 1) as reservation, pytest.raises(InvalidMetadata):
+        reservation.commit(1, metadata=falsy)  # type: ignore[arg-type]
+    assert UsageRecord.objects.count() == 0
 
 
 # ---- the boundaries: the largest (or smallest) valid value is accepted exactly ----
