@@ -475,6 +475,11 @@ def test_out_of_range_event_timestamps_are_422_naming_timestamp(api, timestamp):
     nothing_stored()
 
 
+def test_timestamp_null_means_now(api):
+    assert api.post(EVENTS, event(timestamp=None)).status_code == 201
+    assert UsageRecord.objects.count() == 1
+
+
 def test_metadata_null_means_no_metadata(api):
     response = api.post(EVENTS, event(metadata=None))
     assert response.status_code == 201

@@ -201,10 +201,10 @@ def _validation_errors(problems: dict[int, Problems], count: int) -> ApiError:
 @extend_schema_field(
     {
         "oneOf": [
-            {"type": "string", "format": "date-time", "maxLength": 64},
+            {"type": "string", "format": "date-time", "maxLength": 64, "nullable": True},
             {"type": "number"},
         ],
-        "description": "ISO-8601 with a UTC offset (2025-01-31T12:00:00Z) or Unix seconds. Default: now. "
+        "description": "ISO-8601 with a UTC offset (2025-01-31T12:00:00Z) or Unix seconds. Default (or null): now. "
         "Not more than FUTURE_TOLERANCE_SECONDS in the future.",
     }
 )
