@@ -16,13 +16,14 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, extend_schema_view
 from rest_framework import serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from metering import rollups
 from metering.api.base import (
+    QUANTITY_PATTERN,
     ApiPagination,
     ApiView,
     FeatureField,
@@ -40,11 +41,12 @@ from metering.api.errors import ApiError, unknown_tenant
 from metering.api.schema import BODY_STATUSES, RETRY_AFTER, ClosedSerializer, error_responses
 from metering.conf import metering_settings
 from metering.events import units_to_quantity, utcnow
+from metering.exceptions import InvalidQuantity
 from tenants.lineage import get_context
 
 from .handler import QuotaPolicyHandler
 from .ledger import QuotaStatus, reserved_units
-from .models import QuotaLimit, default_thresholds
+from .models import MAX_LIMIT_UNITS, QuotaLimit, default_thresholds, limit_to_units
 from .rules import rules_for
 
 PERIODS = [choice.value for choice in QuotaLimit.Period]
@@ -52,11 +54,42 @@ ENFORCEMENTS = [choice.value for choice in QuotaLimit.Enforcement]
 IDENTITY_FIELDS = ("tenant_id", "feature", "period")
 
 
+LIMIT_MAX_LENGTH = len(str(MAX_LIMIT_UNITS // 10**6)) + 7  # 18 digits, ".", 6 decimals
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": LIMIT_MAX_LENGTH},
+            # 999999999999999999.999999 is no double: the bound is stated as "below 10**18" (OpenAPI 3.0 form).
+            {"type": "number", "minimum": 0, "maximum": (MAX_LIMIT_UNITS + 1) // 10**6, "exclusiveMaximum": True},
+        ],
+        "description": "A non-negative decimal with at most 6 decimal places, up to 999999999999999999.999999 "
+        "(a limit bounds a window's total, so it may exceed one fact's MAX_QUANTITY); a string keeps it exact. "
+        "On SQLite at most 15 significant digits.",
+        "example": "1000000",
+    }
+)
+class LimitField(QuantityField):
+    """A quota limit: the quantity grammar, up to what the ``limit`` column holds (``quotas.models``)."""
+
+    def to_internal_value(self, data: Any) -> Decimal:
+        if isinstance(data, str) and len(data) > LIMIT_MAX_LENGTH:
+            raise serializers.ValidationError(f"limit must be at most {LIMIT_MAX_LENGTH} characters", code=self.code)
+        try:
+            return units_to_quantity(limit_to_units(data))
+        except InvalidQuantity as error:
+            raise serializers.ValidationError(str(error).replace("quantity", "limit", 1), code=self.code) from None
+
+    def to_representation(self, value: Any) -> str:
+        return format(units_to_quantity(limit_to_units(Decimal(value))), "f")
+
+
 class QuotaSerializer(ClosedSerializer):
     id = serializers.IntegerField(read_only=True)
     tenant_id = TenantIdField(help_text="A tenant strictly below the API key's own tenant.")
     feature = FeatureField()
-    limit = QuantityField(code="invalid_limit", help_text="At most this much per window; 0 blocks everything.")
+    limit = LimitField(code="invalid_limit", help_text="At most this much per window; 0 blocks everything.")
     period = serializers.ChoiceField(choices=PERIODS, default=QuotaLimit.Period.MONTH)
     enforcement = serializers.ChoiceField(
         choices=ENFORCEMENTS, default=QuotaLimit.Enforcement.HARD, help_text="hard blocks; soft records and warns."

@@ -157,7 +157,8 @@ BAD_BODIES = [
     (body(limit="abc"), "invalid_limit", "limit"),
     (body(limit=True), "invalid_limit", "limit"),
     (body(limit="0.0000001"), "invalid_limit", "limit"),
-    (body(limit=10**13), "invalid_limit", "limit"),
+    (body(limit=10**18), "invalid_limit", "limit"),  # past the column (a limit may exceed MAX_QUANTITY)
+    (body(limit="1" + "0" * 25), "invalid_limit", "limit"),
     (body(limit=None), "null", "limit"),
     (body(period="week"), "invalid_choice", "period"),
     (body(enforcement="maybe"), "invalid_choice", "enforcement"),
@@ -317,3 +318,15 @@ def test_a_child_quota_above_the_parents_does_not_lift_the_parents(api, quotas, 
         api.patch(f"{URL}/{quotas['acme-chat-key-1'].pk}", {"limit": 10**9}, key="project")
         api.patch(f"{URL}/{quotas['acme-chat-key-1/day'].pk}", {"limit": 10**9}, key="project")
     assert QuotaPolicyHandler("acme-chat-key-1").check("llm_tokens", 1001).allowed is False  # acme-chat's 1000
+
+
+def test_a_limit_may_exceed_one_facts_maximum_up_to_what_the_column_holds(api, forest):
+    """A limit bounds a window's total, not one fact: far above MAX_QUANTITY, exactly, and refused past the column."""
+    from quotas.models import stored_exactly
+
+    largest = "999999999999999999.999999" if stored_exactly(10**24 - 1) else "999999999999999000"
+    created = api.post(URL, body(limit=largest))
+    assert created.status_code == 201, created.json()
+    assert created.json()["limit"] == largest
+    beyond = api.post(URL, body(feature="other", limit="1000000000000000000"))
+    assert beyond.status_code == 400 and beyond.json()["error"]["field"] == "limit"

@@ -56,15 +56,15 @@ def _component(schema, name):
 
 
 def test_quantities_are_declared_as_the_server_judges_them(schema):
-    for component, field in [
-        ("EventRequest", "quantity"),
-        ("QuotaRequest", "limit"),
-        ("PatchedQuotaUpdateRequest", "limit"),
-    ]:
-        declared = _component(schema, component)["properties"][field]["oneOf"]
-        assert declared == [
-            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$", "maxLength": 20},
-            {"type": "number", "minimum": 0, "maximum": 10**12},
+    assert _component(schema, "EventRequest")["properties"]["quantity"]["oneOf"] == [
+        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$", "maxLength": 20},
+        {"type": "number", "minimum": 0, "maximum": 10**12},
+    ]
+    # A limit bounds a window's total, not one fact: up to what the limit column holds.
+    for component in ("QuotaRequest", "PatchedQuotaUpdateRequest"):
+        assert _component(schema, component)["properties"]["limit"]["oneOf"] == [
+            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$", "maxLength": 25},
+            {"type": "number", "minimum": 0, "maximum": 10**18, "exclusiveMaximum": True},
         ]
     (quantity,) = [p for p in schema["paths"]["/api/v1/entitlements"]["get"]["parameters"] if p["name"] == "quantity"]
     assert quantity["schema"]["oneOf"][0]["pattern"] == r"^[0-9]+(\.[0-9]{1,6})?$"
