@@ -43,6 +43,10 @@ def test_set_list_and_check():
         ("set", "ghost", "llm_tokens", "1"),
         ("set", "org", "llm_tokens", "-1"),
         ("set", "org", "llm_tokens", "abc"),
+        ("set", "org", "llm_tokens", "\uff11\uff12"),  # fullwidth digits: Decimal() reads them as 12
+        ("set", "org", "llm_tokens", " 7 "),
+        ("set", "org", "llm_tokens", "1e3"),
+        ("set", "org", "llm_tokens", "1000000000000000000"),  # past the limit column
         ("set", "org", "bad feature", "1"),
         ("check", "org", "llm_tokens", "nan"),
     ],

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from metering.events import units_to_quantity
-from metering.exceptions import InvalidUsageEvent
+from metering.exceptions import InvalidQuantity, InvalidUsageEvent
 from tenants.exceptions import TenantError
 from tenants.tree import get_tenant
 
 from ...handler import QuotaPolicyHandler
-from ...models import QuotaLimit
+from ...models import QuotaLimit, limit_to_units
 
 
 class Command(BaseCommand):
@@ -47,10 +46,10 @@ class Command(BaseCommand):
 
     def handle_set(self, tenant_id: str, feature: str, limit: str, period: str, soft: bool, **_: Any) -> None:
         tenant = get_tenant(tenant_id)
-        try:
-            amount = Decimal(limit)
-        except InvalidOperation:
-            raise CommandError(f"limit must be a number, got {limit!r}") from None
+        try:  # the API's grammar: ASCII digits, at most 6 decimals (Decimal() would take fullwidth digits or " 7 ")
+            amount = units_to_quantity(limit_to_units(limit))
+        except InvalidQuantity as error:
+            raise CommandError(str(error).replace("quantity", "limit", 1)) from None
         quota = QuotaLimit.objects.filter(tenant=tenant, feature=feature, period=period).first() or QuotaLimit(
             tenant=tenant, feature=feature, period=period
         )
