@@ -84,7 +84,7 @@ def test_redis_decisions_are_exact_beyond_double_precision(redis_cache, used):
         pytest.skip("SQLite stores limits of at most 15 significant digits exactly (PostgreSQL: 24)")
     tree({"org": None, "project": "org"})
     fill_hour(["org", "project"], used, floor_hour(datetime.now(UTC)))
-    limit("org", units_to_quantity(used + 1), period="day")
+    limit("org", str(units_to_quantity(used + 1)), period="day")
     handler = QuotaPolicyHandler("project")
     assert handler.check("llm_tokens", "0.000001").allowed
     assert not handler.check("llm_tokens", "0.000002").allowed

@@ -365,8 +365,9 @@ def test_hostile_value_raises_its_named_error_and_stores_nothing(forest, entry, 
     with pytest.raises(ERRORS[field]) as raised:
         call({**VALID, field: value, "reservation": reservation})
     assert isinstance(raised.value, ValueError)
-    assert raised.value.field == field
-    assert raised.value.code == CODES[field]
+    error: Any = raised.value
+    assert error.field == field
+    assert error.code == CODES[field]
     assert stored() == before
     if reservation is not None:
         assert not reservation.closed  # still held: the caller may commit a valid amount or release it
@@ -414,9 +415,9 @@ def test_a_non_event_is_a_named_error():
 def test_consume_and_commit_refuse_falsy_non_dict_metadata(forest, falsy):
     handler = QuotaPolicyHandler("k1")
     with pytest.raises(InvalidMetadata):
-        handler.consume("llm_tokens", 1, metadata=falsy)  # type: ignore[arg-type]
+        handler.consume("llm_tokens", 1, metadata=falsy)
     with handler.reserve("llm_tokens", 1) as reservation, pytest.raises(InvalidMetadata):
-        reservation.commit(1, metadata=falsy)  # type: ignore[arg-type]
+        reservation.commit(1, metadata=falsy)
     assert UsageRecord.objects.count() == 0
 
 
