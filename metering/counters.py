@@ -21,13 +21,14 @@ Why it stays exact:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.db import Error, connections, transaction
 
 from tenants.locks import lock_trees
 
@@ -71,6 +72,11 @@ def note_unreachable() -> None:
 def recently_unreachable() -> bool:
     """Whether a Redis call of this process failed within the last second."""
     return time.monotonic() - _unreachable_at < UNREACHABLE_MEMORY_SECONDS
+
+
+def unreachable_since(moment: float) -> bool:
+    """Whether a Redis call of this process failed at or after ``moment`` (``time.monotonic()``)."""
+    return _unreachable_at >= moment
 
 
 def tree_tag(root_pk: int) -> str:
@@ -133,12 +139,15 @@ def current_epoch(root_pk: int, using: str) -> int:
 
 
 def bump_epoch_statement(root_pk: int, using: str) -> tuple[str, list[Any]]:
+    """A fresh *random* epoch, not the next number: a bump that rolls back (in a caller's transaction, say) must
+    never hand its number to a later bump, whose keys Redis may already hold from a rebuild inside that
+    transaction."""
     table = _epoch_table(using)
     sql = (
-        f"INSERT INTO {table} (root_id, epoch) VALUES (%s, 1) "  # noqa: S608 (our table)
-        f"ON CONFLICT (root_id) DO UPDATE SET epoch = {table}.epoch + 1"
+        f"INSERT INTO {table} (root_id, epoch) VALUES (%s, %s) "  # noqa: S608 (our table)
+        f"ON CONFLICT (root_id) DO UPDATE SET epoch = excluded.epoch"
     )
-    return sql, [root_pk]
+    return sql, [root_pk, secrets.randbits(62) + 1]
 
 
 def bump_epochs(root_pks: Iterable[int], using: str) -> None:
@@ -164,6 +173,7 @@ def read(
             return int(value)
         return rebuild(redis, root_pk, tenant_pk, feature, period, start, end)
     except RedisError as error:
+        note_unreachable()
         logger.warning("usage counter unavailable, reading the database instead: %s", type(error).__name__)
         return None
 
@@ -180,12 +190,23 @@ def rebuild(
     """Set the counter from the committed rollups, with the tree locked exclusively (no writer in flight), under the
     epoch read with that lock held."""
     using = metering_settings.DATABASE_ALIAS
+    failed: RedisError | None = None
     with transaction.atomic(using=using):
         lock_trees([root_pk], exclusive=True, using=using)
         epoch = current_epoch(root_pk, using)
         units = rollups.sum_units(tenant_pk, feature, start, end, using=using)
         counter = key(root_pk, tenant_pk, feature, period, start, epoch=epoch)
-        redis.set(counter, str(units), ex=int(metering_settings.COUNTER_TTL_SECONDS))
+        try:
+            # NX: a counter that exists is newer than this sum (rebuilt and counted since), never older.
+            redis.set(counter, str(units), ex=int(metering_settings.COUNTER_TTL_SECONDS), nx=True)
+        except RedisError as error:
+            # The SET may still land after the lock is released, with a sum that misses later facts: retire the
+            # epoch it would land in, in this transaction, before anyone else can decide.
+            note_unreachable()
+            bump_epochs([root_pk], using)
+            failed = error
+    if failed is not None:
+        raise failed
     return units
 
 
@@ -210,16 +231,17 @@ class DropIfCommitFails:
 
 
 def forget_trees(root_pks: Iterable[int]) -> None:
-    """After a transaction that counted in Redis failed: its counters must not be trusted. Bump the trees' epochs (in
-    a transaction of their own) and drop the counters; either one suffices, so each is tried."""
+    """After a transaction that counted in Redis (or may still, a late command) failed: its counters must not be
+    trusted. Bump the trees' epochs in a transaction of their own; should the database refuse, drop the counters
+    instead (either suffices)."""
     root_pks = sorted(set(root_pks))
     using = metering_settings.DATABASE_ALIAS
     try:
         with transaction.atomic(using=using):
             bump_epochs(root_pks, using)
-    except DatabaseError as error:
+    except Error as error:  # the database is in trouble too (a failed COMMIT, say)
         logger.error("could not bump the counter epoch of trees %s: %s", root_pks, type(error).__name__)
-    drop_trees(root_pks)
+        drop_trees(root_pks)
 
 
 def drop_trees(root_pks: Iterable[int]) -> None:
@@ -234,11 +256,6 @@ def drop_trees(root_pks: Iterable[int]) -> None:
                 redis.delete(*batch[offset : offset + 500])
     except RedisError as error:
         logger.error("could not drop usage counters of trees %s: %s", sorted(root_pks), type(error).__name__)
-
-
-def epoch_for(root_pk: int, using: str) -> int:
-    """The tree's counter epoch when Redis counters are configured (one primary-key lookup), else 0 (no query)."""
-    return current_epoch(root_pk, using) if client() is not None else 0
 
 
 # ---- reconciliation: the live counters against the database ----

@@ -195,8 +195,7 @@ def _write_fact(
         record_id = int(rows[0][0]) if rows else None
         if record_id is not None:
             rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
-            if counters.client() is not None:
-                epoch = counters.current_epoch(lineage_pks[0], using)
+            epoch = counters.current_epoch(lineage_pks[0], using)
     if record_id is not None:
         return record_id, extra_rows, epoch
     existing = (
@@ -247,5 +246,6 @@ def count(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> 
     except counters.RedisError as error:
         # The fact is the truth and still commits; the counters that missed it are retired with it (epoch bump in
         # this transaction), so no decision uses them again, whenever and with whatever data Redis comes back.
+        counters.note_unreachable()
         logger.warning("usage counters missed a fact (%s); retiring the tree's counters", type(error).__name__)
         counters.bump_epochs([lineage_pks[0]], using)

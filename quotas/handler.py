@@ -6,6 +6,7 @@ Every path — decorator, middleware, DRF permission, reservations, the demo —
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -30,12 +31,13 @@ from metering.events import (
 from tenants.context import TenantContext
 from tenants.lineage import get_context
 from tenants.locks import lock_trees, name_lock_statement, tree_lock_statement
+from tenants.models import Tenant
 
 from . import ledger
 from .exceptions import QuotaConfigurationError, QuotaExceeded
 from .ledger import Change, Decision, NeedsExclusive
 from .models import QuotaReservation
-from .rules import QuotaRule, RuleSet, rules_for, ruleset
+from .rules import QuotaRule, RuleSet, ruleset
 from .signals import quota_exceeded, quota_threshold_reached
 
 logger = logging.getLogger("quotas")
@@ -50,7 +52,6 @@ class QuotaPolicyHandler:
     def __init__(self, context: TenantContext | str) -> None:
         # A tenant id is resolved on first use, so the handler can be built in async code.
         self._context = context
-        self._rules_by_feature: dict[str, RuleSet] = {}
 
     @property
     def context(self) -> TenantContext:
@@ -94,22 +95,29 @@ class QuotaPolicyHandler:
         change = Change(feature=feature, check_units=units, used_at=utcnow())
         using = metering_settings.DATABASE_ALIAS
         exclusive = counters.recently_unreachable()
-        for _ in range(MAX_ATTEMPTS):
-            try:
-                with transaction.atomic(using=using):
-                    if exclusive:
-                        lock_trees([self.context.root.pk], exclusive=True, using=using)
-                    epoch = counters.epoch_for(self.context.root.pk, using)
-                    decision = self._decide(change, using, exclusive=exclusive, epoch=epoch)
-                    transaction.set_rollback(True, using=using)  # a check writes nothing
-                return decision
-            except NeedsExclusive:
-                exclusive = True
-            except QuotaExceeded as error:
-                if raise_exception:
-                    self._rejected(error)
-                    raise
-                return Decision(allowed=False, blocked=error)
+        started = time.monotonic()
+        try:
+            for _ in range(MAX_ATTEMPTS):
+                try:
+                    with transaction.atomic(using=using):
+                        if exclusive:
+                            lock_trees([self.context.root.pk], exclusive=True, using=using)
+                        epoch = counters.current_epoch(self.context.root.pk, using)
+                        decision = self._decide(change, using, exclusive=exclusive, epoch=epoch)
+                        transaction.set_rollback(True, using=using)  # a check writes nothing
+                    return decision
+                except NeedsExclusive:
+                    exclusive = True
+                except QuotaExceeded as error:
+                    if raise_exception:
+                        self._rejected(error)
+                        raise
+                    return Decision(allowed=False, blocked=error)
+        finally:
+            if counters.unreachable_since(started):
+                # A check rolls back, and with it any epoch bump for a Redis command that may still land: bump it
+                # durably.
+                counters.forget_trees([self.context.root.pk])
         raise RuntimeError("quota counters could not be rebuilt")  # pragma: no cover
 
     # ---- reservations: for work whose size is known only afterwards ----
@@ -151,7 +159,11 @@ class QuotaPolicyHandler:
                 holder["row"] = row
                 self._after_commit(decision)
 
-        self._attempt(attempt, mode)
+        try:
+            self._attempt(attempt, mode)
+        except _StaleContext:
+            self._context = get_context(self.context.tenant_id, use_cache=False)
+            self._attempt(attempt, mode)
         return Reservation(self, holder["row"])
 
     # ---- async twins ----
@@ -173,55 +185,29 @@ class QuotaPolicyHandler:
         using: str,
         *,
         exclusive: bool,
+        epoch: int,
         enforce: bool = True,
         used_written: bool = True,
-        epoch: int = 0,
     ) -> Decision:
-        """``ledger.decide`` with this lineage's rules, reloaded if a limit of the tree changed meanwhile."""
+        """``ledger.decide`` with this lineage's rules as of the tree's ``epoch`` (read under the tree lock)."""
         decide = ledger.decide_exclusively if exclusive else ledger.decide
-        for attempt in range(MAX_ATTEMPTS):
-            rules = self._ruleset(change.feature, refresh=attempt > 0)
-            # Should the token keep vanishing (eviction, flushes), the last attempt decides on the rules just read
-            # from the database, which are current without it.
-            token = rules.token if attempt < MAX_ATTEMPTS - 1 else None
-            try:
-                return decide(
-                    self.context,
-                    rules.rules,
-                    change,
-                    using,
-                    enforce=enforce,
-                    token=token,
-                    used_written=used_written,
-                    epoch=epoch,
-                )
-            except ledger.StaleRules:
-                continue
-        raise AssertionError("unreachable: the last attempt decides without a token")  # pragma: no cover
+        rules = self._ruleset(change.feature, epoch)
+        return decide(self.context, rules.rules, change, using, enforce=enforce, used_written=used_written, epoch=epoch)
 
-    def _ruleset(self, feature: str, *, refresh: bool = False) -> RuleSet:
-        redis = ledger.use_redis()
-        found: RuleSet | None = None
-        if redis is not None:
-            try:  # in this process's memory, checked against the tree's rules token by the decision script
-                found = ruleset(self.context, feature, redis, refresh=refresh)
-            except counters.RedisError as error:
-                logger.warning("quota rules token unavailable: %s", type(error).__name__)
-        if found is None:  # the database path: read once per handler (a reservation's commit reuses it)
-            found = self._rules_by_feature.get(feature)
-            if found is None or refresh:
-                found = self._rules_by_feature[feature] = RuleSet(tuple(rules_for(self.context, feature)))
+    def _ruleset(self, feature: str, epoch: int) -> RuleSet:
+        found = ruleset(self.context, feature, epoch)
         if self.context.exempt:
             # Zero-cap: counted (so thresholds and usage stay right) but never blocking.
             exempted = tuple(
                 QuotaRule(r.quota_id, r.level, r.level_path, r.feature, r.period, r.limit_units, False, r.thresholds)
                 for r in found.rules
             )
-            return RuleSet(exempted, found.token, found.loaded_at)
+            return RuleSet(exempted, found.epoch, found.loaded_at)
         return found
 
     def _attempt(self, run: Callable[[], Any], mode: _Mode) -> Decision:
         for _ in range(MAX_ATTEMPTS):
+            started = time.monotonic()
             try:
                 run()
             except NeedsExclusive:
@@ -229,7 +215,13 @@ class QuotaPolicyHandler:
                 # them on the spot (or deciding on the database).
                 mode.exclusive = True
                 continue
-            except QuotaExceeded as error:
+            except Exception as error:
+                if counters.unreachable_since(started):
+                    # Redis failed in this attempt, and a command it did not answer may still land (a rebuild's SET
+                    # among them). The epoch bumped for it rolled back with the attempt: bump it durably.
+                    counters.forget_trees([self.context.root.pk])
+                if not isinstance(error, QuotaExceeded):
+                    raise
                 if _expire_due(self.context):
                     continue  # abandoned reservations were holding the room: decide again
                 self._rejected(error)
@@ -309,6 +301,8 @@ class _FactGate(_Mode):
         rollups_written: bool,
         epoch: int,
     ) -> None:
+        # The recorder verified this lineage under the tree lock (it re-reads a stale one): decide with it.
+        self.handler._context = context
         reservation = self.reservation
         if reservation is None:
             change = Change(
@@ -414,9 +408,13 @@ def _insert_reservation(
     connection = connections[using]
     table = connection.ops.quote_name(QuotaReservation._meta.db_table)
     moment = connection.ops.adapt_datetimefield_value
+    tenants = connection.ops.quote_name(Tenant._meta.db_table)
+    # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was read with (as facts do): a stale
+    # lineage (a concurrent move, or a cache that missed its invalidation) inserts nothing.
     insert = (
         f"INSERT INTO {table} (tenant_id, feature, units, window_at, expires_at, state, created_at) "  # noqa: S608
-        f"VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id"
+        f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
+        f"(SELECT 1 FROM {tenants} WHERE id = %s AND path = %s AND is_active) RETURNING id"
     )
     params = [
         row.tenant_id,
@@ -426,12 +424,16 @@ def _insert_reservation(
         moment(row.expires_at),
         row.state,
         moment(row.created_at),
+        context.tenant.pk,
+        context.path,
     ]
     names = ledger.lock_names(context, row.feature)
     if connection.vendor != "postgresql":
         lock_trees([context.root.pk], exclusive=exclusive, using=using)
-        pk = int(batch.execute([(insert, params)])[0][0])
-        return pk, counters.epoch_for(context.root.pk, using)
+        inserted = batch.execute([(insert, params)])
+        if not inserted:
+            raise _StaleContext()
+        return int(inserted[0][0]), counters.current_epoch(context.root.pk, using)
     epoch_sql, epoch_params = counters.epoch_subquery(context.root.pk, using)
     insert = insert.replace("RETURNING id", f"RETURNING id, {epoch_sql}")
     params += epoch_params
@@ -446,14 +448,22 @@ def _insert_reservation(
         # over-count; their commit records the fact all the same). Only when the transaction is ours: inside a
         # caller's, facts may be written too, and they always wait.
         statements.insert(0, ("SET LOCAL synchronous_commit TO OFF", []))
-    returned = batch.execute(statements)[0]
-    return int(returned[0]), int(returned[1])
+    inserted = batch.execute(statements)
+    if not inserted:
+        raise _StaleContext()
+    return int(inserted[0][0]), int(inserted[0][1])
+
+
+class _StaleContext(Exception):
+    """The lineage a reservation was decided with no longer matches the tree: read it again and retry."""
 
 
 def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:
     """Release or expire an active reservation: its units leave every level's reserved counters."""
     using = metering_settings.DATABASE_ALIAS
-    with transaction.atomic(using=using):
+    # Redis gives the units back before the COMMIT: should the COMMIT fail, the counters are retired.
+    counting = counters.DropIfCommitFails(context.root.pk)
+    with counting, transaction.atomic(using=using):
         lock_trees([context.root.pk], exclusive=False, using=using)
         closed = (
             QuotaReservation.objects.using(using)
@@ -462,8 +472,9 @@ def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:
         )
         if closed:
             change = Change(feature=row.feature, reserved_delta=-row.units, reserved_at=row.window_at)
-            epoch = counters.epoch_for(context.root.pk, using)
+            epoch = counters.current_epoch(context.root.pk, using)
             ledger.decide(context, [], change, using, enforce=False, epoch=epoch)
+            counting.counted()
     return bool(closed)
 
 

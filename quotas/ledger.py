@@ -41,7 +41,7 @@ from tenants.locks import lock_trees
 
 from .exceptions import QuotaExceeded
 from .models import QuotaReservation
-from .rules import QuotaRule, token_key
+from .rules import QuotaRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +94,6 @@ class Decision:
         """The quota with the least room left (hard ones first): the one clients should pace themselves by."""
         candidates = [status for status in self.statuses if status.hard] or list(self.statuses)
         return min(candidates, key=lambda status: status.remaining, default=None)
-
-
-class StaleRules(Exception):
-    """The rules a decision was given are older than the tree's last limit change; reload them and decide again."""
 
 
 class NeedsExclusive(Exception):
@@ -174,20 +170,19 @@ def decide(
     using: str,
     *,
     enforce: bool = True,
-    token: str | None = None,
     used_written: bool = True,
     epoch: int = 0,
     exclusive: bool = False,
 ) -> Decision:
     """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``),
-    ``NeedsRebuild``, ``RedisUnavailable`` or ``StaleRules`` (``token``: the rules token ``rules`` were read under,
-    see ``rules.ruleset``). Call inside the transaction that stores the change, after taking ``lock_names``.
+    ``NeedsRebuild`` or ``RedisUnavailable``. Call inside the transaction that stores the change, after taking
+    ``lock_names``, with ``rules`` read under ``epoch`` (``rules.ruleset``).
     ``used_written``: the change's usage is already in the rollups (the database path sums them). ``epoch``: the
     tree's counter epoch read under the tree lock; ``exclusive``: that lock is held exclusively."""
     redis = use_redis()
     if redis is not None:
         try:
-            return _decide_redis(redis, context, rules, change, enforce, token, epoch)
+            return _decide_redis(redis, context, rules, change, enforce, epoch)
         except counters.RedisError as error:
             counters.note_unreachable()
             if rules and not exclusive:
@@ -204,7 +199,6 @@ def _decide_redis(
     rules: Sequence[QuotaRule],
     change: Change,
     enforce: bool,
-    token: str | None,
     epoch: int,
 ) -> Decision:
     moment = change.moment
@@ -231,10 +225,9 @@ def _decide_redis(
         if change.reserved_delta and change.reserved_at
         else []
     )
-    token_keys = [] if token is None else [token_key(root)]
     # Every amount travels as a decimal string: the script adds and compares them exactly (no doubles).
     result = scripts.script(redis, "quotas", "decide")(
-        keys=rule_keys + used_keys + reserved_keys + token_keys,
+        keys=rule_keys + used_keys + reserved_keys,
         args=[
             len(rules),
             len(used_keys),
@@ -243,12 +236,9 @@ def _decide_redis(
             str(change.reserved_delta),
             str(change.check_units),
             *limits,
-            token or "",
         ],
     )
     status = int(result[0])
-    if status == 3:
-        raise StaleRules()
     if status == 0:
         raise NeedsRebuild(rules, change)
     if status == 2:
@@ -304,7 +294,6 @@ def decide_exclusively(
     using: str,
     *,
     enforce: bool = True,
-    token: str | None = None,
     used_written: bool = True,
     epoch: int = 0,
 ) -> Decision:
@@ -320,7 +309,6 @@ def decide_exclusively(
                 change,
                 using,
                 enforce=enforce,
-                token=token,
                 used_written=used_written,
                 epoch=epoch,
                 exclusive=True,
@@ -330,6 +318,7 @@ def decide_exclusively(
                 rebuild(context, missing.rules, missing.change.moment, locked=True, pending=change, epoch=epoch)
             except counters.RedisError:
                 # Redis went away between the decision and the rebuild: decide on the database.
+                counters.note_unreachable()
                 counters.bump_epochs([context.root.pk], using)
                 return _decide_database(context, rules, change, using, enforce, used_written)
     raise RuntimeError("Redis keeps losing the quota counters")  # pragma: no cover
@@ -378,5 +367,5 @@ def rebuild(
                     values[reserved_key] -= pending.reserved_delta
         pipe = redis.pipeline(transaction=False)
         for key, value in values.items():
-            pipe.set(key, str(value), ex=ttl)
+            pipe.set(key, str(value), ex=ttl, nx=True)  # one that exists was rebuilt and counted since: newer
         pipe.execute()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
-from django.db import connections, models, router
+from django.db import connections, models, router, transaction
 
 from metering.events import quantity_to_units, units_to_quantity
 from metering.exceptions import InvalidQuantity
@@ -73,6 +74,23 @@ class QuotaLimit(models.Model):
     def __str__(self) -> str:
         return f"{self.tenant_id}:{self.feature} {self.limit}/{self.period}"
 
+    # A change of limit bumps its tree's counter epoch in the change's own transaction: from its commit on, every
+    # decision in every process reloads the tree's rules (``quotas.rules``). ``QuerySet.update`` bumps nothing.
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        using = kwargs.get("using") or router.db_for_write(QuotaLimit, instance=self)
+        with transaction.atomic(using=using):
+            super().save(*args, **kwargs)
+            _retire_tree_rules(self.tenant_id, using)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        using = kwargs.get("using") or router.db_for_write(QuotaLimit, instance=self)
+        tenant_pk = self.tenant_id
+        with transaction.atomic(using=using):
+            deleted = super().delete(*args, **kwargs)
+            _retire_tree_rules(tenant_pk, using)
+        return deleted
+
     @property
     def hard(self) -> bool:
         return self.enforcement == self.Enforcement.HARD
@@ -103,6 +121,14 @@ class QuotaLimit(models.Model):
             isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 100 for value in thresholds
         ):
             raise ValidationError({"warning_thresholds": "A list of whole percentages from 1 to 100."})
+
+
+def _retire_tree_rules(tenant_pk: int, using: str) -> None:
+    from metering import counters
+
+    path = Tenant.objects.using(using).filter(pk=tenant_pk).values_list("path", flat=True).first()
+    if path:
+        counters.bump_epochs([int(path.strip("/").split("/")[0])], using)
 
 
 class QuotaReservation(models.Model):

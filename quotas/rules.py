@@ -1,23 +1,19 @@
-"""The quotas that apply to a lineage and a feature, cached and invalidated on commit of a change.
+"""The quotas that apply to a lineage and a feature, cached, and never used once a limit of the tree changed.
 
 Two caches:
-- ``rules_for``: per level in the metering cache (one round trip when warm), for the database decision path and
-  for reads;
-- ``ruleset``: in this process, for the Redis decision path, with no round trip at all. Each entry carries the
-  tree's *rules token*, a random value kept in Redis under the tree's hash tag; the decision script refuses to
-  decide with a token that is no longer current, and the caller reloads (``ledger.StaleRules``). A change to any
-  limit in the tree deletes the token on commit, so every process's entries for that tree go stale at once,
-  and a lost Redis loses the token too. The token is read *before* the limits, so a change whose invalidation
-  runs after the read always leaves the entry stale: once a change's on-commit invalidation has run, no decision
-  uses the older limits. Limits must therefore change through the model (admin, API, ``quota set``), never
-  ``QuerySet.update``, which sends no signal; should Redis be unreachable at that moment, entries still expire
-  after ``CACHE_TIMEOUT``.
+- ``rules_for``: per level in the metering cache (one round trip when warm), for reads (entitlements, the admin);
+- ``ruleset``: in this process, for decisions, with no round trip at all. Each entry carries the tree's counter
+  epoch (``metering.counters``) it was read under. Saving or deleting a limit bumps its tree's epoch in the same
+  transaction (``QuotaLimit.save``), and every decision reads the tree's current epoch in the statement it sends
+  anyway: an entry of another epoch is reloaded. So from the commit of a change on, no decision in any process uses
+  the older limits — with Redis, without it, or with a Redis restored from an old backup. The epoch is read
+  *before* the limits, so an entry can only be newer than its epoch, never older. Limits must therefore change
+  through the model (admin, API, ``quota set``), never ``QuerySet.update``, which bumps nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +22,6 @@ from typing import Any
 
 from django.core.cache import caches
 
-from metering import counters
 from metering.conf import metering_settings
 from metering.events import units_to_quantity
 from metering.windows import Period, window
@@ -64,10 +59,10 @@ def _key(tenant_pk: int, feature: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RuleSet:
-    """The rules of one lineage and feature, and the tree's rules token they were read under (``None``: no Redis)."""
+    """The rules of one lineage and feature, and the tree's counter epoch they were read under."""
 
     rules: tuple[QuotaRule, ...]
-    token: str | None = None
+    epoch: int
     loaded_at: float = 0.0
 
 
@@ -75,44 +70,25 @@ LOCAL_MAX_ENTRIES = 10_000
 _local: dict[tuple[tuple[TenantRef, ...], str], RuleSet] = {}
 
 
-def token_key(root_pk: int) -> str:
-    return f"{counters.tree_tag(root_pk)}:rules"
-
-
-def ruleset(context: TenantContext, feature: str, redis: Any, *, refresh: bool = False) -> RuleSet:
-    """The rules for the Redis decision path, from this process's memory unless ``refresh`` (see the module)."""
+def ruleset(context: TenantContext, feature: str, epoch: int) -> RuleSet:
+    """The rules for a decision whose statement read the tree's ``epoch`` (see the module), from this process's
+    memory when they were read under that epoch, else from the database."""
     entry = (context.lineage, feature)
     now = time.monotonic()
-    if not refresh:
-        cached = _local.get(entry)
-        # The age limit bounds staleness should an invalidation ever fail to reach Redis.
-        if cached is not None and now - cached.loaded_at < CACHE_TIMEOUT:
-            return cached
-    token = current_token(redis, context.root.pk)
+    cached = _local.get(entry)
+    # The age bounds memory only; exactness comes from the epoch.
+    if cached is not None and cached.epoch == epoch and now - cached.loaded_at < CACHE_TIMEOUT:
+        return cached
     rows = _load(feature, [level.pk for level in context.lineage])
-    loaded = RuleSet(tuple(_from_rows(context, feature, rows)), token, now)
+    loaded = RuleSet(tuple(_from_rows(context, feature, rows)), epoch, now)
     if len(_local) >= LOCAL_MAX_ENTRIES:
         _local.clear()
     _local[entry] = loaded
     return loaded
 
 
-def current_token(redis: Any, root_pk: int) -> str:
-    """The tree's rules token, created if missing. Never ``None``: a decision without one would not see changes."""
-    key = token_key(root_pk)
-    for _ in range(10):
-        token = redis.get(key)
-        if token is not None:
-            return str(token.decode() if isinstance(token, bytes) else token)
-        fresh = secrets.token_hex(8)
-        if redis.set(key, fresh, nx=True):
-            return fresh
-        # Another process created it, and it was deleted again before we read it (a limit change): read again.
-    raise counters.RedisError("the quota rules token keeps disappearing")
-
-
 def forget_local() -> None:
-    """Empty this process's rule cache (tests; the tokens make it unnecessary otherwise)."""
+    """Empty this process's rule cache (tests; the epochs make it unnecessary otherwise)."""
     _local.clear()
 
 
@@ -168,23 +144,10 @@ def _from_rows(context: TenantContext, feature: str, cached: dict[str, Any]) -> 
 
 
 def invalidate(tenant_pk: int, feature: str) -> None:
-    """Forget the cached rules of ``tenant_pk`` (every process's, through the tree's rules token). After commit."""
+    """Forget the cached rules of ``tenant_pk`` in the metering cache and in this process (after commit; other
+    processes see the change through the tree's epoch, which the change bumped)."""
     try:
         caches[metering_settings.CACHE_ALIAS].delete(_key(tenant_pk, feature))
     except Exception as error:
         logger.warning("quota rule cache unavailable: %s", type(error).__name__)
     _local.clear()
-    redis = counters.client()
-    if redis is None:
-        return
-    from tenants.models import Tenant
-
-    tenants = Tenant.objects.using(metering_settings.DATABASE_ALIAS)
-    path = tenants.filter(pk=tenant_pk).values_list("path", flat=True).first()
-    if not path:
-        return  # the tenant is gone: no lineage can reach its rules any more
-    try:
-        redis.delete(token_key(int(path.strip("/").split("/")[0])))
-    except counters.RedisError as error:
-        # The decision script would keep accepting this process's peers' old rules: say so loudly.
-        logger.error("could not invalidate the quota rules of tenant %s: %s", tenant_pk, type(error).__name__)

@@ -173,7 +173,7 @@ def test_redis_stopped_mid_run_and_restarted_with_its_data(redis_server):
     hammer.run([(60, stop), (140, redis_server.start)])
     assert redis_server.client().dbsize() > 0  # it did come back with data
     # The outage's decisions were taken on the database, and retired the counters Redis came back with.
-    assert counters.current_epoch(get_context("org").root.pk, "default") > (epoch_before or 0)
+    assert counters.current_epoch(get_context("org").root.pk, "default") != epoch_before
     assert hammer.slowest < SLOW_REQUEST
     assert_exact(hammer)
 

@@ -16,16 +16,14 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import override_settings
 
+from metering import counters
 from metering.adapters.database import DatabaseMeteringAdapter
 from metering.events import ValidEvent, utcnow
 from metering.exceptions import DuplicateUsageEvent
 from metering.models import UsageRecord, UsageRollup
-from quotas import ledger
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
-from quotas.ledger import Change
 from quotas.models import QuotaLimit, QuotaReservation
-from quotas.rules import rules_for, token_key
 from tenants.context import TenantContext
 from tenants.lineage import get_context
 from tests.factories import record, tree, usage
@@ -177,43 +175,54 @@ def test_a_limit_changed_in_another_process_applies_to_the_next_decision(redis_c
     quota = limit("org", 10)
     handler = QuotaPolicyHandler("k1")
     handler.consume("llm_tokens", 5)  # this process now holds the organization's rules in memory
-    # Another process lowers the limit: the row changes, and its on-commit invalidation deletes the tree's token.
-    QuotaLimit.objects.filter(pk=quota.pk).update(limit=Decimal(6))
     root = get_context("k1").root.pk
-    assert redis_cache.exists(token_key(root))
-    redis_cache.delete(token_key(root))
+    before = counters.current_epoch(root, "default")
+    # Another process lowers the limit through the model: the row changes and its transaction bumps the tree's
+    # epoch; this process's memory is told nothing.
+    with transaction.atomic():
+        QuotaLimit.objects.filter(pk=quota.pk).update(limit=Decimal(6))
+        counters.bump_epochs([root], "default")
+    assert counters.current_epoch(root, "default") != before
     with pytest.raises(QuotaExceeded) as blocked:
         QuotaPolicyHandler("k1").consume("llm_tokens", 2)
     assert blocked.value.limit == 6
 
 
-def test_saving_a_limit_deletes_its_tree_token_on_commit(redis_cache):
+def test_saving_or_deleting_a_limit_bumps_its_trees_epoch_in_its_own_transaction(backend):
     tree(ORG)
     tree({"elsewhere": None})
     quota = limit("p1", 10)
-    QuotaPolicyHandler("k1").consume("llm_tokens", 1)
-    QuotaPolicyHandler("elsewhere").consume("llm_tokens", 1)
     org, elsewhere = get_context("org").root.pk, get_context("elsewhere").root.pk
-    assert redis_cache.exists(token_key(org)) and redis_cache.exists(token_key(elsewhere))
+    epochs = {org: counters.current_epoch(org, "default"), elsewhere: counters.current_epoch(elsewhere, "default")}
     quota.limit = Decimal(2)
+    with transaction.atomic():
+        quota.save()
+        assert counters.current_epoch(org, "default") != epochs[org]  # with the change, not after it
+        transaction.set_rollback(True)
+    assert counters.current_epoch(org, "default") == epochs[org]  # rolled back together
     quota.save()
-    assert not redis_cache.exists(token_key(org))
-    assert redis_cache.exists(token_key(elsewhere))  # another tree's rules stay cached
+    assert counters.current_epoch(elsewhere, "default") == epochs[elsewhere]  # another tree's rules stay cached
     with pytest.raises(QuotaExceeded):
-        QuotaPolicyHandler("k2").consume("llm_tokens", 2)
+        QuotaPolicyHandler("k2").consume("llm_tokens", 3)
+    bumped = counters.current_epoch(org, "default")
+    quota.delete()
+    assert counters.current_epoch(org, "default") != bumped
+    assert QuotaPolicyHandler("k2").consume("llm_tokens", 3).allowed
 
 
-def test_the_decision_script_refuses_a_stale_token_and_changes_nothing(redis_cache):
+def test_rules_read_under_an_older_epoch_are_reloaded(backend):
+    from quotas import rules
+
     tree(ORG)
     limit("org", 10)
-    QuotaPolicyHandler("k1").consume("llm_tokens", 3)
     context = get_context("k1")
-    rules = rules_for(context, "llm_tokens")
-    change = Change(feature="llm_tokens", check_units=1, used_delta=1, used_at=utcnow())
-    with pytest.raises(ledger.StaleRules), transaction.atomic():
-        ledger.decide(context, rules, change, "default", token="not-the-token")
-    decision = ledger.decide(context, rules, Change(feature="llm_tokens", used_at=utcnow()), "default")
-    assert decision.statuses[0].used == 3
+    root = context.root.pk
+    epoch = counters.current_epoch(root, "default")
+    first = rules.ruleset(context, "llm_tokens", epoch)
+    assert rules.ruleset(context, "llm_tokens", epoch) is first  # from memory
+    QuotaLimit.objects.filter(tenant__external_id="org").update(limit=Decimal(4))  # no bump: not seen
+    assert rules.ruleset(context, "llm_tokens", epoch).rules[0].limit == 10
+    assert rules.ruleset(context, "llm_tokens", epoch + 1).rules[0].limit == 4  # another epoch: reloaded
 
 
 def test_a_reservation_inside_a_callers_transaction_leaves_its_commits_durable(on_postgres, redis_cache):
@@ -258,21 +267,6 @@ def test_a_configured_isolation_level_is_not_dropped_by_the_folded_begin(on_post
     finally:
         raw.isolation_level = None
     assert not sent[0].startswith("BEGIN")  # psycopg opened it, with the isolation level
-    assert usage("org") == 3
-
-
-def test_a_tree_whose_rules_token_keeps_changing_still_decides_on_current_limits(redis_cache, monkeypatch):
-    import secrets
-
-    from quotas import rules
-
-    tree(ORG)
-    limit("org", 3)
-    # Every read finds a token that is gone by the time the decision script runs (eviction, flushes).
-    monkeypatch.setattr(rules, "current_token", lambda redis, root_pk: secrets.token_hex(8))
-    assert QuotaPolicyHandler("k1").consume("llm_tokens", 3).allowed
-    with pytest.raises(QuotaExceeded):
-        QuotaPolicyHandler("k2").consume("llm_tokens", 1)
     assert usage("org") == 3
 
 
