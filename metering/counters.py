@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -263,9 +263,10 @@ def drop_trees(root_pks: Iterable[int]) -> None:
 
 @dataclass(frozen=True, slots=True)
 class CounterDrift:
-    """A live usage counter whose value is not what the committed rollups say."""
+    """A live counter whose value is not what the database says (``kind``: ``u`` usage, ``r`` reserved)."""
 
     key: str
+    kind: str
     tenant_pk: int
     feature: str
     period: Period
@@ -291,31 +292,52 @@ def parse_key(counter: str) -> tuple[int, str, int, str, Period, datetime | None
     return epoch, parts[3], tenant_pk, ":".join(parts[5:-2]), period, start
 
 
+# What each kind of counter should hold: ``(tenant pk, tenant path, feature, start, end) -> units`` from the database.
+# Usage counters are the rollups; other apps register theirs (``quotas`` its reserved counters), this app knowing
+# nothing of them.
+ExpectedUnits = Callable[[int, str, str, datetime | None, datetime | None, str], int]
+_expected: dict[str, ExpectedUnits] = {
+    USED: lambda tenant_pk, path, feature, start, end, using: rollups.sum_units(
+        tenant_pk, feature, start, end, using=using
+    )
+}
+
+
+def register_kind(kind: str, expected: ExpectedUnits) -> None:
+    """Let ``compare_live`` check counters of ``kind`` against what ``expected`` reads from the database."""
+    _expected[kind] = expected
+
+
 def compare_live(root_pk: int, *, repair: bool, using: str) -> list[CounterDrift]:
-    """Every live usage counter of the tree's current epoch against the committed rollups, with the tree locked
-    exclusively (no writer in flight, so both sides are the same instant). ``repair``: when any differs, bump the
-    epoch in that transaction, so every counter of the tree is rebuilt from the database before it is used again.
-    Reserved counters (``quotas``) are retired with them. Redis off: nothing to compare."""
+    """Every live counter of the tree's current epoch (usage, and each registered kind) against the database, with
+    the tree locked exclusively (no writer in flight, so both sides are the same instant). ``repair``: when any
+    differs, bump the epoch in that transaction, so every counter of the tree is rebuilt from the database before
+    it is used again. Redis off: nothing to compare."""
     redis = client()
     if redis is None:
         return []
+    from tenants.models import Tenant
+
     drift: list[CounterDrift] = []
     with transaction.atomic(using=using):
         lock_trees([root_pk], exclusive=True, using=using)
         epoch = current_epoch(root_pk, using)
-        prefix = f"{tree_tag(root_pk)}:e{epoch}:{USED}:"
+        prefix = f"{tree_tag(root_pk)}:e{epoch}:"
         names = sorted(name.decode() for name in redis.scan_iter(match=prefix + "*", count=1000))
+        paths = dict(
+            Tenant.objects.using(using).filter(path__startswith=f"/{root_pk}/").values_list("pk", "path").iterator()
+        )
         for offset in range(0, len(names), 500):
             chunk = names[offset : offset + 500]
             for name, value in zip(chunk, redis.mget(chunk), strict=True):
                 parsed = parse_key(name)
-                if value is None or parsed is None:
-                    continue  # expired meanwhile, or not ours
-                _, _, tenant_pk, feature, period, start = parsed
+                if value is None or parsed is None or parsed[1] not in _expected or parsed[2] not in paths:
+                    continue  # expired meanwhile, not ours, or of a tenant that left the tree
+                _, kind, tenant_pk, feature, period, start = parsed
                 end = window(period, start)[1] if start is not None else None
-                expected = rollups.sum_units(tenant_pk, feature, start, end, using=using)
+                expected = _expected[kind](tenant_pk, paths[tenant_pk], feature, start, end, using)
                 if int(value) != expected:
-                    drift.append(CounterDrift(name, tenant_pk, feature, period, start, int(value), expected))
+                    drift.append(CounterDrift(name, kind, tenant_pk, feature, period, start, int(value), expected))
         if repair and drift:
             bump_epochs([root_pk], using)
     return drift

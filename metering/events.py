@@ -213,9 +213,11 @@ def quantity_to_units(value: object, *, maximum_units: int | None = None) -> int
 
 
 def units_to_quantity(units: int) -> Decimal:
-    """The exact quantity, without trailing zeros and never in exponent form (10, not 1E+1)."""
-    quantity = (Decimal(units) / UNITS_PER_ONE).quantize(UNIT).normalize()
-    return quantity if quantity.as_tuple().exponent <= 0 else quantity.quantize(Decimal(1))
+    """The exact quantity, without trailing zeros and never in exponent form (10, not 1E+1), at any size: built
+    from its digits, so no Decimal context (28 digits by default) can round it."""
+    whole, fraction = divmod(abs(units), UNITS_PER_ONE)
+    decimals = f"{fraction:0{DECIMAL_PLACES}d}".rstrip("0")
+    return Decimal(f"{'-' if units < 0 else ''}{whole}{'.' + decimals if decimals else ''}")
 
 
 def validate_feature_name(name: object) -> str:

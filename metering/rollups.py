@@ -177,14 +177,22 @@ def move_rollups(
     table = _table(UsageRollup, using)
     leaving = [pk for pk in old_ancestor_pks if pk not in new_ancestor_pks]
     joining = [pk for pk in new_ancestor_pks if pk not in old_ancestor_pks]
+    guarded = connections[using].vendor != "postgresql"
     with connections[using].cursor() as cursor:
+        moved_rows = UsageRollup.objects.using(using).filter(tenant_id=tenant.pk).count() if guarded else 0
         for sign, ancestors in ((-1, leaving), (1, joining)):
             for ancestor in ancestors:
                 source = (
                     f"SELECT %s, feature, bucket, {sign} * units, {sign} * events "  # noqa: S608 (our table)
                     f"FROM {table} WHERE tenant_id = %s"
                 )
-                cursor.execute(_upsert_sql(table, 0, source), [ancestor, tenant.pk])
+                # SQLite: a joined ancestor's row must not pass 64 bits (the move is refused, all of it).
+                cursor.execute(_upsert_sql(table, 0, source, guarded=guarded and sign > 0), [ancestor, tenant.pk])
+                if guarded and sign > 0 and len(cursor.fetchall()) < moved_rows:
+                    raise UsageTotalOutOfRange(
+                        f"moving {tenant.external_id!r} would carry an hourly total of its new ancestors beyond the "
+                        "exact range; nothing was moved"
+                    )
         if leaving:
             UsageRollup.objects.using(using).filter(tenant_id__in=leaving, units=0, events=0).delete()
     # In the move's transaction: from its commit on, both trees' counters are rebuilt before any decision.

@@ -145,3 +145,28 @@ def test_the_largest_limit_is_stored_exactly_and_the_next_unit_is_refused_by_nam
     with pytest.raises(ValidationError) as refused:
         beyond.full_clean()
     assert "limit" in refused.value.message_dict
+
+
+def test_a_move_that_would_carry_a_row_past_the_exact_range_is_refused_whole():
+    from tenants.tree import move_tenant
+
+    if connection.vendor == "postgresql":
+        pytest.skip("PostgreSQL rows hold 10**38 units: no move of real facts reaches that")
+    tree({"a": None, "pa": "a", "b": None})
+    near = units_to_quantity(max_quantity_units())
+    for minute in range(5):
+        record("pa", near, timestamp=HOUR + timedelta(minutes=minute))
+        record("b", near, timestamp=HOUR + timedelta(minutes=minute))
+    rows = list(UsageRollup.objects.order_by("pk").values_list("tenant_id", "units"))
+    with pytest.raises(UsageTotalOutOfRange):
+        move_tenant("pa", "b")  # b's hour would hold 10 * 10**18 units > 2**63 - 1
+    assert list(UsageRollup.objects.order_by("pk").values_list("tenant_id", "units")) == rows
+    assert Tenant.objects.get(external_id="pa").parent.external_id == "a"
+
+
+def test_quantities_read_back_exactly_past_the_decimal_contexts_28_digits():
+    tree({"org": None})
+    units = 10**28 + 1 if connection.vendor == "postgresql" else SQLITE_MAX_UNITS
+    fill_hour(["org"], units)
+    assert get_meter().get_usage_sync("org", "llm_tokens", None, None) == units_to_quantity(units)
+    assert str(units_to_quantity(units)) == f"{units // 10**6}.{units % 10**6:06d}".rstrip("0").rstrip(".")

@@ -85,11 +85,15 @@ def describe(difference: RollupDifference) -> str:
     return line
 
 
+KINDS = {counters.USED: ("counter", "rollups"), counters.RESERVED: ("reserved counter", "open reservations")}
+
+
 def describe_drift(drift: counters.CounterDrift, tenant_id: str) -> str:
     window = "all time" if drift.window_start is None else f"{drift.window_start.astimezone(UTC):%Y-%m-%d %H:00} UTC"
+    what, source = KINDS.get(drift.kind, (f"{drift.kind} counter", "database"))
     return (
-        f"counter {tenant_id} {drift.feature} {drift.period} from {window}: "
-        f"Redis {format_units(drift.stored_units)} -> rollups {format_units(drift.expected_units)}"
+        f"{what} {tenant_id} {drift.feature} {drift.period} from {window}: "
+        f"Redis {format_units(drift.stored_units)} -> {source} {format_units(drift.expected_units)}"
     )
 
 
