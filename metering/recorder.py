@@ -170,11 +170,9 @@ def _write_fact(
         if with_fact is not None:
             extra_cte, extra_count = f", extra AS ({with_fact[0]})", "(SELECT count(*) FROM extra)"
             params += with_fact[1]
-        epoch_sql, epoch_params = counters.epoch_subquery(lineage_pks[0], using)
-        params += epoch_params
         fact_and_rollups = (
             f"WITH fact AS ({insert}){rolled}{extra_cte} "  # noqa: S608
-            f"SELECT fact.id, {extra_count}, {epoch_sql} FROM fact"
+            f"SELECT fact.id, {extra_count}, fact.epoch FROM fact"
         )
         statements.append((fact_and_rollups, params))
         try:
@@ -194,8 +192,8 @@ def _write_fact(
         rows = batch.execute([(insert, params)])
         record_id = int(rows[0][0]) if rows else None
         if record_id is not None:
+            epoch = int(rows[0][1])
             rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
-            epoch = counters.current_epoch(lineage_pks[0], using)
     if record_id is not None:
         return record_id, extra_rows, epoch
     existing = (
@@ -214,12 +212,14 @@ def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> t
     facts = connection.ops.quote_name(UsageRecord._meta.db_table)
     tenants = connection.ops.quote_name(Tenant._meta.db_table)
     metadata_field = UsageRecord._meta.get_field("metadata")
-    # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was cached with.
+    # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was cached with; the tree's counter
+    # epoch comes back with the fact's id (a statement the hot path sends anyway).
+    epoch_sql, epoch_params = counters.epoch_subquery(context.root.pk, using)
     sql = (
         f"INSERT INTO {facts} (tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at) "  # noqa: S608
         f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
         f"(SELECT 1 FROM {tenants} WHERE id = %s AND path = %s AND is_active) "
-        f"ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING id"
+        f"ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING id, {epoch_sql} AS epoch"
     )
     params = [
         context.tenant.pk,
@@ -231,6 +231,7 @@ def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> t
         connection.ops.adapt_datetimefield_value(utcnow()),
         context.tenant.pk,
         context.path,
+        *epoch_params,
     ]
     return sql, params
 
