@@ -1,7 +1,8 @@
 """The example project's error pages: JSON under ``/api/`` and ``/demo/`` (clients of those read JSON, never an HTML
 page), Django's own pages elsewhere (the admin).
 
-Wired in ``project/urls.py`` (``handler404``, ``handler500``) and ``settings.CSRF_FAILURE_VIEW``.
+Wired in ``project/urls.py`` (``handler400``, ``handler403``, ``handler404``, ``handler500``) and
+``settings.CSRF_FAILURE_VIEW``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     if wants_json(request):
         return json_error(403, "csrf_failed", f"CSRF verification failed: {reason}")
     return csrf.csrf_failure(request, reason)
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler400``: Django's own refusals before any view (a Host outside ALLOWED_HOSTS, too many fields)."""
+    if wants_json(request):
+        return json_error(400, "bad_request", str(exception or "") or "the request is malformed")
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler403``."""
+    if wants_json(request):
+        return json_error(403, "permission_denied", str(exception or "") or "permission denied")
+    return defaults.permission_denied(request, exception)
 
 
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:

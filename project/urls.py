@@ -38,15 +38,24 @@ def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
     return answered
 
 
+READ = ["get", "head"]
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("demo/completions", demo.completions, name="demo-completions"),
     path("demo/completions-async", demo.completions_async, name="demo-completions-async"),
     path("api/v1/", include("metering.api.urls")),
-    path("api/schema/", json_errors(SpectacularAPIView.as_view()), name="schema"),
-    path("api/docs/", json_errors(SpectacularSwaggerView.as_view(url_name="schema")), name="swagger-ui"),
+    # GET and HEAD only: OPTIONS would render DRF's metadata through the docs' HTML template (a 500).
+    path("api/schema/", json_errors(SpectacularAPIView.as_view(http_method_names=READ)), name="schema"),
+    path(
+        "api/docs/",
+        json_errors(SpectacularSwaggerView.as_view(url_name="schema", http_method_names=READ)),
+        name="swagger-ui",
+    ),
     re_path(r"^(?:api|demo)(?:/(?P<rest>.*))?$", json_not_found),
 ]
 
+handler400 = "project.errors.bad_request"
+handler403 = "project.errors.permission_denied"
 handler404 = "project.errors.page_not_found"
 handler500 = "project.errors.server_error"

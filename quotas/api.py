@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field, extend_schema_view
 from rest_framework import serializers, status, viewsets
@@ -150,16 +150,22 @@ def _model_errors(error: DjangoValidationError) -> ApiError:
     )
 
 
-def _save(quota: QuotaLimit) -> None:
+def _save(quota: QuotaLimit, *, update: bool = False) -> None:
+    """``update``: the row must still exist. Django's plain ``save`` would INSERT it again under its old id when a
+    concurrent DELETE removed it, bringing a deleted quota back: a vanished row is a 404 instead."""
     try:
         quota.full_clean(exclude=["tenant"], validate_unique=False, validate_constraints=False)
     except DjangoValidationError as error:
         raise _model_errors(error) from None
     try:
         with transaction.atomic():
-            quota.save()
+            quota.save(force_update=update)
     except IntegrityError:
         raise _exists(quota) from None
+    except DatabaseError as error:
+        if update and "did not affect any rows" in str(error):
+            raise ApiError(404, "not_found", f"no quota {quota.pk!r}", "id") from None
+        raise
 
 
 def _exists(quota: QuotaLimit) -> ApiError:
@@ -301,7 +307,7 @@ class QuotaViewSet(ApiView, viewsets.GenericViewSet):
                 )
         for name, value in values.items():
             setattr(quota, name, value)
-        _save(quota)
+        _save(quota, update=True)
         return Response(QuotaSerializer().to_representation(quota))
 
     def partial_update(self, request: Request, pk: str | None = None) -> Response:

@@ -466,6 +466,8 @@ def test_rfc_3339_lower_case_t_and_z_are_read(api, forest):
         1e300,
         -1e300,
         10**30,
+        10**309,  # no float holds it
+        -(10**400),
     ],
 )
 def test_out_of_range_event_timestamps_are_422_naming_timestamp(api, timestamp):
@@ -534,3 +536,42 @@ def test_the_schema_and_docs_pages_answer_their_errors_as_json(db, method, path,
     assert error_of(response)["code"] in {"method_not_allowed", "not_acceptable", "not_found"}
     if status == 405:
         assert "GET" in response["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/usage", "/api/v1/quotas", "/api/v1/entitlements", "/api/schema/"])
+@pytest.mark.parametrize("key", ["project", None])
+def test_more_query_parameters_than_django_reads_is_a_json_400(api, path, key):
+    query = "&".join(f"p{index}=1" for index in range(1001))  # DATA_UPLOAD_MAX_NUMBER_FIELDS is 1000
+    response = api.client.get(f"{path}?{query}", headers=api.headers(key))
+    assert response.status_code == 400, response.content
+    assert response["Content-Type"] == "application/json"
+    assert error_of(response)["code"] in {"bad_request", "unknown_field", "repeated_parameter"}
+
+
+@pytest.mark.parametrize("path", ["/api/docs/", "/api/schema/"])
+def test_options_on_the_schema_and_docs_is_json_405(db, path):
+    response = Client().options(path)
+    assert response.status_code == 405
+    assert response["Content-Type"] == "application/json" and "GET" in response["Allow"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/usage", "/demo/completions", "/api/nothing"])
+def test_a_host_outside_allowed_hosts_is_a_json_400_under_api_and_demo(db, path):
+    response = Client().get(path, headers={"Host": "evil.example"})
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    assert error_of(response)["code"] == "bad_request"
+
+
+def test_a_quota_deleted_while_being_changed_stays_deleted(api, quota):
+    """A PATCH that read the row before a concurrent DELETE must not INSERT it again under its old id."""
+    from metering.api.errors import ApiError
+    from quotas.api import _save
+
+    stale = QuotaLimit.objects.get(pk=quota.pk)
+    assert api.client.delete(f"{QUOTAS}/{quota.pk}", headers=api.headers("project")).status_code == 204
+    stale.limit = 7
+    with pytest.raises(ApiError) as answered:
+        _save(stale, update=True)
+    assert answered.value.status_code == 404
+    assert not QuotaLimit.objects.exists()

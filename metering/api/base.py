@@ -242,6 +242,9 @@ class QuantityField(serializers.Field):
 _SPACE_FOR_PLUS = re.compile(r"([Tt][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]+)?)?) ([0-9]{2}:?[0-9]{2})\Z")
 
 
+MAX_UNIX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
 def parse_moment(value: object, *, allow_epoch: bool = False, from_query: bool = False) -> datetime:
     """An aware UTC datetime from ISO-8601 with an offset (or ``Z``) — or Unix seconds when ``allow_epoch``.
 
@@ -250,6 +253,9 @@ def parse_moment(value: object, *, allow_epoch: bool = False, from_query: bool =
     as ``T`` and ``Z``. In a query string an unencoded ``+`` arrives as a space; ``from_query`` puts it back.
     """
     if allow_epoch and isinstance(value, int | float) and not isinstance(value, bool):
+        # An int is compared before any float is made of it: 10**309 has no float (OverflowError).
+        if isinstance(value, int) and abs(value) > MAX_UNIX_SECONDS:
+            raise ValueError(f"Unix seconds must be at most {MAX_UNIX_SECONDS} in magnitude")
         if not math.isfinite(value):
             raise ValueError("Unix seconds must be finite")
         try:

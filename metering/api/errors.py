@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -101,6 +101,8 @@ def _translate(exc: Exception) -> Exception:
         return ApiError(403, "permission_denied", str(exc) or "permission denied")
     if isinstance(exc, RequestDataTooBig):
         return ApiError(413, "payload_too_large", "the request body is too large", "body")
+    if isinstance(exc, SuspiciousOperation):  # Django's request bounds: too many fields or files, a bad host ...
+        return ApiError(400, "bad_request", str(exc) or "the request is malformed")
     if isinstance(exc, InvalidApiKey):
         return ApiError(401, exc.code, str(exc), exc.field)
     if isinstance(exc, UnknownTenant):
