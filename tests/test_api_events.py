@@ -382,3 +382,54 @@ def test_a_full_batch_with_the_largest_metadata_fits(api):
     response = api.post(URL, {"events": batch})
     assert response.status_code == 201, response.content[:300]
     assert UsageRecord.objects.filter(metadata=blob).count() == 1000
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overlapping_batches_in_opposite_orders_all_succeed_without_a_deadlock(on_postgres):
+    """Batches that touch the same rollup rows in different orders are written in one global order: concurrent
+    writers queue on the rows instead of deadlocking (which would answer 503 with both stores up)."""
+    import threading
+
+    from django.db import connections
+    from django.test import Client
+
+    from tenants.apikeys import create_api_key
+    from tests.factories import FOREST, tree
+
+    tree(FOREST)
+    key = create_api_key("acme", name="org")[1]
+    tenants = ["acme-chat-key-1", "acme-chat-key-2", "acme-search-key-1", "acme-chat", "acme-search"]
+    features = ["llm_tokens", "api_calls", "storage"]
+    statuses: list[int] = []
+
+    def batch(seed: int) -> None:
+        pairs = [(tenant, feature) for tenant in tenants for feature in features]
+        pairs = pairs if seed % 2 == 0 else pairs[::-1]
+        events = [
+            {
+                "tenant_id": tenant,
+                "feature_name": feature,
+                "quantity": 1,
+                "transaction_id": f"b{seed}-{tenant}-{feature}",
+            }
+            for tenant, feature in pairs
+        ]
+        try:
+            for _ in range(3):
+                response = Client().post(
+                    "/api/v1/events",
+                    {"events": events},
+                    content_type="application/json",
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                statuses.append(response.status_code)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=batch, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses.count(201) == 6 and statuses.count(200) == 12, statuses  # created once, then duplicates
+    assert UsageRecord.objects.count() == 6 * len(tenants) * len(features)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.db import OperationalError, connections, transaction
 from drf_spectacular.utils import (
     OpenApiExample,
     OpenApiResponse,
@@ -43,6 +44,7 @@ from metering.events import (
 )
 from metering.exceptions import DuplicateUsageEvent, InvalidTimestamp, InvalidUsageEvent
 from metering.meter import get_meter
+from metering.windows import floor_hour
 from tenants.authentication import TenantPrincipal
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError, UnknownTenant
@@ -177,6 +179,19 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
         transaction_id=transaction_id,
     )
     return _Parsed(event, context), problems
+
+
+MAX_ATTEMPTS = 3
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
+
+
+def _retryable(error: OperationalError) -> bool:
+    return getattr(error.__cause__, "sqlstate", None) in RETRYABLE_SQLSTATES
+
+
+def _lock_order(item: _Parsed) -> tuple[int, str, datetime, str, str]:
+    event, context = item.event, item.context
+    return (context.root.pk, event.feature_name, floor_hour(event.timestamp), context.path, str(event.transaction_id))
 
 
 def _validation_errors(problems: dict[int, Problems], count: int) -> ApiError:
@@ -346,47 +361,56 @@ class EventsView(ApiView):
                 "unsupported_adapter",
                 "METERING['ADAPTER'] must store facts in this database (DatabaseMeteringAdapter or a subclass)",
             )
-        results: list[dict[str, Any]] = []
-        seen: set[tuple[int, str]] = set()
-        roots: set[int] = set()
         using = metering_settings.DATABASE_ALIAS
-        try:
-            with transaction.atomic(using=using):
-                for index, item in enumerate(parsed):
-                    event, context = item.event, item.context
-                    assert event.transaction_id is not None
-                    outcome = "duplicate"
-                    if (context.tenant.pk, event.transaction_id) not in seen:
-                        seen.add((context.tenant.pk, event.transaction_id))
+        # The first occurrence of a (tenant, transaction id) in the batch is recorded; later ones are duplicates.
+        first: dict[tuple[int, str], int] = {}
+        for index, item in enumerate(parsed):
+            assert item.event.transaction_id is not None
+            first.setdefault((item.context.tenant.pk, item.event.transaction_id), index)
+        # Written in one global order (tree, feature, hour, tenant, transaction id), not the request's: two batches
+        # touching the same rollup rows then lock them in the same order and queue instead of deadlocking.
+        order = sorted(first.values(), key=lambda index: _lock_order(parsed[index]))
+        nested = connections[using].in_atomic_block  # inside a caller's transaction nothing can be retried
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            created: set[int] = set()
+            roots: set[int] = set()
+            try:
+                with transaction.atomic(using=using):
+                    for index in order:
+                        item = parsed[index]
                         try:
-                            record_fact(event, context=context)
-                            roots.add(context.root.pk)
-                            outcome = "created"
+                            record_fact(item.event, context=item.context)
                         except DuplicateUsageEvent:
-                            pass
+                            continue
                         except (InvalidUsageEvent, TenantError) as error:
                             # The tree changed since validation (a tenant deactivated or removed meanwhile).
                             problems[index] = {error.field: [(error.code, str(error))]}
-                    results.append(
-                        {
-                            "index": index,
-                            "status": outcome,
-                            "tenant_id": event.tenant_id,
-                            "transaction_id": event.transaction_id,
-                        }
-                    )
+                            continue
+                        roots.add(item.context.root.pk)
+                        created.add(index)
+                    if problems:
+                        raise _Rollback()
+            except BaseException as error:
+                # Live Redis counters were incremented inside the rolled-back transaction: retire them (rebuilt
+                # from the database on next use) rather than leave an over-count behind.
+                if roots:
+                    counters.forget_trees(roots)
                 if problems:
-                    raise _Rollback()
-        except BaseException:
-            # Live Redis counters were incremented inside the rolled-back transaction: drop them (rebuilt from the
-            # database on next use) rather than leave an over-count behind.
-            if roots:
-                counters.drop_trees(roots)
-            if problems:
-                raise _validation_errors(problems, len(raw_events)) from None
-            raise
-        created = sum(1 for result in results if result["status"] == "created")
+                    raise _validation_errors(problems, len(raw_events)) from None
+                if isinstance(error, OperationalError) and _retryable(error) and not nested and attempt < MAX_ATTEMPTS:
+                    continue  # a deadlock or serialization failure with another writer: the batch runs again
+                raise
+            break
+        results = [
+            {
+                "index": index,
+                "status": "created" if index in created else "duplicate",
+                "tenant_id": item.event.tenant_id,
+                "transaction_id": item.event.transaction_id,
+            }
+            for index, item in enumerate(parsed)
+        ]
         return Response(
-            {"created": created, "duplicates": len(results) - created, "results": results},
+            {"created": len(created), "duplicates": len(results) - len(created), "results": results},
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
