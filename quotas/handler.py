@@ -5,6 +5,7 @@ Every path — decorator, middleware, DRF permission, reservations, the demo —
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -175,7 +176,15 @@ class QuotaPolicyHandler:
         return await sync_to_async(self.check)(feature, quantity, **kwargs)
 
     async def areserve(self, feature: str, estimate: Decimal | int | str, **kwargs: Any) -> Reservation:
-        return await sync_to_async(self.reserve)(feature, estimate, **kwargs)
+        # ``reserve`` runs in a worker thread that a cancelled caller does not stop (under ASGI, a client that hangs
+        # up cancels the view): a reservation that comes into being after its caller left is released at once,
+        # instead of holding quota at every level until it expires.
+        pending = asyncio.ensure_future(sync_to_async(self.reserve)(feature, estimate, **kwargs))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(_release_abandoned)
+            raise
 
     # ---- internals ----
 
@@ -397,6 +406,17 @@ class Reservation:
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.arelease()
+
+
+_abandoned: set[asyncio.Task[None]] = set()  # releases under way (a task is kept alive only by a reference)
+
+
+def _release_abandoned(pending: asyncio.Future[Reservation]) -> None:
+    if pending.cancelled() or pending.exception() is not None:
+        return
+    release = asyncio.ensure_future(pending.result().arelease())
+    _abandoned.add(release)
+    release.add_done_callback(_abandoned.discard)
 
 
 def _insert_reservation(

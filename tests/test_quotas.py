@@ -298,3 +298,32 @@ def test_redis_flushed_between_decisions_rebuilds_before_deciding(redis_cache):
     assert blocked.value.used == 9  # usage and the open reservation, both rebuilt from the database
     reservation.release()
     assert QuotaPolicyHandler("k3").consume("llm_tokens", 4).allowed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reservation_made_after_its_async_caller_was_cancelled_is_released():
+    """Under ASGI a client that hangs up cancels the view while ``reserve`` runs in a worker thread: the hold it
+    makes must not stay at every level until it expires."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync, sync_to_async
+    from django.db import connections
+
+    tree({"org": None, "k1": "org"})
+    limit("org", 10)
+    handler = QuotaPolicyHandler("k1")
+
+    async def scenario() -> list[str]:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handler.areserve("llm_tokens", 5), timeout=0.000_001)  # gone at once
+        states: list[str] = []
+        for _ in range(200):  # the worker thread finishes, then the release runs
+            states = await sync_to_async(lambda: list(QuotaReservation.objects.values_list("state", flat=True)))()
+            if states and QuotaReservation.State.ACTIVE not in states:
+                break
+            await asyncio.sleep(0.02)
+        await sync_to_async(connections.close_all)()
+        return states
+
+    assert async_to_sync(scenario)() == [QuotaReservation.State.RELEASED]
+    assert QuotaPolicyHandler("k1").check("llm_tokens", 10).allowed  # nothing is held
