@@ -301,27 +301,41 @@ def test_redis_flushed_between_decisions_rebuilds_before_deciding(redis_cache):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_reservation_made_after_its_async_caller_was_cancelled_is_released():
+def test_a_reservation_made_after_its_async_caller_was_cancelled_is_released(monkeypatch):
     """Under ASGI a client that hangs up cancels the view while ``reserve`` runs in a worker thread: the hold it
     makes must not stay at every level until it expires."""
     import asyncio
+    import threading
+    import time
 
     from asgiref.sync import async_to_sync, sync_to_async
     from django.db import connections
 
     tree({"org": None, "k1": "org"})
     limit("org", 10)
-    handler = QuotaPolicyHandler("k1")
+    started = threading.Event()
+    reserve = QuotaPolicyHandler.reserve
+
+    def slow_reserve(self, *args, **kwargs):  # the worker thread is busy when the caller goes away
+        started.set()
+        time.sleep(0.1)
+        return reserve(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuotaPolicyHandler, "reserve", slow_reserve)
 
     async def scenario() -> list[str]:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(handler.areserve("llm_tokens", 5), timeout=0.000_001)  # gone at once
+        caller = asyncio.ensure_future(QuotaPolicyHandler("k1").areserve("llm_tokens", 5))
+        while not started.is_set():
+            await asyncio.sleep(0.005)
+        caller.cancel()  # the client hung up
+        with pytest.raises(asyncio.CancelledError):
+            await caller
         states: list[str] = []
         for _ in range(200):  # the worker thread finishes, then the release runs
+            await asyncio.sleep(0.02)
             states = await sync_to_async(lambda: list(QuotaReservation.objects.values_list("state", flat=True)))()
             if states and QuotaReservation.State.ACTIVE not in states:
                 break
-            await asyncio.sleep(0.02)
         await sync_to_async(connections.close_all)()
         return states
 
