@@ -47,7 +47,10 @@ FAILURES = (RedisConnectionError, RedisTimeoutError)
 
 
 class RedisUnavailable(RedisConnectionError):
-    """Raised without touching the network while the breaker of a Redis server is open."""
+    """Raised without touching the network while the breaker of a Redis server is open. ``reported``: the breaker
+    logged the failure that opened it, so callers falling back need not log each call again (``log_level``)."""
+
+    reported = True
 
 
 class CircuitBreaker:
@@ -129,6 +132,11 @@ class CircuitBreaker:
 
 _breakers: dict[tuple[str, float], CircuitBreaker] = {}
 _registry_lock = threading.Lock()
+
+
+def log_level(error: BaseException) -> int:
+    """WARNING for a Redis failure, DEBUG for a call refused by an open breaker (already reported once)."""
+    return logging.DEBUG if getattr(error, "reported", False) else logging.WARNING
 
 
 def breaker_for(host: str, port: int | str, cooldown: float = DEFAULT_COOLDOWN_SECONDS) -> CircuitBreaker:

@@ -33,6 +33,7 @@ from django.db import Error, connections, transaction
 from tenants.locks import lock_trees
 
 from . import rollups, scripts
+from .breaker import log_level
 from .conf import metering_settings
 from .models import CounterEpoch
 from .windows import WINDOWED_PERIODS, Period, window
@@ -174,7 +175,9 @@ def read(
         return rebuild(redis, root_pk, tenant_pk, feature, period, start, end)
     except RedisError as error:
         note_unreachable()
-        logger.warning("usage counter unavailable, reading the database instead: %s", type(error).__name__)
+        logger.log(
+            log_level(error), "usage counter unavailable, reading the database instead: %s", type(error).__name__
+        )
         return None
 
 

@@ -22,6 +22,7 @@ from tenants.locks import lock_name, lock_trees, name_lock_statement, tree_lock_
 from tenants.models import Tenant
 
 from . import counters, rollups, roundtrip
+from .breaker import log_level
 from .conf import metering_settings
 from .events import UsageEvent, ValidEvent, utcnow, validate_event
 from .exceptions import DuplicateUsageEvent
@@ -248,5 +249,7 @@ def count(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> 
         # The fact is the truth and still commits; the counters that missed it are retired with it (epoch bump in
         # this transaction), so no decision uses them again, whenever and with whatever data Redis comes back.
         counters.note_unreachable()
-        logger.warning("usage counters missed a fact (%s); retiring the tree's counters", type(error).__name__)
+        logger.log(
+            log_level(error), "usage counters missed a fact (%s); retiring the tree's counters", type(error).__name__
+        )
         counters.bump_epochs([lineage_pks[0]], using)

@@ -20,6 +20,7 @@ from django.db import connections, transaction
 
 from metering import counters, get_meter, roundtrip
 from metering.adapters.database import DatabaseMeteringAdapter
+from metering.breaker import log_level
 from metering.conf import metering_settings
 from metering.events import (
     UsageEvent,
@@ -544,7 +545,7 @@ def _send_thresholds(context: TenantContext, decision: Decision) -> None:
             try:
                 first = cache.add(key, 1, timeout)
             except Exception as error:  # better twice than never: the signal still goes out
-                logger.warning("threshold guard unavailable: %s", type(error).__name__)
+                logger.log(log_level(error), "threshold guard unavailable: %s", type(error).__name__)
                 first = True
             if first:
                 quota_threshold_reached.send(

@@ -22,6 +22,7 @@ from typing import Any
 
 from django.core.cache import caches
 
+from metering.breaker import log_level
 from metering.conf import metering_settings
 from metering.events import units_to_quantity
 from metering.windows import Period, window
@@ -109,7 +110,7 @@ def rules_for(context: TenantContext, feature: str) -> list[QuotaRule]:
     try:
         cached: dict[str, Any] = cache.get_many(keys)
     except Exception as error:  # an unreachable cache degrades to the database
-        logger.warning("quota rule cache unavailable: %s", type(error).__name__)
+        logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
         cached = {}
     missing = [level.pk for level in context.lineage if _key(level.pk, feature) not in cached]
     if missing:
@@ -118,7 +119,7 @@ def rules_for(context: TenantContext, feature: str) -> list[QuotaRule]:
         try:
             cache.set_many(fresh, CACHE_TIMEOUT)
         except Exception as error:
-            logger.warning("quota rule cache unavailable: %s", type(error).__name__)
+            logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
     return _from_rows(context, feature, cached)
 
 
@@ -149,5 +150,5 @@ def invalidate(tenant_pk: int, feature: str) -> None:
     try:
         caches[metering_settings.CACHE_ALIAS].delete(_key(tenant_pk, feature))
     except Exception as error:
-        logger.warning("quota rule cache unavailable: %s", type(error).__name__)
+        logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
     _local.clear()

@@ -57,7 +57,9 @@ def _cache_call(method: str, *args: Any) -> Any:
     try:
         return getattr(caches[tenant_settings.CACHE_ALIAS], method)(*args)
     except Exception as error:  # the cache backend's own errors (e.g. redis ConnectionError)
-        logger.warning("lineage cache %s failed: %s", method, type(error).__name__)
+        # DEBUG when an open Redis breaker refused the call (it logged the outage once: no line per request).
+        level = logging.DEBUG if getattr(error, "reported", False) else logging.WARNING
+        logger.log(level, "lineage cache %s failed: %s", method, type(error).__name__)
         return None
 
 
