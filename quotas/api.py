@@ -23,6 +23,7 @@ from rest_framework.response import Response
 
 from metering import rollups
 from metering.api.base import (
+    QUANTITY_MAX_LENGTH,
     QUANTITY_PATTERN,
     ApiPagination,
     ApiView,
@@ -134,7 +135,7 @@ class QuotaListQuerySerializer(serializers.Serializer):
     tenant_id = TenantIdField(required=False, help_text="Only this tenant's quotas.")
     feature = FeatureField(required=False, help_text="Only quotas on this feature.")
     period = serializers.ChoiceField(choices=PERIODS, required=False)
-    page = QueryIntegerField(required=False, min_value=1)
+    page = QueryIntegerField(required=False, min_value=1, max_value=10**18 - 1)  # 18 ASCII digits at most
     page_size = QueryIntegerField(required=False, min_value=1, max_value=ApiPagination.max_page_size)
 
 
@@ -332,10 +333,18 @@ class QuotaViewSet(ApiView, viewsets.GenericViewSet):
 # ---- entitlements ----
 
 
+@extend_schema_field(
+    {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": QUANTITY_MAX_LENGTH, "example": "12.5"}
+)
+class QueryQuantityField(QuantityField):
+    """A quantity in a query string: text only, so the schema declares the string form alone (a query has no JSON
+    numbers, and ``1e-38`` written in one is refused like any exponent)."""
+
+
 class EntitlementQuerySerializer(serializers.Serializer):
     tenant_id = TenantIdField(required=False)
     feature = FeatureField()
-    quantity = QuantityField(required=False, help_text="How much the tenant would use (default 1).")
+    quantity = QueryQuantityField(required=False, help_text="How much the tenant would use (default 1).")
 
 
 class EntitlementQuotaSerializer(serializers.Serializer):
