@@ -28,17 +28,17 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     return csrf.csrf_failure(request, reason)
 
 
-def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     """``handler400``: Django's own refusals before any view (a Host outside ALLOWED_HOSTS, too many fields)."""
     if wants_json(request):
-        return json_error(400, "bad_request", str(exception or "") or "the request is malformed")
+        return json_error(400, "bad_request", str(exception) or "the request is malformed")
     return defaults.bad_request(request, exception)
 
 
-def permission_denied(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
     """``handler403``."""
     if wants_json(request):
-        return json_error(403, "permission_denied", str(exception or "") or "permission denied")
+        return json_error(403, "permission_denied", str(exception) or "permission denied")
     return defaults.permission_denied(request, exception)
 
 
