@@ -60,3 +60,21 @@ def redis_cache() -> Iterator[object]:
 def on_postgres() -> None:
     if connection.vendor != "postgresql":
         pytest.skip("runs in the PostgreSQL configuration (make test runs both)")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[object]:
+    """A redis-server of the test's own (AOF on, so a restart keeps its data) as the metering cache, with 0.3 s
+    socket timeouts and a 0.5 s breaker cool-down: for outage tests that stop, hang or flush it."""
+    import shutil
+
+    from metering.breaker import reset_all
+    from tests.faults import RedisServer, breaker_cache
+
+    if shutil.which("redis-server") is None:  # a missing binary fails under CI=true, like an unreachable service
+        (pytest.fail if services.in_ci() else pytest.skip)("redis-server is not installed")
+    with RedisServer(appendonly=True) as server:
+        reset_all()
+        with override_settings(CACHES=breaker_cache(server.url, timeout=0.3, cooldown=0.5)):
+            yield server
+        reset_all()

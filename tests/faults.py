@@ -55,6 +55,23 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def breaker_cache(url: str, *, timeout: float, cooldown: float) -> dict[str, dict[str, object]]:
+    """``CACHES`` with a django-redis cache at ``url`` as the example project configures it: socket timeouts and the
+    process's circuit breaker (``metering.breaker``)."""
+    return {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": url,
+            "OPTIONS": {
+                "SOCKET_CONNECT_TIMEOUT": timeout,
+                "SOCKET_TIMEOUT": timeout,
+                "CONNECTION_POOL_CLASS": "metering.breaker.BreakerConnectionPool",
+                "CONNECTION_POOL_KWARGS": {"breaker_cooldown": cooldown},
+            },
+        }
+    }
+
+
 _LIVE_PROCESSES: weakref.WeakSet[RedisServer] = weakref.WeakSet()
 
 

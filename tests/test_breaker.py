@@ -23,6 +23,7 @@ from metering.breaker import (
     breaker_for,
     reset_all,
 )
+from tests import faults
 from tests.faults import RedisServer
 
 TIMEOUT = 0.3
@@ -186,18 +187,7 @@ def test_the_pool_refuses_a_connection_class_it_cannot_guard():
 
 
 def breaker_cache(server: RedisServer) -> dict:
-    return {
-        "default": {
-            "BACKEND": "django_redis.cache.RedisCache",
-            "LOCATION": server.url,
-            "OPTIONS": {
-                "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-                "SOCKET_TIMEOUT": TIMEOUT,
-                "CONNECTION_POOL_CLASS": "metering.breaker.BreakerConnectionPool",
-                "CONNECTION_POOL_KWARGS": {"breaker_cooldown": COOLDOWN},
-            },
-        }
-    }
+    return faults.breaker_cache(server.url, timeout=TIMEOUT, cooldown=COOLDOWN)
 
 
 def test_the_django_cache_api_and_the_counters_client_share_the_breaker(server):

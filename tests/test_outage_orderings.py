@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import StringIO
 from pathlib import Path
@@ -24,10 +23,8 @@ from django.core.management import call_command
 from django.db import Error as DatabaseError
 from django.db import connection, connections, transaction
 from django.db.models import Sum
-from django.test import override_settings
 
 from metering import counters
-from metering.breaker import reset_all
 from metering.models import UsageRecord
 from metering.usage import get_usage_units
 from metering.windows import window
@@ -38,9 +35,8 @@ from quotas.models import QuotaReservation
 from tenants.lineage import get_context
 from tenants.models import Tenant
 from tenants.tree import create_tenant, move_tenant
-from tests import services
 from tests.factories import record, tree
-from tests.faults import RedisServer, TcpProxy
+from tests.faults import TcpProxy
 from tests.quota_helpers import limit
 from tests.test_quota_hammer import wait_out_an_hour_boundary
 
@@ -48,27 +44,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 TIMEOUT = 0.3
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def cache_config(url: str) -> dict:
-    options = {
-        "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-        "SOCKET_TIMEOUT": TIMEOUT,
-        "CONNECTION_POOL_CLASS": "metering.breaker.BreakerConnectionPool",
-        "CONNECTION_POOL_KWARGS": {"breaker_cooldown": 0.5},
-    }
-    return {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": url, "OPTIONS": options}}
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        (pytest.fail if services.in_ci() else pytest.skip)("redis-server is not installed")
-    with RedisServer(appendonly=True) as server:
-        reset_all()
-        with override_settings(CACHES=cache_config(server.url)):
-            yield server
-        reset_all()
 
 
 def admit_until_refused(tenant: str, cap: int = 100) -> int:

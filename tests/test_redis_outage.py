@@ -10,10 +10,9 @@ database, Redis came back with counters that lacked them, and a hard 240/day adm
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -21,19 +20,15 @@ import pytest
 from django.core.management import call_command
 from django.db import connections
 from django.db.models import Sum
-from django.test import override_settings
 
 from metering import counters
-from metering.breaker import reset_all
 from metering.models import UsageRecord
 from metering.usage import _units_from_database, get_usage_units
 from metering.windows import window
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
-from tests import services
 from tests.factories import tree
-from tests.faults import RedisServer
 from tests.quota_helpers import limit
 from tests.test_quota_hammer import wait_out_an_hour_boundary
 
@@ -43,29 +38,6 @@ ORG_LIMIT, P1_LIMIT = 240, 150  # org per day; p1 per hour (binds before the org
 THREADS, REQUESTS = 6, 70  # 420 requests for 240 admissions
 TIMEOUT = 0.3  # Redis socket timeouts of the configuration under test
 SLOW_REQUEST = 3.0  # no request may wait longer than this, whatever Redis does
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:  # a missing binary fails under CI=true, like an unreachable service
-        (pytest.fail if services.in_ci() else pytest.skip)("redis-server is not installed")
-    with RedisServer(appendonly=True) as server:
-        config = {
-            "default": {
-                "BACKEND": "django_redis.cache.RedisCache",
-                "LOCATION": server.url,
-                "OPTIONS": {
-                    "SOCKET_CONNECT_TIMEOUT": TIMEOUT,
-                    "SOCKET_TIMEOUT": TIMEOUT,
-                    "CONNECTION_POOL_CLASS": "metering.breaker.BreakerConnectionPool",
-                    "CONNECTION_POOL_KWARGS": {"breaker_cooldown": 0.5},
-                },
-            }
-        }
-        reset_all()
-        with override_settings(CACHES=config):
-            yield server
-        reset_all()
 
 
 class Hammer:
