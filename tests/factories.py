@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from metering import UsageEvent, get_meter
 from tenants.models import Tenant
@@ -36,3 +37,13 @@ def record(tenant_id: str, quantity: Decimal | int | str, feature: str = "llm_to
 
 def usage(tenant_id: str, feature: str = "llm_tokens", start: datetime | None = None, end: datetime | None = None):
     return get_meter().get_usage_sync(tenant_id, feature, start, end)
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A dict ``depth`` levels deep ({"a": {"a": ... {}}} has depth levels of objects)."""
+    root: dict[str, Any] = {}
+    node = root
+    for _ in range(depth - 1):
+        node["a"] = {}
+        node = node["a"]
+    return root

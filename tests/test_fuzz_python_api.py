@@ -24,7 +24,7 @@ from tenants.exceptions import TenantError
 from tenants.lineage import validate_tenant_id
 from tenants.models import Tenant
 from tests import services
-from tests.factories import tree
+from tests.factories import nested, tree
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db
@@ -92,15 +92,6 @@ def json_number(literal: str) -> Any:
         return literal
 
 
-def deep(depth: int) -> dict[str, Any]:
-    root: dict[str, Any] = {}
-    node = root
-    for _ in range(depth - 1):
-        node["a"] = {}
-        node = node["a"]
-    return root
-
-
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), nasty_text)
 offsets = st.timedeltas(min_value=timedelta(hours=-23, minutes=-59), max_value=timedelta(hours=23, minutes=59))
 moments = st.one_of(
@@ -145,7 +136,7 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
                 ),
                 max_leaves=20,
             ).map(lambda value: value if isinstance(value, dict) else {"k": value}),
-            st.integers(1, 12_000).map(deep),
+            st.integers(1, 12_000).map(nested),
             st.sampled_from([{"k": float("nan")}, {"k": 10**5000}, {"k": Decimal(1)}, ["a"], "text"]),
         ),
     ),

@@ -38,7 +38,7 @@ from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaReservation
 from tenants.exceptions import InvalidTenantId, UnknownTenant
 from tenants.tree import create_tenant
-from tests.factories import tree
+from tests.factories import nested, tree
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db
@@ -46,16 +46,6 @@ pytestmark = pytest.mark.django_db
 PLUS_5 = timezone(timedelta(hours=5))
 MINUS_5 = timezone(timedelta(hours=-5))
 NOW = datetime.now(UTC)
-
-
-def nested(depth: int) -> dict[str, Any]:
-    """A dict ``depth`` levels deep ({"a": {"a": ... {}}} has depth levels of objects)."""
-    root: dict[str, Any] = {}
-    node = root
-    for _ in range(depth - 1):
-        node["a"] = {}
-        node = node["a"]
-    return root
 
 
 def nested_lists(depth: int) -> list[Any]:
