@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
 def setup_django() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     os.environ.setdefault("DJANGO_DEBUG", "0")  # DEBUG keeps every query in memory
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-" + "k" * 40)
     os.environ.pop("REDIS_URL", None)  # delivery does not touch the counters
     sys.path.insert(0, str(REPO_ROOT))
     from django.conf import settings

@@ -74,7 +74,13 @@ def free_port() -> int:
 
 
 def start_server(workers: int, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "bench.settings", "DJANGO_DEBUG": "0", "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "bench.settings",
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "bench-only-" + "k" * 40,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     command = [
         str(Path(sys.executable).parent / "gunicorn"),
         "project.wsgi:application",

@@ -72,6 +72,7 @@ def setup_django(args: argparse.Namespace) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     # DEBUG would keep every query in connection.queries; measure like production unless told otherwise.
     os.environ.setdefault("DJANGO_DEBUG", "0")
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-" + "k" * 40)
     sys.path.insert(0, str(REPO_ROOT))
     from django.conf import settings
 

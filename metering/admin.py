@@ -117,6 +117,7 @@ class UsageOutboxAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
 @admin.register(SinkState)
 class SinkStateAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
     list_display = ("sink", "blocked_at", "blocked_status", "blocked_reason", "last_success_at", "last_failure_at")
+    exclude = ("config_fingerprint",)  # a keyed hash of the credentials: nothing an operator needs to read
     actions = ["resume"]
 
     def has_resume_permission(self, request: HttpRequest) -> bool:

@@ -115,7 +115,8 @@ def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], r
     work: list[list[int]] = [list(range(len(facts)))] if facts else []
     while work:
         indexes = work.pop()
-        result = sink.send([events[i] for i in indexes])
+        # Redacted before anything stores or logs it: a collector may echo our credentials back in its answer.
+        result = sink.redacted(sink.send([events[i] for i in indexes]))
         report.requests += 1
         ids = [facts[i].outbox_id for i in indexes]
         if result.outcome is Outcome.OK:

@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-example-key-change-me-in-production-0123456789")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+# A development key only while DEBUG is on: with DEBUG off the project refuses to start without its own key (a known
+# key lets anyone forge sessions, password resets and signed cookies). The "django-insecure-" prefix makes
+# `check --deploy` flag it too (security.W009).
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set and DJANGO_DEBUG is 0: set DJANGO_SECRET_KEY to a long random value, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(50))'`"
+        )
+    SECRET_KEY = "django-insecure-example-project-development-only-0123456789abcdef"  # noqa: S105
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
 
 INSTALLED_APPS = [

@@ -14,6 +14,7 @@ Both can be told to misbehave, one scripted fault per request, in order (``fail(
 ``500``/``503`` (answer that status), ``429`` (rate limited, ``X-RateLimit-Reset`` and optionally ``Retry-After``),
 ``slow`` (wait ``delay`` seconds, then process: the client has usually given up, the batch is stored anyway),
 ``drop_before_store`` / ``drop_after_store`` (close the connection without an answer, before or after storing),
+``echo`` (answer ``status`` with the request's headers in the body, as a debugging proxy would),
 ``hold_before_store`` / ``hold_after_store`` (signal ``held`` and wait for ``release()``, e.g. while a test kills
 the worker that sent the request; ``hold_before_store`` then discards the request, as a lost connection would).
 """
@@ -53,6 +54,7 @@ FAULTS = {
     "drop_after_store",
     "hold_before_store",
     "hold_after_store",
+    "echo",
 }
 
 
@@ -62,6 +64,8 @@ class Fault:
     retry_after: str | None = None
     reset: str | None = None
     delay: float = 0.0
+    status: int = 500
+    pad: int = 0
 
 
 @dataclass
@@ -183,6 +187,11 @@ class FakeServer:
             if fault.retry_after:
                 extra["Retry-After"] = fault.retry_after
             return 429, extra, {"status": 429, "error": "Too Many Requests"}
+        if fault is not None and kind == "echo":
+            # A misconfigured collector or debugging proxy that echoes the request's headers in its error answer.
+            self._log(path, fault.status, keys, kind)
+            echoed = {name: value for name, value in headers.items()}
+            return fault.status, {}, {"padding": "x" * fault.pad, "request_headers": echoed}
         if kind == "drop_before_store":
             self._log(path, None, keys, kind)
             raise _Drop

@@ -510,7 +510,13 @@ LOGGED_500 = textwrap.dedent(
 
 
 def test_with_debug_off_a_500_outside_the_api_logs_its_traceback_and_answers_json(tmp_path):
-    env = {**os.environ, "DJANGO_DEBUG": "0", "DJANGO_SETTINGS_MODULE": "project.settings", "VAR_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "test-hostile-" + "k" * 40,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "VAR_DIR": str(tmp_path),
+    }
     done = subprocess.run(
         [sys.executable, "-c", LOGGED_500], env=env, capture_output=True, text=True, timeout=120, check=False
     )

@@ -98,6 +98,7 @@ class Server:
             "DATABASE_CONNECT_TIMEOUT": "2",
             "REDIS_BREAKER_SECONDS": str(BREAKER_SECONDS),
             "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": "test-stores-down-" + "k" * 40,
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
             "VAR_DIR": tempfile.mkdtemp(prefix="xaas-var-"),
             "PYTHONPATH": str(ROOT),

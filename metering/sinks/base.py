@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import email.utils
 import enum
-import hashlib
 import json
 import os
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
+from django.utils.crypto import salted_hmac
 from django.utils.module_loading import import_string
 
 from ..conf import metering_settings
@@ -27,6 +28,7 @@ USER_AGENT = "django-xaas-metering/0.1"
 MAX_HONOURED_WAIT = 3600.0  # a Retry-After beyond an hour is treated as an hour
 BLOCKING_STATUSES = frozenset({401, 403, 404, 405, 410})  # the configuration is wrong: retrying cannot help
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
+REDACTED = "[redacted]"
 
 
 class SinkNotConfigured(MeteringError):
@@ -83,9 +85,41 @@ class Sink:
         return None
 
     def fingerprint(self) -> str:
-        """A hash of everything that decides whether the sink lets us in (never the secret itself)."""
+        """A keyed hash (HMAC with ``SECRET_KEY``) of everything that decides whether the sink lets us in. Keyed, so
+        the stored value cannot be checked offline against guessed credentials."""
         material = "\0".join([self.name, str(metering_settings.SINK_URL or ""), self._secret_or_empty()])
-        return hashlib.sha256(material.encode()).hexdigest()[:32]
+        return salted_hmac("metering.sinks.fingerprint", material, algorithm="sha256").hexdigest()[:32]
+
+    def secret_forms(self) -> list[str]:
+        """Every form in which a credential of this sink travels, as a collector could echo it back: the secret
+        (raw, JSON-escaped, URL-quoted), the URL's user and password, and their ``Basic`` base64."""
+        values: set[str] = set()
+        secret = self._secret_or_empty()
+        parts = urlsplit(str(metering_settings.SINK_URL or ""))
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+        for value in (secret, user, password):
+            if value:
+                values.update({value, json.dumps(value)[1:-1], quote(value, safe=""), quote(value)})
+        if user or password:
+            values.add(base64.b64encode(f"{user}:{password}".encode()).decode())
+        # Longest first: a secret that contains another is replaced whole.
+        return sorted((value for value in values if value), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` without any of this sink's credentials (``secret_forms``): what we store and log of an answer."""
+        for value in self.secret_forms():
+            text = text.replace(value, REDACTED)
+        return text
+
+    def redacted(self, result: SendResult) -> SendResult:
+        """``result`` with every error text redacted, before anything stores or logs it."""
+        result.error = self.redact(result.error)
+        result.invalid = {index: self.redact(error) for index, error in result.invalid.items()}
+        return result
+
+    def excerpt(self, response: httpx.Response, limit: int = 500) -> str:
+        """The start of an answer for operators, redacted *before* it is cut (a cut must not leave half a secret)."""
+        return excerpt(response, limit, redact=self.redact)
 
     def _secret_or_empty(self) -> str:
         try:
@@ -134,11 +168,10 @@ class Sink:
         """Statuses every sink treats alike; ``None`` for the sink's own handling (2xx and other 4xx)."""
         status = response.status_code
         if status in BLOCKING_STATUSES:
-            return SendResult(Outcome.BLOCKED, status, f"{status} {excerpt(response)}")
+            return SendResult(Outcome.BLOCKED, status, f"{status} {self.excerpt(response)}")
         if status in TRANSIENT_STATUSES or status >= 500:
-            return SendResult(
-                Outcome.TRANSIENT, status, f"{status} {excerpt(response)}", retry_after=retry_after(response.headers)
-            )
+            hint = retry_after(response.headers)
+            return SendResult(Outcome.TRANSIENT, status, f"{status} {self.excerpt(response)}", retry_after=hint)
         return None
 
 
@@ -146,8 +179,10 @@ def encode(payload: object) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def excerpt(response: httpx.Response, limit: int = 500) -> str:
+def excerpt(response: httpx.Response, limit: int = 500, redact: Callable[[str], str] | None = None) -> str:
     text = response.text.strip()
+    if redact is not None:
+        text = redact(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from ..conf import metering_settings
 from ..events import units_to_quantity
 from ..outbox import ClaimedFact
-from .base import Outcome, SendResult, Sink, encode, excerpt
+from .base import Outcome, SendResult, Sink, encode
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = Decimal("0.001")
@@ -99,13 +99,12 @@ class LagoSink(Sink):
             return common
         if response.status_code == 422:
             return self._unprocessable(response, len(events))
-        return SendResult(Outcome.REJECTED, response.status_code, f"{response.status_code} {excerpt(response)}")
+        return SendResult(Outcome.REJECTED, response.status_code, f"{response.status_code} {self.excerpt(response)}")
 
-    @staticmethod
-    def _unprocessable(response: Any, size: int) -> SendResult:
+    def _unprocessable(self, response: Any, size: int) -> SendResult:
         """Split Lago's per-index 422 into already-stored and invalid events. An error Lago does not pin to an
         index (``too_many_events``, an unexpected body) rejects the batch as a whole."""
-        result = SendResult(Outcome.REJECTED, 422, f"422 {excerpt(response)}")
+        result = SendResult(Outcome.REJECTED, 422, f"422 {self.excerpt(response)}")
         try:
             details = response.json().get("error_details")
         except (ValueError, AttributeError):

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..events import units_to_quantity
 from ..outbox import ClaimedFact
-from .base import Outcome, SendResult, Sink, encode, excerpt
+from .base import Outcome, SendResult, Sink, encode
 
 SIGNATURE_HEADER = "X-Metering-Signature"
 
@@ -63,7 +63,7 @@ class WebhookSink(Sink):
         common = self.classify_status(response)
         if common is not None:
             return common
-        result = SendResult(Outcome.REJECTED, response.status_code, f"{response.status_code} {excerpt(response)}")
+        result = SendResult(Outcome.REJECTED, response.status_code, f"{response.status_code} {self.excerpt(response)}")
         try:
             errors = response.json().get("errors")
         except (ValueError, AttributeError):
