@@ -86,8 +86,8 @@ def add_quota_headers(response: HttpResponse, decision: Decision, *, seen_by: Te
 def refusal_body(error: QuotaExceeded, *, seen_by: TenantContext | None) -> dict[str, Any]:
     """The ``error`` object of a 429: every detail for a level the viewer sees, else ``upstream_dict``."""
     if not sees(seen_by, error.tenant_id):
-        return error.upstream_dict()
-    return {**error.as_dict(), "scope": "subtree", "retry_after": error.retry_after}
+        return {"field": None, **error.upstream_dict()}
+    return {"field": None, **error.as_dict(), "scope": "subtree", "retry_after": error.retry_after}
 
 
 def quota_exceeded_response(error: QuotaExceeded, *, seen_by: TenantContext | None) -> JsonResponse:

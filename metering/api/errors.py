@@ -120,8 +120,8 @@ def _quota_refusal(exc: QuotaExceeded, request: Any) -> ApiError:
     from quotas.http import refusal_body
 
     body = refusal_body(exc, seen_by=_refusal_viewer(exc, request))
-    code, message = body.pop("code"), body.pop("message")
-    error = ApiError(429, code, message, None, **body)
+    code, message, field = body.pop("code"), body.pop("message"), body.pop("field")
+    error = ApiError(429, code, message, field, **body)
     error.wait = exc.retry_after  # type: ignore[attr-defined]
     return error
 
