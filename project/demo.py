@@ -172,17 +172,18 @@ Answered = QuotaExceeded | InvalidUsageEvent | TenantError
 ANSWERED = (QuotaExceeded, InvalidUsageEvent, TenantError)
 
 
-def answer(outcome: tuple[Completion, Decision] | Answered) -> JsonResponse:
-    """200 with the completion and the quota headers, or the error's 4xx."""
+def answer(outcome: tuple[Completion, Decision] | Answered, seen_by: TenantContext) -> JsonResponse:
+    """200 with the completion and the quota headers, or the error's 4xx; ``seen_by`` (the request's tenant) learns
+    nothing of the levels above its credential (``quotas.http``)."""
     if isinstance(outcome, QuotaExceeded):
-        return quota_exceeded_response(outcome)
+        return quota_exceeded_response(outcome, seen_by=seen_by)
     if isinstance(outcome, InvalidUsageEvent):
         return error_response(400, outcome.code, outcome.field, str(outcome))
     if isinstance(outcome, TenantError):
         return tenant_error_response(outcome)
     completion, decision = outcome
     response = JsonResponse({"text": completion.text, "tokens": completion.tokens})
-    return add_quota_headers(response, decision)  # type: ignore[return-value]
+    return add_quota_headers(response, decision, seen_by=seen_by)  # type: ignore[return-value]
 
 
 @csrf_exempt
@@ -199,7 +200,7 @@ def completions(request: HttpRequest) -> JsonResponse:
         outcome = error
     except STORE_ERRORS as error:
         return service_unavailable_response(error, "demo")
-    return answer(outcome)
+    return answer(outcome, parsed[0])
 
 
 @csrf_exempt
@@ -216,4 +217,4 @@ async def completions_async(request: HttpRequest) -> JsonResponse:
         outcome = error
     except STORE_ERRORS as error:
         return service_unavailable_response(error, "demo")
-    return answer(outcome)
+    return answer(outcome, parsed[0])

@@ -367,10 +367,7 @@ class EntitlementLevelSerializer(serializers.Serializer):
 
 
 class InheritedSerializer(serializers.Serializer):
-    allowed = serializers.BooleanField()
-    remaining = serializers.CharField(allow_null=True)
-    reset_at = serializers.DateTimeField(allow_null=True)
-    period = serializers.CharField(allow_null=True)
+    allowed = serializers.BooleanField(help_text="`quantity` fits at every level above the key's own tenant.")
 
 
 class EntitlementSerializer(serializers.Serializer):
@@ -379,22 +376,25 @@ class EntitlementSerializer(serializers.Serializer):
     quantity = serializers.CharField()
     allowed = serializers.BooleanField(help_text="`quantity` fits at every level of the lineage.")
     exempt = serializers.BooleanField(help_text="Zero-cap: recorded, never blocked.")
-    remaining = serializers.CharField(allow_null=True, help_text="The tightest hard quota's room over all levels.")
-    reset_at = serializers.DateTimeField(allow_null=True)
+    remaining = serializers.CharField(
+        allow_null=True, help_text="The tightest hard quota's room over the listed `levels`; null: unlimited there."
+    )
+    reset_at = serializers.DateTimeField(allow_null=True, help_text="When that tightest listed quota resets.")
     levels = EntitlementLevelSerializer(many=True, help_text="From the key's own tenant down to `tenant_id`.")
     inherited = InheritedSerializer(
         allow_null=True,
-        help_text="Quotas above the key's own tenant, summed up without naming the tenant or its limit; "
-        "null when the key's tenant is a root.",
+        help_text="The levels above the key's own tenant, as one bit: whether `quantity` fits there. Never their "
+        "tenant ids, limits, usage, room or reset times; null when the key's tenant is a root.",
     )
 
 
 ENTITLEMENTS_DOC = """Would `quantity` of `feature` fit at every level of the tenant's lineage? Consumes nothing.
 
 Levels from the API key's own tenant down to `tenant_id` are listed with each quota (limit, used, remaining,
-reset). Levels *above* the key's tenant belong to someone else: they decide `allowed` as much as any level, but
-are shown only as one `inherited` summary (allowed, remaining and reset of the tightest), never with their
-tenant id, limit or usage."""
+reset); the top-level `remaining` and `reset_at` are those of the tightest listed quota. Levels *above* the key's
+tenant belong to someone else: they decide `allowed` as much as any level, but contribute only that one bit
+(`inherited.allowed`), never their tenant id, limit, usage, room or reset time — nothing that moves when another
+tenant of theirs spends."""
 
 
 def _status_at(rule: Any, moment: datetime) -> QuotaStatus:
@@ -457,9 +457,12 @@ class EntitlementsView(ApiView):
         own_index = next((i for i, level in enumerate(context.lineage) if level.pk == self.principal.tenant.pk), None)
         if own_index is None:  # the tree moved between the scope check and the (cached) lineage read
             raise unknown_tenant(tenant.external_id)
+        seen = context.seen_from(self.principal.tenant.pk)
         levels = []
-        for level in context.lineage[own_index:]:
+        visible: list[QuotaStatus] = []
+        for level in seen.visible_levels:
             here = [status for status in statuses if status.tenant_id == level.tenant_id]
+            visible += here
             tightest = _tightest(here)
             levels.append(
                 {
@@ -483,17 +486,13 @@ class EntitlementsView(ApiView):
                 }
             )
         inherited = None
-        if own_index > 0:
-            above_ids = {level.tenant_id for level in context.lineage[:own_index]}
-            above = [status for status in statuses if status.tenant_id in above_ids]
-            tightest = _tightest(above)
-            inherited = {
-                "allowed": all(_fits(status, quantity) for status in above),
-                "remaining": _amount(tightest.remaining if tightest else None),
-                "reset_at": iso(tightest.reset_at if tightest else None),
-                "period": tightest.period if tightest else None,
-            }
-        overall = _tightest(statuses)
+        if seen.visible_from > 0:
+            # One bit, and only for the quantity asked: room, usage or a reset time would move (or tell) when
+            # another tenant under those levels spends.
+            shown = {level.tenant_id for level in seen.visible_levels}
+            above = [status for status in statuses if status.tenant_id not in shown]
+            inherited = {"allowed": all(_fits(status, quantity) for status in above)}
+        overall = _tightest(visible)
         return Response(
             {
                 "tenant_id": tenant.external_id,

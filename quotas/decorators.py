@@ -1,7 +1,8 @@
 """``@enforce_quota(feature, quantity=1)``: one line to meter and enforce a view, sync or async.
 
 Works on function views, on class-based and DRF views through ``method_decorator``. The tenant comes from
-``request.tenant`` (``tenants.middleware.TenantMiddleware``). Blocked requests get a 429 JSON answer; when the
+``request.tenant`` (``tenants.middleware.TenantMiddleware``), and so does what the caller may learn (``quotas.http``:
+levels above its credential are never named or measured). Blocked requests get a 429 JSON answer; when the
 database (or Redis, with no fallback left) is down, a 503 JSON answer with ``Retry-After``.
 """
 
@@ -46,7 +47,7 @@ def decide_for_request(request: HttpRequest, feature: str, quantity: QuantitySpe
         amount = quantity(request) if callable(quantity) else quantity
         return QuotaPolicyHandler(tenant).consume(feature, amount)
     except QuotaExceeded as error:
-        return quota_exceeded_response(error)
+        return quota_exceeded_response(error, seen_by=tenant)
     except InvalidUsageEvent as error:
         return error_response(400, error.code, error.field, str(error))
     except STORE_ERRORS as error:
@@ -63,7 +64,7 @@ def enforce_quota(feature: str, quantity: QuantitySpec = 1) -> Callable[[View], 
                 outcome = await sync_to_async(decide_for_request)(request, feature, quantity)
                 if isinstance(outcome, HttpResponse):
                     return outcome
-                return add_quota_headers(await view(*args, **kwargs), outcome)
+                return add_quota_headers(await view(*args, **kwargs), outcome, seen_by=getattr(request, "tenant", None))
 
             return async_wrapper  # type: ignore[return-value]
 
@@ -73,7 +74,7 @@ def enforce_quota(feature: str, quantity: QuantitySpec = 1) -> Callable[[View], 
             outcome = decide_for_request(request, feature, quantity)
             if isinstance(outcome, HttpResponse):
                 return outcome
-            return add_quota_headers(view(*args, **kwargs), outcome)
+            return add_quota_headers(view(*args, **kwargs), outcome, seen_by=getattr(request, "tenant", None))
 
         return wrapper  # type: ignore[return-value]
 

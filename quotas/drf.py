@@ -81,7 +81,7 @@ class QuotaHeadersMixin:
         response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
         decision = getattr(request._request, "_xaas_quota_decision", None)
         if decision is not None:
-            return add_quota_headers(response, decision)
+            return add_quota_headers(response, decision, seen_by=getattr(request._request, "tenant", None))
         for name, value in getattr(request._request, "_xaas_quota_headers", {}).items():
             response[name] = value
         return response

@@ -1,4 +1,9 @@
-"""``QuotaExceeded``: which level blocked, what it allows, what was used and asked, and when it resets."""
+"""``QuotaExceeded``: which level blocked, what it allows, what was used and asked, and when it resets.
+
+Python callers get every detail. HTTP answers (``quotas.http``) show them only to a caller whose credential covers
+the blocking level; a refusal by a level above it is rendered with ``upstream_dict``: that an upstream quota refused,
+and when it resets.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,22 @@ class QuotaExceeded(Exception):
             "requested": str(self.requested),
             "reset": self.reset_at.isoformat() if self.reset_at else None,
         }
+
+    def upstream_dict(self) -> dict[str, Any]:
+        """The refusal as a caller below the blocking level may learn it: the caller's own request and the reset
+        time (so it knows when to retry), never the level's tenant id, limit, usage, room or period name."""
+        return {
+            "code": self.code,
+            "scope": "upstream",
+            "message": UPSTREAM_MESSAGE,
+            "feature": self.feature,
+            "requested": str(self.requested),
+            "reset": self.reset_at.isoformat() if self.reset_at else None,
+            "retry_after": self.retry_after,
+        }
+
+
+UPSTREAM_MESSAGE = "an upstream quota refused this request"
 
 
 class QuotaConfigurationError(Exception):

@@ -1,14 +1,24 @@
 """HTTP faces of a decision: 429 bodies and the ``Retry-After`` / IETF ``RateLimit-Policy`` / ``RateLimit`` fields;
-503 when a data store is down."""
+503 when a data store is down.
+
+**Information hiding.** Every answer is rendered for a viewer (``seen_by``: the request's ``TenantContext``), who
+learns tenant ids, limits, usage and room only of the levels its credential covers (``visible_levels``). A level
+above them is someone else's: it never appears in ``RateLimit-Policy``/``RateLimit`` (an allowed answer already says
+it allowed), and a refusal by it is a 429 saying only that an upstream quota refused, with ``Retry-After`` and
+``RateLimit: "upstream";r=0;t=<seconds>`` (no ``RateLimit-Policy``: its quota is not the caller's to know). No viewer
+(``None``) sees nothing. Python callers keep everything: the hiding is here, not in ``QuotaExceeded``.
+"""
 
 from __future__ import annotations
 
 import math
 from decimal import Decimal
+from typing import Any
 
 from django.http import HttpResponse, JsonResponse
 
 from metering.events import utcnow
+from tenants.context import TenantContext
 from tenants.unavailable import unavailable_response
 
 from .exceptions import QuotaExceeded
@@ -29,9 +39,26 @@ def _seconds_left(status: QuotaStatus) -> int | None:
     return max(0, math.ceil((status.reset_at - utcnow()).total_seconds()))
 
 
-def policy_header(decision: Decision) -> str:
+UPSTREAM_POLICY = "upstream"
+
+
+def sees(seen_by: TenantContext | None, tenant_id: str) -> bool:
+    """Whether the viewer may learn the details of the level ``tenant_id``: one its credential covers."""
+    return seen_by is not None and any(level.tenant_id == tenant_id for level in seen_by.visible_levels)
+
+
+def visible_statuses(decision: Decision, seen_by: TenantContext | None) -> tuple[QuotaStatus, ...]:
+    return tuple(status for status in decision.statuses if sees(seen_by, status.tenant_id))
+
+
+def _tightest(statuses: tuple[QuotaStatus, ...]) -> QuotaStatus | None:
+    candidates = [status for status in statuses if status.hard] or list(statuses)
+    return min(candidates, key=lambda status: status.remaining, default=None)
+
+
+def policy_header(statuses: tuple[QuotaStatus, ...]) -> str:
     items = []
-    for status in decision.statuses:
+    for status in statuses:
         item = f'"{_policy_name(status)}";q={_whole(status.limit)}'
         if status.reset_at is not None and status.window_start is not None:
             item += f";w={int((status.reset_at - status.window_start).total_seconds())}"
@@ -45,23 +72,37 @@ def rate_limit_header(status: QuotaStatus) -> str:
     return header + (f";t={seconds}" if seconds is not None else "")
 
 
-def add_quota_headers(response: HttpResponse, decision: Decision) -> HttpResponse:
-    """Tell an allowed client how much room is left (the tightest quota) and which policies apply."""
-    tightest = decision.tightest
+def add_quota_headers(response: HttpResponse, decision: Decision, *, seen_by: TenantContext | None) -> HttpResponse:
+    """Tell an allowed client how much room is left and which policies apply, of the levels it may see (the
+    tightest of those: an upstream level may still refuse earlier than ``RateLimit`` says)."""
+    statuses = visible_statuses(decision, seen_by)
+    tightest = _tightest(statuses)
     if tightest is not None:
-        response["RateLimit-Policy"] = policy_header(decision)
+        response["RateLimit-Policy"] = policy_header(statuses)
         response["RateLimit"] = rate_limit_header(tightest)
     return response
 
 
-def quota_exceeded_response(error: QuotaExceeded) -> JsonResponse:
-    response = JsonResponse({"error": error.as_dict()}, status=429)
+def refusal_body(error: QuotaExceeded, *, seen_by: TenantContext | None) -> dict[str, Any]:
+    """The ``error`` object of a 429: every detail for a level the viewer sees, else ``upstream_dict``."""
+    if not sees(seen_by, error.tenant_id):
+        return {"field": None, **error.upstream_dict()}
+    return {"field": None, **error.as_dict(), "scope": "subtree", "retry_after": error.retry_after}
+
+
+def quota_exceeded_response(error: QuotaExceeded, *, seen_by: TenantContext | None) -> JsonResponse:
+    body = refusal_body(error, seen_by=seen_by)
+    response = JsonResponse({"error": body}, status=429)
     retry_after = error.retry_after
     if retry_after is not None:
         response["Retry-After"] = str(retry_after)
+    reset = f";t={retry_after}" if retry_after is not None else ""
+    if body["scope"] == "upstream":
+        response["RateLimit"] = f'"{UPSTREAM_POLICY}";r=0{reset}'
+        return response
     name = f"{error.tenant_id}/{error.feature}/{error.period}"
     response["RateLimit-Policy"] = f'"{name}";q={_whole(error.limit)}'
-    response["RateLimit"] = f'"{name}";r=0' + (f";t={retry_after}" if retry_after is not None else "")
+    response["RateLimit"] = f'"{name}";r=0{reset}'
     return response
 
 

@@ -56,11 +56,13 @@ class QuotaMiddleware(MiddlewareMixin):
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         decision: Decision | None = getattr(request, DECISION_ATTRIBUTE, None)
-        return add_quota_headers(response, decision) if decision is not None else response
+        if decision is None:
+            return response
+        return add_quota_headers(response, decision, seen_by=getattr(request, "tenant", None))
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if isinstance(exception, QuotaExceeded):
-            return quota_exceeded_response(exception)
+            return quota_exceeded_response(exception, seen_by=getattr(request, "tenant", None))
         if is_store_unavailable(exception):
             return service_unavailable_response(exception, f"view {request.path!r}")
         return None

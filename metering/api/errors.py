@@ -20,6 +20,7 @@ from rest_framework.views import set_rollback
 
 from metering.exceptions import InvalidUsageEvent
 from quotas.exceptions import QuotaExceeded
+from tenants.context import TenantContext
 from tenants.exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
 from tenants.unavailable import CODE as UNAVAILABLE_CODE
 from tenants.unavailable import MESSAGE as UNAVAILABLE_MESSAGE
@@ -111,13 +112,36 @@ def _translate(exc: Exception) -> Exception:
         return ApiError(403, exc.code, str(exc), exc.field)
     if isinstance(exc, TenantError | InvalidUsageEvent):
         return ApiError(400, exc.code, str(exc), exc.field)
-    if isinstance(exc, QuotaExceeded):
-        body = exc.as_dict()
-        del body["code"], body["message"]
-        error = ApiError(429, exc.code, str(exc), None, **body)
-        error.wait = exc.retry_after  # type: ignore[attr-defined]
-        return error
     return exc
+
+
+def _quota_refusal(exc: QuotaExceeded, request: Any) -> ApiError:
+    """A 429 that names the blocking level only to a caller whose key (or request tenant) covers it."""
+    from quotas.http import refusal_body
+
+    body = refusal_body(exc, seen_by=_refusal_viewer(exc, request))
+    code, message, field = body.pop("code"), body.pop("message"), body.pop("field")
+    error = ApiError(429, code, message, field, **body)
+    error.wait = exc.retry_after  # type: ignore[attr-defined]
+    return error
+
+
+def _refusal_viewer(exc: QuotaExceeded, request: Any) -> TenantContext | None:
+    from tenants.authentication import TenantPrincipal
+    from tenants.lineage import get_context
+
+    user = getattr(request, "user", None)
+    if isinstance(user, TenantPrincipal):
+        # The blocking level's lineage seen from the key's tenant: visible exactly when the key's subtree holds it.
+        try:
+            blocking = get_context(exc.tenant_id, require_active=False)
+        except TenantError:
+            return None
+        if not any(level.pk == user.tenant.pk for level in blocking.lineage):
+            return None
+        return blocking.seen_from(user.tenant.pk)
+    tenant = getattr(request, "tenant", None)
+    return tenant if isinstance(tenant, TenantContext) else None
 
 
 _CODES = {
@@ -132,7 +156,7 @@ _CODES = {
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    exc = _translate(exc)
+    exc = _quota_refusal(exc, context.get("request")) if isinstance(exc, QuotaExceeded) else _translate(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, exceptions.APIException):
         if getattr(exc, "auth_header", None):
