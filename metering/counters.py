@@ -1,9 +1,11 @@
 """Hot usage counters in Redis: a cache of the rollups that is exact, and rebuilt from the database when lost.
 
 Each counter is the units of one tenant's subtree for one feature in one window (hour, day, month, total), under
-the key ``xaas:{t<root pk>}:e<epoch>:u:<tenant pk>:<feature>:<period>:<window start>``. The ``{t<root>}`` hash tag
-puts a whole tree in one Redis Cluster slot, so one script may touch every level of a lineage. Values are decimal
-strings added and compared exactly by the Lua scripts (``lua/bignum.lua``), at any size.
+the key ``xaas:<label>:{<site>.t<root pk>}:e<epoch>:u:<tenant pk>:<feature>:<period>:<window start>``. The
+``{<site>.t<root>}`` hash tag puts a whole tree in one Redis Cluster slot, so one script may touch every level of a
+lineage; ``<site>`` (and the readable ``<label>``) is this site's namespace (``tenants.namespace``: the cache's
+``KEY_PREFIX`` and the usage database's identity), so sites sharing one Redis never see each other's counters.
+Values are decimal strings added and compared exactly by the Lua scripts (``lua/bignum.lua``), at any size.
 
 Why it stays exact:
 - a writer adds to the counters that *exist*, inside its database transaction and while holding its tree's lock
@@ -21,6 +23,7 @@ Why it stays exact:
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +33,7 @@ from typing import Any
 
 from django.db import Error, connections, transaction
 
+from tenants import namespace
 from tenants.locks import lock_trees
 
 from . import rollups, scripts
@@ -81,7 +85,8 @@ def unreachable_since(moment: float) -> bool:
 
 
 def tree_tag(root_pk: int) -> str:
-    return f"xaas:{{t{root_pk}}}"
+    """The start of every counter key of the tree, in this site's namespace (see ``tenants.namespace``)."""
+    return namespace.current().tree_tag(root_pk)
 
 
 USED = "u"
@@ -279,20 +284,29 @@ class CounterDrift:
 
 
 def parse_key(counter: str) -> tuple[int, str, int, str, Period, datetime | None] | None:
-    """``(epoch, kind, tenant pk, feature, period, window start)`` of a counter key; ``None`` if it is not one.
-    Feature names may contain ``:``, so the key is read from both ends."""
-    parts = counter.split(":")
-    if len(parts) < 8 or not parts[2].startswith("e"):
+    """``(epoch, kind, tenant pk, feature, period, window start)`` of a counter key of this site; ``None`` if it is
+    not one (another site's keys included). Feature names may contain ``:``, so the key is read from both ends."""
+    match = _KEY_RE.fullmatch(counter)
+    if match is None or match["site"] != namespace.current().tree_tag(int(match["root"])):
+        return None
+    parts = match["rest"].split(":")
+    if len(parts) < 6 or not parts[0].startswith("e"):
         return None
     try:
-        epoch, tenant_pk = int(parts[2][1:]), int(parts[4])
+        epoch, tenant_pk = int(parts[0][1:]), int(parts[2])
     except ValueError:
         return None
     period, window_id = parts[-2], parts[-1]
     if period not in (*WINDOWED_PERIODS, "total"):
         return None
-    start = None if window_id == "all" else datetime.fromtimestamp(int(window_id), UTC)
-    return epoch, parts[3], tenant_pk, ":".join(parts[5:-2]), period, start
+    try:
+        start = None if window_id == "all" else datetime.fromtimestamp(int(window_id), UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return epoch, parts[1], tenant_pk, ":".join(parts[3:-2]), period, start
+
+
+_KEY_RE = re.compile(r"(?P<site>xaas:[A-Za-z0-9._-]+:\{[0-9a-f]+\.t(?P<root>[0-9]+)\}):(?P<rest>.+)", re.DOTALL)
 
 
 # What each kind of counter should hold: ``(tenant pk, tenant path, feature, start, end) -> units`` from the database.

@@ -27,6 +27,7 @@ from django.db import connections, transaction
 from django.db.models import Case, Count, F, Min, QuerySet, Value, When
 from django.utils import timezone
 
+from tenants import namespace
 from tenants.models import Tenant
 
 from .conf import metering_settings
@@ -38,7 +39,7 @@ PENDING = UsageOutbox.State.PENDING.value
 DELIVERED = UsageOutbox.State.DELIVERED.value
 DEAD = UsageOutbox.State.DEAD.value
 HELD = UsageOutbox.State.HELD.value
-TRIGGER_KEY = "xaas:outbox:trigger:v1:"
+TRIGGER_KEY = "outbox:trigger:v1:"  # in the site's namespace (tenants.namespace)
 
 
 def _using() -> str:
@@ -71,7 +72,7 @@ def trigger_flush(sink: str) -> None:
         if flush_outbox.app.conf.task_always_eager:
             return
         cache = caches[metering_settings.CACHE_ALIAS]
-        key = TRIGGER_KEY + sink
+        key = namespace.current().cache_key(TRIGGER_KEY + sink)
         if cache.get(key) is not None:
             return  # a flush was queued moments ago and drains everything that is due
         if not due_at_least(sink, int(metering_settings.BATCH_SIZE)):

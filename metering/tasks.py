@@ -14,12 +14,14 @@ from typing import Any
 from celery import shared_task
 from django.core.cache import caches
 
+from tenants import namespace
+
 from . import delivery, outbox
 from .conf import metering_settings
 from .sinks import get_sink
 
 logger = logging.getLogger("metering.tasks")
-FOLLOW_UP_KEY = "xaas:outbox:follow-up:v1:"
+FOLLOW_UP_KEY = "outbox:follow-up:v1:"  # in the site's namespace (tenants.namespace)
 
 
 def _options() -> dict[str, Any]:
@@ -63,7 +65,9 @@ def _follow_up(report: delivery.FlushReport) -> None:
             enqueue_flush(report.sink)
         elif report.retry_in is not None:
             timeout = max(1, math.ceil(report.retry_in))
-            if caches[metering_settings.CACHE_ALIAS].add(FOLLOW_UP_KEY + report.sink, 1, timeout=timeout):
+            if caches[metering_settings.CACHE_ALIAS].add(
+                namespace.current().cache_key(FOLLOW_UP_KEY + report.sink), 1, timeout=timeout
+            ):
                 enqueue_flush(report.sink, countdown=report.retry_in)
     except Exception as error:  # the sweep covers it
         logger.warning("could not queue a follow-up flush (%s)", type(error).__name__)

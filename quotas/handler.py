@@ -30,6 +30,7 @@ from metering.events import (
     utcnow,
     validate_feature_name,
 )
+from tenants import namespace
 from tenants.context import TenantContext
 from tenants.lineage import get_context
 from tenants.locks import lock_trees, name_lock_statement, tree_lock_statement
@@ -536,7 +537,7 @@ def _send_thresholds(context: TenantContext, decision: Decision) -> None:
             if not (status.used_before < mark <= status.used):
                 continue
             window_id = int(status.window_start.timestamp()) if status.window_start else "all"
-            key = f"xaas:quota-threshold:{status.quota_id}:{window_id}:{percent}"
+            key = namespace.current().cache_key("quota-threshold", status.quota_id, window_id, percent)
             timeout = (
                 40 * 24 * 3600
                 if status.reset_at is None

@@ -1,14 +1,15 @@
-"""The quotas that apply to a lineage and a feature, cached, and never used once a limit of the tree changed.
+"""The quotas that apply to a lineage and a feature, cached in each process, and never used once a limit of the
+tree changed.
 
-Two caches:
-- ``rules_for``: per level in the metering cache (one round trip when warm), for reads (entitlements, the admin);
-- ``ruleset``: in this process, for decisions, with no round trip at all. Each entry carries the tree's counter
-  epoch (``metering.counters``) it was read under. Saving or deleting a limit bumps its tree's epoch in the same
-  transaction (``QuotaLimit.save``), and every decision reads the tree's current epoch in the statement it sends
-  anyway: an entry of another epoch is reloaded. So from the commit of a change on, no decision in any process uses
-  the older limits — with Redis, without it, or with a Redis restored from an old backup. The epoch is read
-  *before* the limits, so an entry can only be newer than its epoch, never older. Limits must therefore change
-  through the model (admin, API, ``quota set``), never ``QuerySet.update``, which bumps nothing.
+``ruleset`` keeps them in this process's memory, with no round trip at all. Each entry carries the tree's counter
+epoch (``metering.counters``) it was read under. Saving or deleting a limit bumps its tree's epoch in the same
+transaction (``QuotaLimit.save``), and every decision reads the tree's current epoch in the statement it sends
+anyway: an entry of another epoch is reloaded. So from the commit of a change on, no decision in any process uses
+the older limits — whatever the cache backend (none is involved), with Redis, without it, or with a Redis restored
+from an old backup. The epoch is read *before* the limits, so an entry can only be newer than its epoch, never
+older. ``rules_for`` (reads: entitlements) does the same with the epoch read on its own (one primary-key lookup).
+Limits must therefore change through the model (admin, API, ``quota set``), never ``QuerySet.update``, which bumps
+nothing.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.core.cache import caches
-
-from metering.breaker import log_level
+from metering import counters
 from metering.conf import metering_settings
 from metering.events import units_to_quantity
 from metering.windows import Period, window
+from tenants import namespace
 from tenants.context import TenantContext, TenantRef
 
 from .models import QuotaLimit, limit_to_units
 
 logger = logging.getLogger("quotas.rules")
-CACHE_PREFIX = "xaas:quota-rules:v1:"
 CACHE_TIMEOUT = 300
 
 
@@ -55,7 +54,7 @@ class QuotaRule:
 
 
 def _key(tenant_pk: int, feature: str) -> str:
-    return f"{CACHE_PREFIX}{tenant_pk}:{feature}"
+    return f"{tenant_pk}:{feature}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,13 +67,14 @@ class RuleSet:
 
 
 LOCAL_MAX_ENTRIES = 10_000
-_local: dict[tuple[tuple[TenantRef, ...], str], RuleSet] = {}
+# Keyed by the site too: a process may serve several databases (epoch 0 is every tree's epoch before its first bump).
+_local: dict[tuple[str, tuple[TenantRef, ...], str], RuleSet] = {}
 
 
 def ruleset(context: TenantContext, feature: str, epoch: int) -> RuleSet:
     """The rules for a decision whose statement read the tree's ``epoch`` (see the module), from this process's
     memory when they were read under that epoch, else from the database."""
-    entry = (context.lineage, feature)
+    entry = (namespace.current().hash, context.lineage, feature)
     now = time.monotonic()
     cached = _local.get(entry)
     # The age bounds memory only; exactness comes from the epoch.
@@ -104,23 +104,10 @@ def _load(feature: str, tenant_pks: list[int]) -> dict[str, list[tuple[Any, ...]
 
 
 def rules_for(context: TenantContext, feature: str) -> list[QuotaRule]:
-    """Active quotas on ``feature`` at every level of the lineage, root first. One cache round trip when warm."""
-    cache = caches[metering_settings.CACHE_ALIAS]
-    keys = [_key(level.pk, feature) for level in context.lineage]
-    try:
-        cached: dict[str, Any] = cache.get_many(keys)
-    except Exception as error:  # an unreachable cache degrades to the database
-        logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
-        cached = {}
-    missing = [level.pk for level in context.lineage if _key(level.pk, feature) not in cached]
-    if missing:
-        fresh = _load(feature, missing)
-        cached.update(fresh)
-        try:
-            cache.set_many(fresh, CACHE_TIMEOUT)
-        except Exception as error:
-            logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
-    return _from_rows(context, feature, cached)
+    """Active quotas on ``feature`` at every level of the lineage, root first, as of the tree's current epoch (one
+    primary-key lookup; the limits themselves only when they changed since this process last read them)."""
+    using = metering_settings.DATABASE_ALIAS
+    return list(ruleset(context, feature, counters.current_epoch(context.root.pk, using)).rules)
 
 
 def _from_rows(context: TenantContext, feature: str, cached: dict[str, Any]) -> list[QuotaRule]:
@@ -145,10 +132,6 @@ def _from_rows(context: TenantContext, feature: str, cached: dict[str, Any]) -> 
 
 
 def invalidate(tenant_pk: int, feature: str) -> None:
-    """Forget the cached rules of ``tenant_pk`` in the metering cache and in this process (after commit; other
-    processes see the change through the tree's epoch, which the change bumped)."""
-    try:
-        caches[metering_settings.CACHE_ALIAS].delete(_key(tenant_pk, feature))
-    except Exception as error:
-        logger.log(log_level(error), "quota rule cache unavailable: %s", type(error).__name__)
+    """Forget this process's cached rules (after commit; other processes see the change through the tree's epoch,
+    which the change bumped)."""
     _local.clear()

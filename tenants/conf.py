@@ -12,6 +12,8 @@ DEFAULTS: dict[str, Any] = {
     "CACHE_ALIAS": "default",
     "LINEAGE_CACHE_TIMEOUT": 300,
     "MAX_TREE_DEPTH": 16,
+    # The namespace of every Redis/cache key of this site (None: from KEY_PREFIX and the database, tenants.namespace).
+    "REDIS_NAMESPACE": None,
     # tenants.resolvers.api_key_resolver: trust a bare X-Tenant-ID header when the request carries no API key.
     "API_KEY_HEADER_FALLBACK": False,
 }

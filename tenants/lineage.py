@@ -1,4 +1,13 @@
-"""Reading a tenant's lineage: one query, or none when cached. Invalidated on commit when the tree changes."""
+"""Reading a tenant's lineage: one query, or none when cached in a shared cache. Invalidated on commit when the
+tree changes.
+
+Only a cache that every process shares (Redis, Memcached, the database cache...) may hold lineages: an invalidation
+reaches every process through it. A per-process cache (``LocMemCache``, Django's default and the example project's
+embedded one, or ``DummyCache``) is never used for them, since an invalidation in one process would leave the others
+acting for minutes on a deactivated, moved or no longer exempt tenant; there each read is one query (on SQLite, in
+process). Entries are keyed in the site's namespace (``tenants.namespace``), so sites sharing a Redis never read
+each other's lineages.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +15,33 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from django.core.cache import caches
+from django.core.cache import BaseCache, caches
+from django.core.cache.backends.dummy import DummyCache
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import connection
 
+from . import namespace
 from .conf import tenant_settings
 from .context import TenantContext, TenantRef
 from .exceptions import InactiveTenant, InvalidTenantId, UnknownTenant
 from .models import TENANT_ID_RE, Tenant
 
-CACHE_PREFIX = "xaas:lineage:v1:"
+CACHE_PREFIX = "lineage:v2:"  # in the site's namespace
 logger = logging.getLogger("tenants.lineage")
+PER_PROCESS_BACKENDS: tuple[type[BaseCache], ...] = (LocMemCache, DummyCache)
 
 
 def _cache_key(tenant_id: str) -> str:
-    return CACHE_PREFIX + tenant_id
+    return namespace.current().cache_key(CACHE_PREFIX + tenant_id)
+
+
+def cache_is_shared(alias: str | None = None) -> bool:
+    """Whether the lineage cache is one every process sees (else lineages are not cached at all)."""
+    try:
+        cache = caches[alias or tenant_settings.CACHE_ALIAS]
+    except Exception:  # a misconfigured alias: the system checks say so; here, read the database
+        return False
+    return not isinstance(cache, PER_PROCESS_BACKENDS)
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -41,10 +63,12 @@ def validate_tenant_id(tenant_id: object) -> str:
 def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool = True) -> TenantContext:
     """The ``TenantContext`` of ``tenant_id``. Raises ``UnknownTenant``, or ``InactiveTenant`` when asked."""
     tenant_id = validate_tenant_id(tenant_id)
-    rows: list[tuple[Any, ...]] | None = _cache_call("get", _cache_key(tenant_id)) if use_cache else None
+    cached = use_cache and cache_is_shared()
+    rows: list[tuple[Any, ...]] | None = _cache_call("get", _cache_key(tenant_id)) if cached else None
     if rows is None:
         rows = _load_lineage(tenant_id)
-        _cache_call("set", _cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
+        if cached:
+            _cache_call("set", _cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
     context = TenantContext(tenant_id=tenant_id, lineage=tuple(TenantRef(*row) for row in rows))
     if require_active and not context.is_active:
         inactive = next(level.tenant_id for level in context.lineage if not level.is_active)
@@ -84,6 +108,8 @@ def _load_lineage(tenant_id: str) -> list[tuple[Any, ...]]:
 
 
 def invalidate(tenant_ids: Iterable[str]) -> None:
+    if not cache_is_shared():
+        return  # nothing was cached
     keys = [_cache_key(tenant_id) for tenant_id in tenant_ids]
     if keys:
         _cache_call("delete_many", keys)
@@ -91,4 +117,6 @@ def invalidate(tenant_ids: Iterable[str]) -> None:
 
 def invalidate_subtree(path: str) -> None:
     """Forget the cached lineage of every tenant whose path starts with ``path``."""
+    if not cache_is_shared():
+        return  # nothing was cached
     invalidate(Tenant.objects.filter(path__startswith=path).values_list("external_id", flat=True))

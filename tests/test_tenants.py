@@ -85,7 +85,7 @@ def test_depth_limit(settings):
         create_tenant("d", parent="c")
 
 
-def test_lineage_costs_one_query_and_none_when_cached():
+def test_lineage_costs_one_query_and_none_when_cached(redis_cache):
     tree(ORG)
     with CaptureQueriesContext(connection) as queries:
         get_context("k3")
@@ -95,7 +95,18 @@ def test_lineage_costs_one_query_and_none_when_cached():
     assert len(queries) == 0
 
 
-def test_lineage_cache_is_invalidated_on_commit_of_a_change(django_capture_on_commit_callbacks):
+def test_lineage_is_never_cached_in_a_per_process_cache(settings):
+    """LocMem (the default) and Dummy caches are not seen by other processes: an invalidation could not reach them."""
+    tree(ORG)
+    for backend in ("django.core.cache.backends.locmem.LocMemCache", "django.core.cache.backends.dummy.DummyCache"):
+        settings.CACHES = {"default": {"BACKEND": backend}}
+        for _ in range(2):
+            with CaptureQueriesContext(connection) as queries:
+                assert get_context("k3").lineage_ids == ("org", "p2", "k3")
+            assert len(queries) == 1
+
+
+def test_lineage_cache_is_invalidated_on_commit_of_a_change(redis_cache, django_capture_on_commit_callbacks):
     tree(ORG)
     assert not get_context("k1").exempt
     with django_capture_on_commit_callbacks(execute=True):
