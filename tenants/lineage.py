@@ -28,6 +28,8 @@ from .models import TENANT_ID_RE, Tenant
 
 CACHE_PREFIX = "lineage:v2:"  # in the site's namespace
 logger = logging.getLogger("tenants.lineage")
+TOMBSTONE = "invalidated"
+TOMBSTONE_SECONDS = 30  # longer than any read-then-cache of a lineage takes
 PER_PROCESS_BACKENDS: tuple[type[BaseCache], ...] = (LocMemCache, DummyCache)
 
 
@@ -64,11 +66,14 @@ def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool 
     """The ``TenantContext`` of ``tenant_id``. Raises ``UnknownTenant``, or ``InactiveTenant`` when asked."""
     tenant_id = validate_tenant_id(tenant_id)
     cached = use_cache and cache_is_shared()
-    rows: list[tuple[Any, ...]] | None = _cache_call("get", _cache_key(tenant_id)) if cached else None
+    found: Any = _cache_call("get", _cache_key(tenant_id)) if cached else None
+    rows: list[tuple[Any, ...]] | None = None if found == TOMBSTONE else found
     if rows is None:
         rows = _load_lineage(tenant_id)
-        if cached:
-            _cache_call("set", _cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
+        if cached and found != TOMBSTONE:
+            # ``add``, not ``set``: a reader that loaded the rows just before a change committed must not write them
+            # over the change's tombstone (``invalidate``).
+            _cache_call("add", _cache_key(tenant_id), rows, tenant_settings.LINEAGE_CACHE_TIMEOUT)
     context = TenantContext(tenant_id=tenant_id, lineage=tuple(TenantRef(*row) for row in rows))
     if require_active and not context.is_active:
         inactive = next(level.tenant_id for level in context.lineage if not level.is_active)
@@ -112,7 +117,10 @@ def invalidate(tenant_ids: Iterable[str]) -> None:
         return  # nothing was cached
     keys = [_cache_key(tenant_id) for tenant_id in tenant_ids]
     if keys:
-        _cache_call("delete_many", keys)
+        # A tombstone rather than a delete: a process that read the lineage before the change committed and caches
+        # it afterwards would otherwise put the old lineage back for LINEAGE_CACHE_TIMEOUT. While the tombstone
+        # lives, reads go to the database and nobody caches; afterwards the first reader caches the new lineage.
+        _cache_call("set_many", dict.fromkeys(keys, TOMBSTONE), TOMBSTONE_SECONDS)
 
 
 def invalidate_subtree(path: str) -> None:

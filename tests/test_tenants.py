@@ -126,6 +126,22 @@ def test_lineage_cache_is_invalidated_on_commit_of_a_change(redis_cache, django_
     assert get_context("k1", require_active=False).tenant_id == "k1"
 
 
+def test_a_reader_that_loaded_before_a_change_cannot_cache_the_old_lineage(redis_cache):
+    """The race of a shared cache: process A reads the lineage from the database, process B commits a change and
+    invalidates, then A caches what it read. The invalidation's tombstone makes A's late write a no-op."""
+    from tenants import lineage
+
+    tree(ORG)
+    stale_rows = lineage._load_lineage("k1")  # A's read, before the change
+    Tenant.objects.filter(external_id="org").update(exempt=True)  # B's change...
+    lineage.invalidate(["k1"])  # ...and its on-commit invalidation
+    lineage._cache_call("add", lineage._cache_key("k1"), stale_rows, 300)  # A caches late
+    assert get_context("k1").exempt
+    with CaptureQueriesContext(connection) as queries:
+        assert get_context("k1").exempt
+    assert len(queries) == 1  # while the tombstone lives, reads go to the database
+
+
 def test_unknown_and_invalid_ids():
     with pytest.raises(UnknownTenant):
         get_context("nobody")
