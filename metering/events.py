@@ -356,7 +356,7 @@ def validate_timestamp(timestamp: object, *, now: datetime | None = None) -> dat
 
 
 def _span(delta: timedelta | None) -> str:
-    return "an unbounded time" if delta is None else f"{delta.total_seconds():g} seconds"
+    return "an unbounded time" if delta is None else str(delta)
 
 
 # Neither can be stored: PostgreSQL jsonb refuses \u0000 and UTF-8 cannot encode a lone surrogate.
