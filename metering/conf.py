@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_ALIAS": "default",
     # Bad-input limits.
     "MAX_QUANTITY": Decimal("1000000000000"),
-    "MAX_METADATA_BYTES": 4096,
+    "MAX_METADATA_BYTES": 1024,  # a maximal 1,000-event request then adds ~1.5 MB on PostgreSQL (4096: ~6 MB)
     "MAX_FEATURE_NAME_LENGTH": 100,
     # Abuse bounds: what one key (one tree) may write. Each refusal is a named InvalidUsageEvent (4xx over HTTP).
     "MAX_FEATURES_PER_TREE": 1000,  # distinct feature names one tree may hold; None: unbounded

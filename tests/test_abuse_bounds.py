@@ -176,6 +176,9 @@ def test_the_allowlist_refuses_other_names_through_python_and_http(api):
     assert (refused.value.code, refused.value.field) == ("unknown_feature", "feature_name")
     with pytest.raises(InvalidFeatureName):
         QuotaPolicyHandler("acme-chat").consume("gpu_seconds", 1)
+    with pytest.raises(InvalidFeatureName):  # refused when reserved, not when the work is done and committed
+        QuotaPolicyHandler("acme-chat").reserve("gpu_seconds", 1)
+    assert not QuotaReservation.objects.exists()
     response = api.post(URL, batch(["llm_tokens", "gpu_seconds"]))
     assert response.status_code == 422
     assert error_of(response)["details"] == {"1": {"feature_name": ["unknown_feature"]}}

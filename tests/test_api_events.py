@@ -378,7 +378,9 @@ def test_other_methods_are_405_json(api, method):
 
 
 def test_a_full_batch_with_the_largest_metadata_fits(api):
-    blob = {"p": "x" * 4000}
+    from metering.conf import metering_settings
+
+    blob = {"p": "x" * (metering_settings.MAX_METADATA_BYTES - len('{"p":""}'))}  # exactly the bound, encoded
     batch = [event(transaction_id=f"tx-{i}", quantity=1, metadata=blob) for i in range(1000)]
     response = api.post(URL, {"events": batch})
     assert response.status_code == 201, response.content[:300]
