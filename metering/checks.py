@@ -73,6 +73,42 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
             messages.append(
                 Error(f"METERING[{key!r}] must be a positive integer, got {value!r}.", id="xaas_metering.E005")
             )
+    messages.extend(_abuse_bound_problems())
+    return messages
+
+
+def _abuse_bound_problems() -> list[CheckMessage]:
+    """The abuse bounds (E030-E034): each invalid value is an error, never a silent fallback to no bound."""
+    from .api.events import MAX_EVENTS
+    from .api.throttling import parse_rate
+    from .events import duration_problem, features_problem
+
+    messages: list[CheckMessage] = []
+    most = metering_settings.MAX_FEATURES_PER_TREE
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        messages.append(
+            Error(
+                f"METERING['MAX_FEATURES_PER_TREE'] must be None or a positive integer, got {most!r}.",
+                id="xaas_metering.E030",
+            )
+        )
+    if (problem := features_problem(metering_settings.FEATURES)) is not None:
+        messages.append(Error(f"METERING['FEATURES'] {problem}.", id="xaas_metering.E031"))
+    for key in ("MAX_BACKDATE", "MAX_FUTURE"):
+        if (problem := duration_problem(getattr(metering_settings, key))) is not None:
+            messages.append(Error(f"METERING[{key!r}] {problem}.", id="xaas_metering.E032"))
+    per_request = metering_settings.MAX_EVENTS_PER_REQUEST
+    if isinstance(per_request, bool) or not isinstance(per_request, int) or not 1 <= per_request <= MAX_EVENTS:
+        messages.append(
+            Error(
+                f"METERING['MAX_EVENTS_PER_REQUEST'] must be an integer from 1 to {MAX_EVENTS}, got {per_request!r}.",
+                id="xaas_metering.E033",
+            )
+        )
+    try:
+        parse_rate(metering_settings.API_RATE)
+    except ValueError as error:
+        messages.append(Error(f"METERING['API_RATE'] {error}.", id="xaas_metering.E034"))
     return messages
 
 

@@ -7,6 +7,7 @@ limits that keep bad input out. Tenant keys (``TENANT_HEADER``, ``TENANT_RESOLVE
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -23,9 +24,16 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_ALIAS": "default",
     # Bad-input limits.
     "MAX_QUANTITY": Decimal("1000000000000"),
-    "MAX_METADATA_BYTES": 4096,
+    "MAX_METADATA_BYTES": 1024,  # a maximal 1,000-event request then adds ~1.5 MB on PostgreSQL (4096: ~6 MB)
     "MAX_FEATURE_NAME_LENGTH": 100,
-    "FUTURE_TOLERANCE_SECONDS": 300,
+    # Abuse bounds: what one key (one tree) may write. Each refusal is a named InvalidUsageEvent (4xx over HTTP).
+    "MAX_FEATURES_PER_TREE": 1000,  # distinct feature names one tree may hold; None: unbounded
+    "FEATURES": None,  # an allowlist of feature names (any iterable of str); None: any valid name
+    "MAX_BACKDATE": timedelta(days=35),  # how far back a fact may be dated (timedelta or seconds); None: to 1970
+    "MAX_FUTURE": None,  # how far ahead (timedelta or seconds); None: FUTURE_TOLERANCE_SECONDS (5 minutes)
+    "FUTURE_TOLERANCE_SECONDS": 300,  # the older name of MAX_FUTURE, honoured while MAX_FUTURE is None
+    "MAX_EVENTS_PER_REQUEST": 1000,  # events in one POST /api/v1/events (1 to 1000)
+    "API_RATE": "6000/min",  # requests per API key ("N/s", "N/min", "N/hour", "N/day"); None: no throttle
     # Routes the quota middleware meters: [{"url_name" or "path_prefix": ..., "feature": ..., "quantity": 1}].
     "QUOTA_ROUTES": [],
     # Redis counters are rebuilt from the database at least this often (self-healing bound).

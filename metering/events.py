@@ -25,6 +25,8 @@ from .exceptions import (
     InvalidTimestamp,
     InvalidTransactionId,
     InvalidUsageEvent,
+    TimestampOutOfRange,
+    UnknownFeature,
 )
 
 DECIMAL_PLACES = 6
@@ -233,6 +235,31 @@ def validate_feature_name(name: object) -> str:
     return str(name)
 
 
+def validate_recorded_feature(name: object) -> str:
+    """``name`` if it is a valid feature name (``validate_feature_name``) that ``METERING['FEATURES']`` allows
+    (``None``: any). Raises ``InvalidFeatureName`` or ``UnknownFeature``. Reading usage is not bound by it."""
+    name = validate_feature_name(name)
+    allowed = metering_settings.FEATURES
+    # A set is O(1) here; a list is scanned (the system check asks for one or the other).
+    if allowed is not None and name not in allowed:
+        raise UnknownFeature(f"feature_name {name!r} is not one of METERING['FEATURES']")
+    return name
+
+
+def features_problem(value: object) -> str | None:
+    """Why ``value`` cannot be ``METERING['FEATURES']``, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple | set | frozenset):
+        return f"must be None or a list, tuple or set of feature names, got {type(value).__name__}"
+    for name in value:
+        try:
+            validate_feature_name(name)
+        except InvalidFeatureName as error:
+            return f"holds an invalid feature name: {error}"
+    return None
+
+
 def utc_moment(moment: object, name: str, error: type[InvalidUsageEvent]) -> datetime:
     """``moment`` as a plain UTC ``datetime`` from ``EARLIEST_TIMESTAMP`` to ``LATEST_TIMESTAMP``; otherwise
     ``error`` naming ``name``. Never ``OverflowError``: ``datetime(1, 1, 1, tzinfo=+05:00)`` has no UTC year."""
@@ -254,17 +281,82 @@ def utc_moment(moment: object, name: str, error: type[InvalidUsageEvent]) -> dat
     return datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond, tzinfo=UTC)
 
 
-def validate_timestamp(timestamp: object, *, now: datetime | None = None) -> datetime:
-    """The aware UTC time of a fact: not before 1970-01-01 UTC, not in the future beyond
-    ``FUTURE_TOLERANCE_SECONDS``. Raises ``InvalidTimestamp``."""
-    timestamp = utc_moment(timestamp, "timestamp", InvalidTimestamp)
+def duration_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a ``MAX_BACKDATE``/``MAX_FUTURE`` (a timedelta or seconds, above 0), or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
+        return f"must be None, a timedelta or a number of seconds, got {type(value).__name__}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be finite, got {value!r}"
     try:
-        limit = (now or utcnow()) + timedelta(seconds=metering_settings.FUTURE_TOLERANCE_SECONDS)
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     except OverflowError:
-        limit = LATEST_TIMESTAMP
-    if timestamp > limit:
-        raise InvalidTimestamp(f"timestamp {timestamp.isoformat()} is in the future")
+        return f"is too large: {_shown(value)}"
+    if not seconds > 0:
+        return f"must be above 0, got {_shown(value)}"
+    return None
+
+
+def _duration(key: str, value: object) -> timedelta | None:
+    problem = duration_problem(value)
+    if problem is not None:
+        raise ImproperlyConfigured(f"METERING[{key!r}] {problem}")
+    if value is None or isinstance(value, timedelta):
+        return value
+    assert isinstance(value, int | float)
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:  # beyond timedelta's 999,999,999 days: no bound a datetime can reach
+        return None
+
+
+def max_backdate() -> timedelta | None:
+    """``METERING['MAX_BACKDATE']`` as a timedelta (``None``: back to 1970). ``ImproperlyConfigured`` if invalid."""
+    return _duration("MAX_BACKDATE", metering_settings.MAX_BACKDATE)
+
+
+def max_future() -> timedelta | None:
+    """``METERING['MAX_FUTURE']`` (or, while it is ``None``, the older ``FUTURE_TOLERANCE_SECONDS``)."""
+    if metering_settings.MAX_FUTURE is not None:
+        return _duration("MAX_FUTURE", metering_settings.MAX_FUTURE)
+    return _duration("FUTURE_TOLERANCE_SECONDS", metering_settings.FUTURE_TOLERANCE_SECONDS)
+
+
+def _shifted(moment: datetime, delta: timedelta | None) -> datetime | None:
+    if delta is None:
+        return None
+    try:
+        return moment + delta
+    except OverflowError:
+        return None
+
+
+def validate_timestamp(timestamp: object, *, now: datetime | None = None) -> datetime:
+    """The aware UTC time of a fact: from 1970 to 9999, and within ``MAX_BACKDATE`` before and ``MAX_FUTURE`` after
+    ``now`` (the server's clock when the event is validated). Raises ``InvalidTimestamp`` (``TimestampOutOfRange``
+    for the window)."""
+    timestamp = utc_moment(timestamp, "timestamp", InvalidTimestamp)
+    now = now or utcnow()
+    backdate, future = max_backdate(), max_future()
+    # Bounds beyond the absolute range (a huge setting) fall back to it: utc_moment already checked those.
+    earliest = None if backdate is None else _shifted(now, -backdate)
+    latest = _shifted(now, future)
+    if earliest is not None and timestamp < earliest:
+        raise TimestampOutOfRange(
+            f"timestamp {timestamp.isoformat()} is more than {_span(backdate)} in the past "
+            f"(METERING['MAX_BACKDATE']); the earliest accepted now is {earliest.isoformat()}"
+        )
+    if latest is not None and timestamp > latest:
+        raise TimestampOutOfRange(
+            f"timestamp {timestamp.isoformat()} is more than {_span(future)} in the future "
+            f"(METERING['MAX_FUTURE']); the latest accepted now is {latest.isoformat()}"
+        )
     return timestamp
+
+
+def _span(delta: timedelta | None) -> str:
+    return "an unbounded time" if delta is None else str(delta)
 
 
 # Neither can be stored: PostgreSQL jsonb refuses \u0000 and UTF-8 cannot encode a lone surrogate.
@@ -346,7 +438,7 @@ def validate_event(event: UsageEvent) -> ValidEvent:
 
     return ValidEvent(
         tenant_id=validate_tenant_id(event.tenant_id),
-        feature_name=validate_feature_name(event.feature_name),
+        feature_name=validate_recorded_feature(event.feature_name),
         units=quantity_to_units(event.quantity),
         timestamp=validate_timestamp(event.timestamp),
         metadata=validate_metadata(event.metadata),

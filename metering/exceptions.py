@@ -16,6 +16,9 @@ __all__ = [
     "InvalidUsageEvent",
     "MeteringError",
     "TenantError",
+    "TimestampOutOfRange",
+    "TooManyFeatures",
+    "UnknownFeature",
     "UnknownTenant",
     "UsageTotalOutOfRange",
 ]
@@ -53,11 +56,36 @@ class InvalidTimestamp(InvalidUsageEvent):
     field = "timestamp"
 
 
+class TimestampOutOfRange(InvalidTimestamp):
+    """Older than ``MAX_BACKDATE`` or further ahead than ``MAX_FUTURE``, judged against the server's clock when the
+    event is validated. Nothing was stored."""
+
+    code = "timestamp_out_of_range"
+
+
 class InvalidFeatureName(InvalidUsageEvent):
     """Empty, too long, or not letters, digits and ``_ . : -`` (the whole string: no trailing newline)."""
 
     code = "invalid_feature_name"
     field = "feature_name"
+
+
+class UnknownFeature(InvalidFeatureName):
+    """A valid name that is not in ``METERING['FEATURES']`` (the allowlist). Nothing was stored."""
+
+    code = "unknown_feature"
+
+
+class TooManyFeatures(InvalidFeatureName):
+    """The fact would give its tree more than ``MAX_FEATURES_PER_TREE`` distinct feature names. Features the tree
+    already has are still accepted. Nothing was stored."""
+
+    code = "too_many_features"
+
+    def __init__(self, message: str, *, root_pk: int | None = None, feature_name: str | None = None) -> None:
+        super().__init__(message)
+        self.root_pk = root_pk
+        self.feature_name = feature_name
 
 
 class InvalidMetadata(InvalidUsageEvent):

@@ -11,7 +11,9 @@ Bad input raises before anything is written; a duplicate raises ``DuplicateUsage
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from django.db import DataError, connections, transaction
@@ -25,8 +27,8 @@ from . import counters, rollups, roundtrip
 from .breaker import log_level
 from .conf import metering_settings
 from .events import UsageEvent, ValidEvent, utcnow, validate_event
-from .exceptions import DuplicateUsageEvent
-from .models import UsageRecord
+from .exceptions import DuplicateUsageEvent, TooManyFeatures
+from .models import UsageRecord, UsageRollup
 from .signals import usage_recorded
 from .windows import floor_hour
 
@@ -77,6 +79,107 @@ class Gate(Protocol):
         epoch, read under the tree lock in the fact's statement."""
 
 
+# ---- the feature bound: METERING["MAX_FEATURES_PER_TREE"] ----
+
+# (database alias, tree root pk, feature) this process saw committed: a fact of a feature its tree already has needs
+# no check at all (the hot path). Features never leave a tree's rollups, so an entry never becomes wrong.
+_known_features: set[tuple[str, int, str]] = set()
+KNOWN_FEATURES_MAX = 100_000  # entries kept; beyond, the set starts again (each miss costs one indexed query)
+# (root pk, feature) pairs an enclosing batch already admitted in the current transaction (``features_admitted``).
+_admitted: ContextVar[frozenset[tuple[int, str]]] = ContextVar("xaas_admitted_features", default=frozenset())
+
+
+def forget_known_features() -> None:
+    """Empty this process's set of known (tree, feature) pairs (tests; after rollups were deleted by hand)."""
+    _known_features.clear()
+
+
+def _remember(using: str, pairs: Iterable[tuple[int, str]]) -> None:
+    if len(_known_features) > KNOWN_FEATURES_MAX:
+        _known_features.clear()
+    _known_features.update((using, root_pk, feature) for root_pk, feature in pairs)
+
+
+def _features_present(root_pk: int, features: set[str], using: str) -> set[str]:
+    rows = UsageRollup.objects.using(using).filter(tenant_id=root_pk, feature__in=sorted(features))
+    return set(rows.values_list("feature", flat=True).distinct())
+
+
+def _feature_count(root_pk: int, using: str, at_most: int) -> int:
+    """Distinct features in the tree's root rollups (every fact is rolled up to the root), counted up to
+    ``at_most``: one index probe per feature (a loose index scan on the unique (tenant, feature, bucket) index),
+    not one per hourly row."""
+    connection = connections[using]
+    table = connection.ops.quote_name(UsageRollup._meta.db_table)
+    tenant = connection.ops.quote_name(UsageRollup._meta.get_field("tenant").column)
+    sql = (
+        f"WITH RECURSIVE f(feature) AS ("  # noqa: S608
+        f"SELECT MIN(feature) FROM {table} WHERE {tenant} = %s "
+        f"UNION ALL SELECT (SELECT MIN(r.feature) FROM {table} r WHERE r.{tenant} = %s AND r.feature > f.feature) "
+        f"FROM f WHERE f.feature IS NOT NULL) "
+        f"SELECT COUNT(*) FROM (SELECT feature FROM f WHERE feature IS NOT NULL LIMIT %s) counted"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [root_pk, root_pk, at_most])
+        return int(cursor.fetchone()[0])
+
+
+def admit_features(pairs: Iterable[tuple[int, str]], using: str) -> frozenset[tuple[int, str]]:
+    """Refuse (``TooManyFeatures``) a fact that would give its tree more than ``MAX_FEATURES_PER_TREE`` features.
+    Call inside the transaction that writes the facts, before any of them. Returns the pairs it admitted.
+
+    A pair this process knows costs nothing. Otherwise one indexed query; a feature new to its tree is then
+    admitted with the tree locked exclusively (every writer of the tree waits until this transaction ends), so
+    two writers introducing the last allowed feature and one more are decided one after the other, never both
+    against the same count. Trees are locked in pk order (as every writer of several trees does)."""
+    limit = metering_settings.MAX_FEATURES_PER_TREE
+    pairs = {(root_pk, feature) for root_pk, feature in pairs}
+    if limit is None or not pairs:
+        return frozenset(pairs)
+    by_root: dict[int, set[str]] = {}
+    for root_pk, feature in pairs:
+        if (using, root_pk, feature) not in _known_features:
+            by_root.setdefault(root_pk, set()).add(feature)
+    for root_pk in sorted(by_root):
+        features = by_root[root_pk]
+        new = features - _features_present(root_pk, features, using)
+        if new:
+            lock_trees([root_pk], exclusive=True, using=using)
+            new -= _features_present(root_pk, new, using)  # committed by another writer while this one waited
+        if new:
+            room = int(limit) - _feature_count(root_pk, using, int(limit) + 1)
+            if len(new) > room:
+                refused = sorted(new)[max(room, 0)]
+                raise TooManyFeatures(
+                    f"feature_name {refused!r} would be new to its tenant tree, which may hold at most {limit} "
+                    f"distinct features (METERING['MAX_FEATURES_PER_TREE']); features it already has are accepted",
+                    root_pk=root_pk,
+                    feature_name=refused,
+                )
+        done = [(root_pk, feature) for feature in features]
+        transaction.on_commit(lambda done=done: _remember(using, done), using=using)  # type: ignore[misc]
+    return frozenset(pairs)
+
+
+@contextmanager
+def features_admitted(pairs: Iterable[tuple[int, str]], using: str) -> Iterator[None]:
+    """``admit_features`` for a whole batch at once (inside its transaction, before its first fact): its facts then
+    skip their own check, and the trees are locked before any of them is written."""
+    admitted = admit_features(pairs, using)
+    token = _admitted.set(_admitted.get() | admitted)
+    try:
+        yield
+    finally:
+        _admitted.reset(token)
+
+
+def _admit(valid: ValidEvent, context: TenantContext, using: str) -> None:
+    pair = (context.root.pk, valid.feature_name)
+    if (using, *pair) in _known_features or pair in _admitted.get():
+        return
+    admit_features([pair], using)
+
+
 def record(
     event: UsageEvent,
     *,
@@ -106,6 +209,7 @@ def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | N
     # shares are then locked only while the server upserts and commits, never while this process works.
     rollups_last = connections[using].vendor == "postgresql" and (gate is None or gate.counts_first())
     with counters.DropIfCommitFails(lineage_pks[0]) as counting, roundtrip.atomic(using) as batch:
+        _admit(valid, context, using)
         locks = [] if gate is None else gate.lock_names(valid, context)
         extra = None if gate is None else gate.with_fact(using)
         exclusive = bool(gate and gate.exclusive)

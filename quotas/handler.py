@@ -29,6 +29,7 @@ from metering.events import (
     units_to_quantity,
     utcnow,
     validate_feature_name,
+    validate_recorded_feature,
 )
 from tenants import namespace
 from tenants.context import TenantContext
@@ -134,7 +135,7 @@ class QuotaPolicyHandler:
         """
         from .exceptions import validate_reservation_ttl
 
-        feature = validate_feature_name(feature)
+        feature = validate_recorded_feature(feature)  # a reservation for a feature never recordable: refused now
         units = quantity_to_units(estimate)
         ttl = validate_reservation_ttl(ttl)
         using = metering_settings.DATABASE_ALIAS

@@ -6,6 +6,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+from django.test import override_settings
+
 from metering import UsageEvent, get_meter
 from tenants.models import Tenant
 from tenants.tree import create_tenant
@@ -47,3 +50,15 @@ def nested(depth: int) -> dict[str, Any]:
         node["a"] = {}
         node = node["a"]
     return root
+
+
+class any_backdate(override_settings):
+    """``METERING['MAX_BACKDATE'] = None``, merged into the ``METERING`` in force when it is entered: for tests dated
+    at fixed moments (windows, rollups, delivery formats), which the backdating window is not what they test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def enable(self) -> None:
+        self.options = {"METERING": {**getattr(settings, "METERING", {}), "MAX_BACKDATE": None}}
+        super().enable()

@@ -15,7 +15,7 @@ from tenants.exceptions import InactiveTenant
 from tenants.lineage import invalidate
 from tenants.models import Tenant
 from tests.api_helpers import DROP, error_of, event
-from tests.factories import record, usage
+from tests.factories import any_backdate, record, usage
 from tests.quota_helpers import limit
 
 pytest_plugins = ["tests.api_fixtures"]
@@ -85,6 +85,7 @@ def test_quantities_are_exact(api, quantity, expected):
         (1738324800.5, datetime(2025, 1, 31, 12, 0, 0, 500000, tzinfo=UTC)),
     ],
 )
+@any_backdate()
 def test_timestamps_iso_8601_with_offset_or_unix_seconds(api, timestamp, expected):
     assert api.post(URL, event(timestamp=timestamp)).status_code == 201
     assert UsageRecord.objects.get().timestamp == expected
@@ -275,7 +276,7 @@ BAD_FIELDS = [
     ("timestamp", "2025-01-31T12:00:00", "invalid_timestamp"),
     ("timestamp", "2025-01-31", "invalid_timestamp"),
     ("timestamp", "yesterday", "invalid_timestamp"),
-    ("timestamp", FUTURE, "invalid_timestamp"),
+    ("timestamp", FUTURE, "timestamp_out_of_range"),  # METERING["MAX_FUTURE"]
     ("timestamp", True, "invalid_timestamp"),
     ("timestamp", [2025], "invalid_timestamp"),
     ("timestamp", 10**20, "invalid_timestamp"),
@@ -377,7 +378,9 @@ def test_other_methods_are_405_json(api, method):
 
 
 def test_a_full_batch_with_the_largest_metadata_fits(api):
-    blob = {"p": "x" * 4000}
+    from metering.conf import metering_settings
+
+    blob = {"p": "x" * (metering_settings.MAX_METADATA_BYTES - len('{"p":""}'))}  # exactly the bound, encoded
     batch = [event(transaction_id=f"tx-{i}", quantity=1, metadata=blob) for i in range(1000)]
     response = api.post(URL, {"events": batch})
     assert response.status_code == 201, response.content[:300]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.api_helpers import error_of
-from tests.factories import record
+from tests.factories import any_backdate, record
 
 pytest_plugins = ["tests.api_fixtures"]
 
@@ -22,7 +22,8 @@ def facts(forest):
     record("acme-chat-key-2", 4, transaction_id="b")
     record("acme-chat", 1, transaction_id="c")  # the project's own usage: in its total, in no child
     record("acme-search-key-1", 100, transaction_id="d")
-    record("acme-chat-key-1", 1000, transaction_id="old", timestamp=LAST_YEAR)
+    with any_backdate():  # a fact of last year, in the total only
+        record("acme-chat-key-1", 1000, transaction_id="old", timestamp=LAST_YEAR)
     record("acme-chat-key-1", 7, feature="api_calls", transaction_id="e")
 
 

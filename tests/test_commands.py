@@ -17,6 +17,7 @@ from metering.models import UsageRecord, UsageRollup
 from metering.usage import get_usage
 from tenants.lineage import get_context
 from tenants.models import Tenant
+from tests.factories import any_backdate
 
 pytestmark = pytest.mark.django_db
 
@@ -104,6 +105,7 @@ def test_tree_indents_by_depth_and_shows_this_months_subtree_usage(acme, django_
     ]
 
 
+@any_backdate()
 def test_tree_ignores_usage_outside_this_month(acme):
     record("key-1", "4", when=HOUR_A)
     assert run("tenant", "tree", "key-1") == "key-1 (key)\n"
@@ -174,6 +176,7 @@ def test_usage_json_is_the_exact_subtree_sum_per_feature(acme):
     assert sums == {"images": Decimal(3), "llm_tokens": Decimal("103.750001")}
 
 
+@any_backdate()
 def test_usage_periods_use_the_window_holding_now(acme):
     record("key-1", "10")
     record("key-1", "5", when=HOUR_A)
@@ -213,9 +216,10 @@ def test_usage_errors_are_command_errors(acme, args, message):
 @pytest.fixture
 def corrupted(acme) -> dict[str, Decimal]:
     """Facts in two hours; acme's HOUR_A row says 999, key-1's HOUR_B row is gone. Returns the true totals."""
-    record("key-1", "1.5", when=HOUR_A)
-    record("key-2", "2", when=HOUR_A)
-    record("key-1", "0.25", when=HOUR_B)
+    with any_backdate():
+        record("key-1", "1.5", when=HOUR_A)
+        record("key-2", "2", when=HOUR_A)
+        record("key-1", "0.25", when=HOUR_B)
     acme_pk = Tenant.objects.get(external_id="acme").pk
     key_pk = Tenant.objects.get(external_id="key-1").pk
     hour_a, hour_b = HOUR_A.replace(minute=0), HOUR_B.replace(minute=0)
@@ -266,6 +270,7 @@ def test_reconcile_refuses_what_is_not_a_root(acme, root_id, message):
         run("reconcile_usage", root_id)
 
 
+@any_backdate()
 def test_reconcile_drops_the_redis_counters_built_from_bad_rollups(redis_cache, django_capture_on_commit_callbacks):
     run("tenant", "add", "acme")
     run("tenant", "add", "key-1", "--parent", "acme")

@@ -21,6 +21,7 @@ from metering.models import UsageOutbox, UsageRecord
 from metering.outbox import release_held, status
 from metering.sinks.lago import lago_timestamp, quantity_value
 from tenants.models import Tenant
+from tests.factories import any_backdate
 from tests.lago_support import lago_metering, record, states
 
 pytest_plugins = ["tests.lago_fixtures"]
@@ -77,6 +78,7 @@ def test_the_database_adapter_writes_no_outbox(settings, org):
     assert not UsageOutbox.objects.exists()
 
 
+@any_backdate()
 def test_event_fields_are_built_from_the_stored_fact(lago_settings, org, settings):
     settings.METERING = {
         **settings.METERING,

@@ -28,7 +28,7 @@ from metering.models import UsageRecord, UsageRollup
 from metering.signals import usage_recorded
 from tenants.exceptions import InvalidTenantId
 from tenants.models import Tenant
-from tests.factories import record, tree, usage
+from tests.factories import any_backdate, record, tree, usage
 
 pytestmark = pytest.mark.django_db
 
@@ -156,6 +156,7 @@ def test_quantities_are_exact(quantity, expected):
     assert usage("org") == Decimal(expected) * 3
 
 
+@any_backdate()
 def test_timestamps_are_stored_in_utc_and_backdating_counts_in_its_own_window():
     from zoneinfo import ZoneInfo
 
@@ -170,6 +171,7 @@ def test_timestamps_are_stored_in_utc_and_backdating_counts_in_its_own_window():
     assert usage("org", "llm_tokens", *march) == 0
 
 
+@any_backdate()
 def test_arbitrary_ranges_combine_rollups_and_partial_hours():
     tree(ORG)
     base = datetime(2026, 5, 10, 12, 0, tzinfo=UTC)

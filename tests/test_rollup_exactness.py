@@ -15,7 +15,7 @@ from metering.windows import window
 from tenants.lineage import get_context, invalidate
 from tenants.models import Tenant
 from tenants.tree import create_tenant, move_tenant
-from tests.factories import record, usage
+from tests.factories import any_backdate, record, usage
 
 START = datetime(2026, 4, 28, 0, 0, tzinfo=UTC)
 quantities = st.decimals(min_value=0, max_value=10_000, places=6, allow_nan=False, allow_infinity=False)
@@ -48,6 +48,7 @@ def subtree_of(tenant_id: str) -> set[str]:
 @pytest.mark.django_db
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parent_choices=parents, fact_list=facts, move_list=moves)
+@any_backdate()
 def test_every_tenants_usage_is_the_sum_of_its_subtrees_facts(parent_choices, fact_list, move_list):
     # Each example runs in a savepoint rolled back at its end, so examples never see each other's rows.
     with transaction.atomic():

@@ -9,11 +9,12 @@ import pytest
 from metering.models import UsageRollup
 from metering.rollups import reconcile_tree
 from tenants.models import Tenant
-from tests.factories import record, tree, usage
+from tests.factories import any_backdate, record, tree, usage
 
 pytestmark = pytest.mark.django_db(transaction=True)  # reconcile_tree commits one day at a time
 
 
+@any_backdate()
 def test_differences_on_several_days_are_found_and_repaired():
     tree({"org": None, "p1": "org", "k1": "p1"})
     start = datetime(2026, 3, 1, 10, tzinfo=UTC)

@@ -33,6 +33,7 @@ from tenants.lineage import validate_tenant_id
 from tenants.models import TENANT_ID_PATTERN, Tenant
 
 from .errors import ApiError, exception_handler, unknown_tenant
+from .throttling import ApiKeyRateThrottle
 
 MAX_JSON_DEPTH = 64
 """Nesting levels a JSON body may have (an event batch with metadata needs far fewer); deeper is 400."""
@@ -140,6 +141,8 @@ class ApiView(APIView):
     permission_classes = [IsTenantPrincipal]
     renderer_classes = [AsciiJSONRenderer]
     parser_classes = [BoundedJSONParser]
+    # METERING["API_RATE"] per API key (None: off); read per request, so override_settings applies.
+    throttle_classes = [ApiKeyRateThrottle]
 
     def get_exception_handler(self) -> Callable[[Exception, dict[str, Any]], Any]:
         return exception_handler

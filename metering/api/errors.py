@@ -152,6 +152,7 @@ _CODES = {
     exceptions.MethodNotAllowed: ("method_not_allowed", None),
     exceptions.NotAcceptable: ("not_acceptable", "Accept"),
     exceptions.NotFound: ("not_found", None),
+    exceptions.Throttled: ("throttled", "Authorization"),  # the API key's rate (metering.api.throttling)
 }
 
 

@@ -14,6 +14,8 @@ enforcement points (``@enforce_quota``, the middleware, ``QuotaPolicyHandler``) 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -31,18 +33,18 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from metering import counters
+from metering import counters, recorder
 from metering.conf import metering_settings
 from metering.events import (
     UsageEvent,
     quantity_to_units,
     utcnow,
-    validate_feature_name,
     validate_metadata,
+    validate_recorded_feature,
     validate_timestamp,
     validate_transaction_id,
 )
-from metering.exceptions import DuplicateUsageEvent, InvalidTimestamp, InvalidUsageEvent
+from metering.exceptions import DuplicateUsageEvent, InvalidTimestamp, InvalidUsageEvent, TooManyFeatures
 from metering.meter import get_meter
 from metering.windows import floor_hour
 from tenants.authentication import TenantPrincipal
@@ -62,10 +64,20 @@ from .errors import ApiError
 from .schema import BODY_STATUSES, RETRY_AFTER, ClosedSerializer, error_responses
 
 MAX_EVENTS = 1000
+"""The largest ``METERING['MAX_EVENTS_PER_REQUEST']`` (its default): the body bound below is sized for it."""
 TRANSACTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"  # metering.events.TRANSACTION_ID_RE, as JSON Schema states it
 EVENT_FIELDS = frozenset({"tenant_id", "feature_name", "quantity", "timestamp", "metadata", "transaction_id"})
 
 Problems = dict[str, list[tuple[str, str]]]
+
+
+def max_events_per_request() -> int:
+    """``METERING['MAX_EVENTS_PER_REQUEST']``, 1 to ``MAX_EVENTS`` (the system check ``xaas_metering.E033`` refuses
+    other values; here they fall back to ``MAX_EVENTS``, the bound the body size is computed for)."""
+    value = metering_settings.MAX_EVENTS_PER_REQUEST
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_EVENTS:
+        return MAX_EVENTS
+    return value
 
 
 def max_body_bytes() -> int:
@@ -130,7 +142,7 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
         problem("feature_name", "required", "feature_name is required")
     else:
         try:
-            validate_feature_name(feature)
+            validate_recorded_feature(feature)
         except InvalidUsageEvent as error:
             problem("feature_name", error.code, str(error))
 
@@ -148,7 +160,7 @@ def parse_event(raw: object, principal: TenantPrincipal, contexts: dict[str, Any
         try:
             timestamp = validate_timestamp(parse_moment(raw["timestamp"], allow_epoch=True))
         except ValueError as error:  # InvalidTimestamp is a ValueError too
-            problem("timestamp", InvalidTimestamp.code, str(error))
+            problem("timestamp", getattr(error, "code", InvalidTimestamp.code), str(error))
 
     metadata = raw.get("metadata")
     try:
@@ -192,6 +204,22 @@ def _retryable(error: OperationalError) -> bool:
 def _lock_order(item: _Parsed) -> tuple[int, str, datetime, str, str]:
     event, context = item.event, item.context
     return (context.root.pk, event.feature_name, floor_hour(event.timestamp), context.path, str(event.transaction_id))
+
+
+@contextmanager
+def _features_admitted(
+    parsed: list[_Parsed], order: list[int], features: set[tuple[int, str]], problems: dict[int, Problems], using: str
+) -> Iterator[None]:
+    """The batch's new features admitted at once; a refused one is reported at each index that carries it."""
+    try:
+        with recorder.features_admitted(features, using):
+            yield
+    except TooManyFeatures as error:
+        for index in order:
+            item = parsed[index]
+            if (item.context.root.pk, item.event.feature_name) == (error.root_pk, error.feature_name):
+                problems[index] = {error.field: [(error.code, str(error))]}
+        raise _Rollback() from None
 
 
 def _validation_errors(problems: dict[int, Problems], count: int) -> ApiError:
@@ -332,9 +360,13 @@ class EventsView(ApiView):
                 raise ApiError(400, "invalid_events", "events must be a list of event objects", "events")
             if not raw_events:
                 raise ApiError(400, "empty_batch", "events must hold at least one event", "events")
-            if len(raw_events) > MAX_EVENTS:
+            most = max_events_per_request()
+            if len(raw_events) > most:
                 raise ApiError(
-                    400, "too_many_events", f"at most {MAX_EVENTS} events per request, got {len(raw_events)}", "events"
+                    400,
+                    "too_many_events",
+                    f"at most {most} events per request (METERING['MAX_EVENTS_PER_REQUEST']), got {len(raw_events)}",
+                    "events",
                 )
         else:
             raw_events = [body]
@@ -370,12 +402,13 @@ class EventsView(ApiView):
         # Written in one global order (tree, feature, hour, tenant, transaction id), not the request's: two batches
         # touching the same rollup rows then lock them in the same order and queue instead of deadlocking.
         order = sorted(first.values(), key=lambda index: _lock_order(parsed[index]))
+        features = {(parsed[index].context.root.pk, parsed[index].event.feature_name) for index in order}
         nested = connections[using].in_atomic_block  # inside a caller's transaction nothing can be retried
         for attempt in range(1, MAX_ATTEMPTS + 1):
             created: set[int] = set()
             roots: set[int] = set()
             try:
-                with transaction.atomic(using=using):
+                with transaction.atomic(using=using), _features_admitted(parsed, order, features, problems, using):
                     for index in order:
                         item = parsed[index]
                         try:
