@@ -25,6 +25,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from metering.conf import metering_settings
+from tenants import namespace
 from tenants.authentication import TenantPrincipal
 
 logger = logging.getLogger("metering.api")
@@ -62,7 +63,7 @@ class ApiKeyRateThrottle(BaseThrottle):
         limit, period = rate
         now = time.time()
         window = int(now // period)
-        base = f"xaas:throttle:{user.api_key.prefix}:{period}"
+        base = namespace.current().cache_key("throttle", user.api_key.prefix, period)  # per site on a shared Redis
         current_key, previous_key = f"{base}:{window}", f"{base}:{window - 1}"
         cache = caches[metering_settings.CACHE_ALIAS]
         try:
