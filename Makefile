@@ -31,8 +31,10 @@ seed: migrate
 run: seed
 	@echo ""
 	@echo "  Admin (control plane): http://$(HOST):$(PORT)/admin/"
-	@echo "  Demo endpoint:         curl -X POST http://$(HOST):$(PORT)/demo/completions \\"
-	@echo "                           -H 'X-Tenant-ID: acme-chat-key-1' -d '{\"prompt\": \"hello metered world\"}'"
+	@echo "  Demo endpoint (the API key seed_demo printed above, also in $${VAR_DIR:-var}/demo-api-key):"
+	@echo "    curl -X POST http://$(HOST):$(PORT)/demo/completions \\"
+	@echo "      -H \"Authorization: Bearer \$$(cat $${VAR_DIR:-var}/demo-api-key)\" -H 'X-Tenant-ID: acme-chat-key-1' \\"
+	@echo "      -d '{\"prompt\": \"hello metered world\"}'"
 	@echo "  Usage:                 $(BIN)/python manage.py tenant tree"
 	@echo ""
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)

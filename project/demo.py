@@ -1,5 +1,8 @@
 """The demo endpoints: the product brief's ``AIService``, guarded by quotas, behind ``POST /demo/completions``.
 
+They act for the tenant of the request's API key (``Authorization: Bearer``; ``X-Tenant-ID`` may narrow it to a
+tenant of the key's subtree); without a key they answer 401 and record nothing. ``manage.py seed_demo`` prints a key.
+
 A fake model (no network) answers with the prompt's own words, so a prompt of N words costs N ``llm_tokens``.
 
 ``/demo/completions`` is a sync view, because the example project is served over WSGI (``make run``), where an
@@ -30,7 +33,7 @@ from quotas.http import add_quota_headers, error_response, quota_exceeded_respon
 from quotas.ledger import Decision
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError
-from tenants.middleware import tenant_error_response
+from tenants.middleware import not_authenticated_response, tenant_error_response
 from tenants.unavailable import STORE_ERRORS
 
 MAX_PROMPT_CHARS = 20_000
@@ -151,13 +154,15 @@ def post_only(view: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_request(request: HttpRequest) -> tuple[TenantContext, str] | JsonResponse:
-    """The tenant and the prompt, or the 400 answer naming what is wrong."""
+    """The tenant and the prompt, or the answer saying what is wrong: 401 without a credential (before the body is
+    read: an anonymous caller learns nothing, not even how its body would have been judged), else a 4xx naming the
+    field."""
+    tenant: TenantContext | None = getattr(request, "tenant", None)
+    if tenant is None:
+        return not_authenticated_response()
     body = read_json(request)
     if isinstance(body, JsonResponse):
         return body
-    tenant: TenantContext | None = getattr(request, "tenant", None)
-    if tenant is None:
-        return error_response(400, "missing_tenant", "X-Tenant-ID", "name the tenant in the X-Tenant-ID header")
     if not isinstance(body, dict):
         return error_response(400, "invalid_json", "body", "the body must be a JSON object")
     prompt = body.get("prompt")

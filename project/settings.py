@@ -159,9 +159,9 @@ METERING: dict[str, Any] = {
     "BATCH_SIZE": int(os.environ.get("METERING_BATCH_SIZE", "100")),
     "API_KEY": os.environ.get("METERING_API_KEY") or None,
     "WEBHOOK_SECRET": os.environ.get("METERING_WEBHOOK_SECRET") or None,
-    # request.tenant from an API key (Bearer) or, without one, from the X-Tenant-ID header (the demo's curl).
+    # request.tenant from the API key (Authorization: Bearer; seed_demo prints one); X-Tenant-ID may only narrow
+    # it to a tenant of the key's subtree. No key: no tenant (401 from the demo and every quota enforcement point).
     "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
-    "API_KEY_HEADER_FALLBACK": True,
 }
 
 # The REST API (metering.api) sets these on its own views too; here they serve any other DRF view of the project.

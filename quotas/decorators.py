@@ -18,6 +18,7 @@ from django.http import HttpRequest, HttpResponse
 
 from metering.exceptions import InvalidUsageEvent
 from tenants.context import TenantContext
+from tenants.middleware import not_authenticated_response
 from tenants.unavailable import STORE_ERRORS
 
 from .exceptions import QuotaExceeded
@@ -41,8 +42,8 @@ def _request_of(args: tuple[Any, ...]) -> HttpRequest:
 def decide_for_request(request: HttpRequest, feature: str, quantity: QuantitySpec) -> Decision | HttpResponse:
     """Consume quota for the request's tenant; an ``HttpResponse`` when the request must not go on."""
     tenant: TenantContext | None = getattr(request, "tenant", None)
-    if tenant is None:
-        return error_response(400, "missing_tenant", "X-Tenant-ID", "this endpoint needs a tenant")
+    if tenant is None:  # no usable credential: nothing is recorded, nothing spent, no tenant named (401)
+        return not_authenticated_response()
     try:
         amount = quantity(request) if callable(quantity) else quantity
         return QuotaPolicyHandler(tenant).consume(feature, amount)

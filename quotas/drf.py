@@ -62,16 +62,18 @@ class QuotaPermission(BasePermission):
                 raise QuotaExceededAPIError(body, headers)
             if outcome.status_code == 503:
                 raise ServiceUnavailableAPIError(body, int(outcome["Retry-After"]))
-            raise _BadRequest(body, outcome.status_code)
+            raise _BadRequest(body, outcome.status_code, outcome.get("WWW-Authenticate"))
         request._request._xaas_quota_decision = outcome  # type: ignore[attr-defined]
         return True
 
 
 class _BadRequest(APIException):
-    def __init__(self, body: dict[str, Any], status_code: int) -> None:
+    def __init__(self, body: dict[str, Any], status_code: int, auth_header: str | None = None) -> None:
         super().__init__(detail=body)
         self.detail = body
         self.status_code = status_code
+        if auth_header:  # a 401: DRF's exception handlers turn this into WWW-Authenticate
+            self.auth_header = auth_header
 
 
 class QuotaHeadersMixin:

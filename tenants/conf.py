@@ -8,14 +8,16 @@ from django.conf import settings as django_settings
 
 DEFAULTS: dict[str, Any] = {
     "TENANT_HEADER": "X-Tenant-ID",
-    "TENANT_RESOLVER": "tenants.resolvers.header_resolver",
+    # A credential by default: the API key (Authorization: Bearer). See tenants.resolvers.
+    "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
     "CACHE_ALIAS": "default",
     "LINEAGE_CACHE_TIMEOUT": 300,
     "MAX_TREE_DEPTH": 16,
     # The namespace of every Redis/cache key of this site (None: from KEY_PREFIX and the database, tenants.namespace).
     "REDIS_NAMESPACE": None,
-    # tenants.resolvers.api_key_resolver: trust a bare X-Tenant-ID header when the request carries no API key.
-    "API_KEY_HEADER_FALLBACK": False,
+    # tenants.resolvers.header_resolver trusts whoever sets the header: with DEBUG off it acts on nothing (and the
+    # xaas_tenants.E004 check fails) unless this acknowledges that a gateway you control sets it, never a client.
+    "TRUST_TENANT_HEADER": False,
 }
 
 

@@ -16,17 +16,33 @@ from django.utils.module_loading import import_string
 from .conf import tenant_settings
 from .context import TenantContext
 from .exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
-from .lineage import get_context
+from .resolvers import context_for_tenant_id
 from .unavailable import STORE_ERRORS, is_store_unavailable, unavailable_response
 
 
 def resolve_tenant(request: HttpRequest) -> TenantContext | None:
-    """The request's tenant context; ``None`` when the request names no tenant. Raises ``TenantError``."""
+    """The request's tenant context; ``None`` when the request has no credential for one. Raises ``TenantError``.
+
+    A resolver may return a tenant id: its context is then seen from that tenant itself (nothing above it shown)."""
     resolver: Callable[[HttpRequest], str | TenantContext | None] = import_string(tenant_settings.TENANT_RESOLVER)
     resolved = resolver(request)
     if resolved is None or isinstance(resolved, TenantContext):
         return resolved
-    return get_context(resolved)
+    return context_for_tenant_id(resolved)
+
+
+NOT_AUTHENTICATED_MESSAGE = "authentication required: send 'Authorization: Bearer <API key>'"
+
+
+def not_authenticated_response() -> JsonResponse:
+    """The one answer of every enforcement point to a request without a usable credential: it names no tenant,
+    whatever the request claimed, so it tells nothing about any."""
+    response = JsonResponse(
+        {"error": {"code": "not_authenticated", "field": "Authorization", "message": NOT_AUTHENTICATED_MESSAGE}},
+        status=401,
+    )
+    response["WWW-Authenticate"] = 'Bearer realm="api"'
+    return response
 
 
 def tenant_error_response(error: TenantError) -> JsonResponse:
@@ -41,8 +57,9 @@ def tenant_error_response(error: TenantError) -> JsonResponse:
 
 
 class TenantMiddleware:
-    """Sets ``request.tenant``. A request naming an unknown or inactive tenant is answered 404/403 in JSON; a
-    data store that is down, while resolving it or in a view, 503 in JSON."""
+    """Sets ``request.tenant`` (``None`` without a credential: views that need a tenant answer 401). A bad API key is
+    answered 401, a tenant outside the credential's reach 404 and an inactive one 403, in JSON; a data store that is
+    down, while resolving it or in a view, 503 in JSON."""
 
     sync_capable = True
     async_capable = True

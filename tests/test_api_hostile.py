@@ -21,6 +21,7 @@ from project.demo import MAX_BODY_BYTES as DEMO_MAX_BODY_BYTES
 from project.errors import csrf_failure
 from quotas.models import QuotaLimit
 from tests.api_helpers import error_of, event
+from tests.identity_helpers import acting_for
 from tests.quota_helpers import limit
 
 pytest_plugins = ["tests.api_fixtures"]
@@ -54,9 +55,8 @@ def send_raw(api, method, path, raw: bytes, **extra):
 
 
 def demo_raw(path, raw: bytes, **extra):
-    return Client().generic(
-        "POST", path, raw, content_type="application/json", headers={"X-Tenant-ID": "acme-chat-key-1"}, **extra
-    )
+    headers = acting_for("acme-chat-key-1")
+    return Client().generic("POST", path, raw, content_type="application/json", headers=headers, **extra)
 
 
 def deep(levels: int) -> bytes:
@@ -365,7 +365,7 @@ def test_the_api_and_the_demo_are_csrf_exempt(api, quota):
     )
     assert response.status_code == 200, response.content
     response = client.post(
-        DEMOS[0], json.dumps({"prompt": "a b"}), content_type="application/json", headers={"X-Tenant-ID": "acme-chat"}
+        DEMOS[0], json.dumps({"prompt": "a b"}), content_type="application/json", headers=api.headers("project")
     )
     assert response.status_code == 200, response.content
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -15,6 +16,7 @@ from django.core.management.base import CommandError
 from metering import UsageEvent, get_meter
 from metering.models import UsageRecord, UsageRollup
 from metering.usage import get_usage
+from tenants.apikeys import authenticate_key
 from tenants.lineage import get_context
 from tenants.models import Tenant
 from tests.factories import any_backdate
@@ -296,6 +298,8 @@ def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
     assert "username: admin" in first
     assert "password: demo-password-1" in first
     assert "X-Tenant-ID: acme-chat-key-1" in first
+    demo_key = re.search(r"/demo/completions -H 'Authorization: Bearer (xk_\w+)'", first)
+    assert demo_key is not None and authenticate_key(demo_key.group(1)).tenant.external_id == "acme-chat"
     assert '{"prompt": "hello metered world"}' in first
 
     monkeypatch.delenv("DEMO_ADMIN_PASSWORD")

@@ -1,4 +1,5 @@
-"""The demo endpoints: the brief's AIService recording llm_tokens for the tenant in X-Tenant-ID.
+"""The demo endpoints: the brief's AIService recording llm_tokens for the tenant of the API key (narrowed by
+X-Tenant-ID to a tenant of the key's subtree).
 
 ``/demo/completions`` (sync view) and ``/demo/completions-async`` (the async service) answer alike.
 """
@@ -12,6 +13,7 @@ from django.test import AsyncClient, Client
 
 from metering.models import UsageRecord
 from tests.factories import tree, usage
+from tests.identity_helpers import acting_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,7 +27,7 @@ def endpoint(request):
 
 
 def post(client: Client, body: object, tenant: str | None = "k1", raw: bytes | None = None, path: str = ENDPOINTS[0]):
-    headers = {"X-Tenant-ID": tenant} if tenant else {}
+    headers = acting_for(tenant, key_tenant="org") if tenant else {}
     data = raw if raw is not None else json.dumps(body)
     return client.post(path, data=data, content_type="application/json", headers=headers)
 
@@ -46,13 +48,14 @@ def test_the_endpoint_serves_async_clients(endpoint):
     from asgiref.sync import async_to_sync
 
     tree(ORG)
+    headers = acting_for("k1", key_tenant="org")
 
     async def call():
         return await AsyncClient().post(
             endpoint,
             data={"prompt": "one two"},
             content_type="application/json",
-            headers={"X-Tenant-ID": "k1"},
+            headers=headers,
         )
 
     response = async_to_sync(call)()
@@ -64,7 +67,7 @@ def test_the_endpoint_serves_async_clients(endpoint):
 @pytest.mark.parametrize(
     ("body", "raw", "tenant", "status", "code", "field"),
     [
-        ({"prompt": "hi"}, None, None, 400, "missing_tenant", "X-Tenant-ID"),
+        ({"prompt": "hi"}, None, None, 401, "not_authenticated", "Authorization"),
         ({"prompt": "hi"}, None, "ghost", 404, "unknown_tenant", "X-Tenant-ID"),
         (None, b"{not json", "k1", 400, "invalid_json", "body"),
         (["prompt"], None, "k1", 400, "invalid_json", "body"),

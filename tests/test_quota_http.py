@@ -10,6 +10,7 @@ from django.test import AsyncClient, Client
 
 from metering.models import UsageRecord
 from tests.factories import tree, usage
+from tests.identity_helpers import TRUSTED_HEADER
 from tests.quota_helpers import limit as set_limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,7 +31,7 @@ ROUTES = [
 @pytest.fixture(autouse=True)
 def urls(settings):
     settings.ROOT_URLCONF = "tests.quota_urls"
-    settings.METERING = {"QUOTA_ROUTES": ROUTES}
+    settings.METERING = {"QUOTA_ROUTES": ROUTES, **TRUSTED_HEADER}  # identity: tests/test_identity.py
     tree(ORG)
 
 
@@ -105,16 +106,16 @@ def test_a_view_raising_quota_exceeded_is_answered_429_by_the_middleware():
 
 def test_requests_without_a_tenant_are_refused_with_a_json_error():
     response = get("/sync", tenant=None)
-    assert response.status_code == 400
-    assert response.json()["error"] == {
-        "code": "missing_tenant",
-        "field": "X-Tenant-ID",
-        "message": "this endpoint needs a tenant",
-    }
+    assert response.status_code == 401 and response["WWW-Authenticate"] == 'Bearer realm="api"'
+    assert response.json()["error"]["code"] == "not_authenticated"
+    assert response.json()["error"]["field"] == "Authorization"
 
 
 def test_a_bad_quantity_is_a_400_naming_the_field(settings):
-    settings.METERING = {"QUOTA_ROUTES": [{"path_prefix": "/free", "feature": "api_calls", "quantity": -1}]}
+    settings.METERING = {
+        "QUOTA_ROUTES": [{"path_prefix": "/free", "feature": "api_calls", "quantity": -1}],
+        **TRUSTED_HEADER,
+    }
     response = get("/free")
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "quantity"

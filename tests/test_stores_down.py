@@ -129,7 +129,8 @@ class Server:
             return client.request(method, path, **kwargs)
 
     def demo(self, prompt: str = "one two three", path: str = "/demo/completions") -> httpx.Response:
-        return self.request("POST", path, json={"prompt": prompt}, headers={"X-Tenant-ID": TENANT})
+        headers = {"Authorization": f"Bearer {self.key}", "X-Tenant-ID": TENANT}
+        return self.request("POST", path, json={"prompt": prompt}, headers=headers)
 
     def endpoints(self) -> dict[str, Callable[[], httpx.Response]]:
         bearer = {"Authorization": f"Bearer {self.key}"}
@@ -300,12 +301,13 @@ def database_through(proxy: TcpProxy) -> Iterator[None]:
 
 @pytest.fixture
 def refused(postgres: None, settings) -> Iterator[dict[str, str]]:
+    from tests.identity_helpers import TRUSTED_HEADER
     from tests.test_quota_http import ROUTES
 
     tree(TREE)
     _, key = create_api_key("acme-chat", name="faults")
     settings.ROOT_URLCONF = "tests.quota_urls"
-    settings.METERING = {"QUOTA_ROUTES": ROUTES}
+    settings.METERING = {"QUOTA_ROUTES": ROUTES, **TRUSTED_HEADER}
     host, port = connection.settings_dict["HOST"] or "127.0.0.1", int(connection.settings_dict["PORT"] or 5432)
     with TcpProxy(host, port) as proxy, database_through(proxy):
         get_context(TENANT)  # the lineage is cached: the request reaches the enforcement point, which needs the DB

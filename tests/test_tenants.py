@@ -11,6 +11,7 @@ from tenants.lineage import get_context
 from tenants.models import Tenant
 from tenants.tree import create_tenant, move_tenant
 from tests.factories import tree
+from tests.identity_helpers import TRUSTED_HEADER
 
 pytestmark = pytest.mark.django_db
 
@@ -162,6 +163,7 @@ def test_deleting_a_parent_with_children_is_refused():
 @pytest.mark.parametrize("async_view", [False, True])
 def test_middleware_resolves_tenant_for_sync_and_async_views(async_view, settings):
     settings.ROOT_URLCONF = "tests.urls"
+    settings.METERING = TRUSTED_HEADER
     tree(ORG)
     client = Client()
     url = "/whoami-async" if async_view else "/whoami"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
@@ -50,6 +52,7 @@ SCOPED_PERMISSIONS = [
     ("xaas_metering", "usagerollup", ("view",)),
 ]
 BASE_URL = "http://127.0.0.1:8000"
+DEMO_KEY_FILE = "demo-api-key"
 
 
 class Command(BaseCommand):
@@ -81,11 +84,15 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"  API docs: {BASE_URL}/api/docs/")
         self.stdout.write("")
-        self.stdout.write("try:")
+        self.stdout.write("try (the key acts for acme-chat; X-Tenant-ID narrows it to a tenant below, never outside):")
         self.stdout.write(
-            f"  curl -X POST {BASE_URL}/demo/completions -H 'X-Tenant-ID: acme-chat-key-1' "
+            f"  curl -X POST {BASE_URL}/demo/completions -H 'Authorization: Bearer {api_key}' "
+            "-H 'X-Tenant-ID: acme-chat-key-1' "
             "-H 'Content-Type: application/json' -d '{\"prompt\": \"hello metered world\"}'"
         )
+        saved = self.save_demo_key(api_key)
+        if saved is not None:
+            self.stdout.write(f"(the key is also in {saved}, for `make run`; the next seed_demo revokes it)")
 
     def seed_tenants(self) -> int:
         existing = set(
@@ -146,6 +153,19 @@ class Command(BaseCommand):
         for old in ApiKey.objects.filter(tenant__external_id="acme-chat", name="demo", revoked_at__isnull=True):
             revoke(old.prefix)
         return create_api_key("acme-chat", name="demo")[1]
+
+    @staticmethod
+    def save_demo_key(api_key: str) -> Path | None:
+        """Keep the demo key where ``make run`` reads it (the project's ``VAR_DIR``), readable by its owner only."""
+        var_dir = getattr(settings, "VAR_DIR", None)
+        if var_dir is None:
+            return None
+        path = Path(var_dir) / DEMO_KEY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(api_key + "\n")
+        return path
 
     def seed_admin(self) -> str:
         # A fresh random password on every run unless one is given, so no known default ever exists.
