@@ -240,9 +240,10 @@ def test_a_rolled_back_transaction_leaves_nothing():
     assert usage("org") == 0
 
 
-def test_recording_cost_in_queries():
+def test_recording_cost_in_queries(django_capture_on_commit_callbacks):
     tree(ORG)
-    record("k1", 1)  # warms the lineage cache
+    with django_capture_on_commit_callbacks(execute=True):  # as committed: the tree's feature is known from now on
+        record("k1", 1)  # warms the lineage cache
     with CaptureQueriesContext(connection) as queries:
         record("k1", 1)
     # SQLite: insert-fact + rollup upsert. PostgreSQL: the advisory lock and the fact in one round trip, then the
