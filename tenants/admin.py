@@ -8,17 +8,51 @@ from typing import Any
 from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin.options import InlineModelAdmin
+from django.core.exceptions import PermissionDenied
 from django.db.models import ForeignKey, QuerySet
-from django.forms import ModelChoiceField
-from django.http import HttpRequest
+from django.forms import ModelChoiceField, ModelForm
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from .admin_scope import TenantScopedAdminMixin, UnscopedOnlyAdminMixin, admin_scope
+from .admin_scope import (
+    TenantScopedAdminMixin,
+    UnscopedOnlyAdminMixin,
+    admin_scope,
+    key_exemption_refusal,
+    tenant_exemption_refusal,
+)
 from .apikeys import issue
 from .models import ApiKey, Tenant, TenantAdminScope
+
+
+class ScopedTenantForm(ModelForm):
+    """Refuses, as a form error, what would let a scoped administrator acquire an exemption (tenants.admin_scope).
+
+    Used for the change and add forms and for list editing; fields the form does not show keep the stored values,
+    so a crafted POST of a read-only field changes nothing and a refused one writes nothing."""
+
+    xaas_scope: Tenant | None = None
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or self.cleaned_data
+        if self.xaas_scope is None:
+            return cleaned
+        exempt = cleaned.get("exempt", False) if "exempt" in self.fields else self.instance.exempt
+        parent = cleaned.get("parent") if "parent" in self.fields else self.instance.parent
+        refusal = tenant_exemption_refusal(self.xaas_scope, self.instance.pk, exempt=bool(exempt), parent=parent)
+        if refusal is not None:
+            field, message = refusal
+            self.add_error(field if field in self.fields else None, message)
+        return cleaned
+
+
+def _scoped_form(form: Any, request: HttpRequest) -> Any:
+    return type(form.__name__, (form,), {"xaas_scope": admin_scope(request)})
 
 
 @admin.register(Tenant)
@@ -41,6 +75,8 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     ordering = ("path",)
     autocomplete_fields = ("parent",)
     readonly_fields = ("lineage", "created_at", "updated_at")
+    form = ScopedTenantForm
+    actions = ("make_exempt", "end_exemption")
     fields = (
         "external_id",
         "name",
@@ -72,6 +108,48 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             # The scope's own parent is outside the scope: not even named.
             fields = [name for name in fields if name != "parent"]
         return fields
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        return _scoped_form(super().get_form(request, obj, change=change, **kwargs), request)
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        kwargs.setdefault("form", ScopedTenantForm)
+        return _scoped_form(super().get_changelist_form(request, **kwargs), request)
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        # The last word, whatever form or code path brought the object here: inside the view's transaction, so a
+        # refusal (403) leaves nothing written, inlines included.
+        refusal = tenant_exemption_refusal(
+            admin_scope(request), obj.pk if change else None, exempt=obj.exempt, parent=obj.parent
+        )
+        if refusal is not None:
+            raise PermissionDenied(refusal[1])
+        super().save_model(request, obj, form, change)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if admin_scope(request) is not None:
+            for name in ("make_exempt", "end_exemption"):
+                actions.pop(name, None)
+        return actions
+
+    @admin.action(description="Make the selected tenants exempt (zero-cap)", permissions=["change"])
+    def make_exempt(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        self._set_exempt(request, queryset, True)
+
+    @admin.action(description="End the exemption of the selected tenants", permissions=["change"])
+    def end_exemption(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        self._set_exempt(request, queryset, False)
+
+    def _set_exempt(self, request: HttpRequest, queryset: QuerySet[Tenant], exempt: bool) -> None:
+        if admin_scope(request) is not None:  # not offered to them; refused if posted anyway
+            raise PermissionDenied("Only an administrator without a tenant scope can change exemptions.")
+        changed = 0
+        for tenant in queryset.filter(exempt=not exempt):
+            tenant.exempt = exempt  # one save per row, so every listener (lineage cache) hears of it
+            tenant.save(update_fields=["exempt", "updated_at"])
+            changed += 1
+        self.message_user(request, f"{changed} tenant(s) updated.", messages.SUCCESS)
 
     def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> list[type[InlineModelAdmin[Any, Any]]]:
         inlines = list(super().get_inlines(request, obj))
@@ -256,6 +334,19 @@ class TenantAdminScopeAdmin(UnscopedOnlyAdminMixin, admin.ModelAdmin):
         return form
 
 
+class ScopedApiKeyForm(ModelForm):
+    """The add form of a key: a scoped administrator may not issue keys inside an exempt subtree."""
+
+    xaas_scope: Tenant | None = None
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or self.cleaned_data
+        refusal = key_exemption_refusal(self.xaas_scope, cleaned.get("tenant"))
+        if refusal is not None:
+            self.add_error(*refusal)
+        return cleaned
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     """API keys: the plaintext is shown once, right after creation; the list shows only the public prefix."""
@@ -278,20 +369,41 @@ class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             return ()
         return ("prefix", "tenant", "created_at", "revoked_at", "last_used_at")
 
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs.setdefault("form", ScopedApiKeyForm)
+        return _scoped_form(super().get_form(request, obj, change=change, **kwargs), request)
+
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
-        plaintext = issue(obj)
-        # Shown once, on the next page (the message is consumed when displayed); only its hash is stored.
-        messages.warning(
-            request,
-            format_html(
-                "API key for {}: <code>{}</code> — copy it now, it will not be shown again.",
-                obj.tenant.external_id,
-                plaintext,
-            ),
-        )
+        refusal = key_exemption_refusal(admin_scope(request), obj.tenant)
+        if refusal is not None:
+            raise PermissionDenied(refusal[1])
+        # Only its hash is stored; the plaintext lives in this object until response_add draws it, once.
+        obj._xaas_plaintext = issue(obj)  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        """The new key on the response to the POST itself, never cached, never in a message (the messages cookie is
+        signed, not encrypted) and never on a later page: whoever misses it creates a new key."""
+        plaintext = getattr(obj, "_xaas_plaintext", None)
+        if plaintext is None:  # pragma: no cover - every add goes through save_model
+            return super().response_add(request, obj, post_url_continue)
+        opts = self.opts
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API key created",
+            "subtitle": None,
+            "opts": opts,
+            "key": obj,
+            "plaintext": plaintext,
+            "changelist_url": reverse(f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_changelist"),
+            "change_url": reverse(f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
+        }
+        response = TemplateResponse(request, "admin/xaas_tenants/apikey/created.html", context)
+        add_never_cache_headers(response)  # Cache-Control: no-store (and no-cache, private, max-age=0)
+        return response
 
     @admin.display(description="state")
     def state(self, key: ApiKey) -> str:
