@@ -39,7 +39,8 @@ def stored_messages(client: Client) -> list[str]:
     morsel = client.cookies.get(CookieStorage.cookie_name)
     if morsel is not None and morsel.value:
         storage = CookieStorage(RequestFactory().get("/"))
-        texts += [str(message.message) for message in storage._decode(morsel.value) or []]
+        decoded = storage._decode(morsel.value)  # type: ignore[attr-defined]
+        texts += [str(message.message) for message in decoded or []]
     for session in Session.objects.all():
         texts.append(repr(session.get_decoded()))
     return texts
