@@ -67,6 +67,9 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     # Fields that lift or move limits and billing: never set from inside a scope.
     scoped_readonly_fields = ("exempt", "lago_subscription_id")
     chart_days = 30
+    # Bounds that keep every page small whatever a tenant records (issue 10: 5,000 features made a 32 MB page).
+    usage_items_per_row = 5  # quota bars, and features without a quota, per row of the tree; then "and N more"
+    chart_limit = 10  # usage charts on a tenant's page: the most used features (and limited ones) first
 
     list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
     list_display_links = ("indented_id",)
@@ -220,17 +223,30 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         by_tenant: dict[int, list[QuotaLimit]] = {}
         for quota in quotas:
             by_tenant.setdefault(quota.tenant_id, []).append(quota)
+        shown = self.usage_items_per_row
         for tenant in tenants:
             parts = []
-            limited = set()
-            for quota in by_tenant.get(tenant.pk, []):
-                limited.add(quota.feature)
+            tenant_quotas = by_tenant.get(tenant.pk, [])
+            if len(tenant_quotas) > shown:  # the fullest first: those are the ones an operator looks for
+                tenant_quotas = sorted(tenant_quotas, key=lambda quota: usage[quota.pk].percent, reverse=True)
+            for quota in tenant_quotas[:shown]:
                 parts.append(usage_bar(usage[quota.pk], compact=True, label=f"{quota.feature}/{quota.period} "))
-            for feature, used in sorted(month.get(tenant.pk, {}).items()):
-                if feature not in limited:
-                    parts.append(
-                        format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+            limited = {quota.feature for quota in by_tenant.get(tenant.pk, [])}
+            unlimited = sorted(
+                ((feature, used) for feature, used in month.get(tenant.pk, {}).items() if feature not in limited),
+                key=lambda item: (-item[1], item[0]),
+            )
+            for feature, used in sorted(unlimited[:shown]):
+                parts.append(
+                    format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+                )
+            hidden = max(0, len(by_tenant.get(tenant.pk, [])) - shown) + max(0, len(unlimited) - shown)
+            if hidden:
+                parts.append(
+                    format_html(
+                        '<a class="xaas-usage-more" href="{}">and {} more</a>', self._change_url(tenant.pk), hidden
                     )
+                )
             tenant._xaas_usage = (  # type: ignore[attr-defined]
                 format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts)) if parts else "-"
             )
@@ -294,15 +310,30 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         if obj is not None and obj.pk is not None:
             context["xaas_lineage"] = getattr(obj, "_xaas_lineage", [])
             if apps.is_installed("metering"):
-                context["xaas_usage_charts"] = self._charts(obj)
+                context["xaas_usage_charts"], context["xaas_more_features"] = self._charts(obj)
                 context["xaas_chart_days"] = self.chart_days
+            if apps.is_installed("quotas"):
+                from quotas.admin import BoundedQuotaFormSet
+                from quotas.models import QuotaLimit
+
+                more = QuotaLimit.objects.filter(tenant=obj).count() - BoundedQuotaFormSet.max_shown
+                if more > 0:
+                    context["xaas_more_quotas"] = more
+                    context["xaas_quotas_url"] = (
+                        reverse(f"{self.admin_site.name}:xaas_quotas_quotalimit_changelist")
+                        + f"?tenant__id__exact={obj.pk}"
+                    )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def _charts(self, tenant: Tenant) -> list[Any]:
-        """One chart per feature used lately or limited here; a daily quota is drawn as a line. Two queries."""
-        from metering.charts import tenant_charts
+    def _charts(self, tenant: Tenant) -> tuple[list[Any], int]:
+        """Charts of the ``chart_limit`` most used features of the last days (limited ones count as used), and how
+        many more features there are. A daily quota is drawn as a line. Two queries."""
+        from metering.charts import build_chart, daily_usage
+        from metering.events import utcnow
 
-        features: set[str] = set()
+        now = utcnow()
+        usage = daily_usage(tenant.pk, self.chart_days, now)
+        limited: set[str] = set()
         daily_limits: dict[str, Decimal] = {}
         if apps.is_installed("quotas"):
             from quotas.models import QuotaLimit
@@ -310,10 +341,24 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             for feature, period, limit in QuotaLimit.objects.filter(tenant=tenant, is_active=True).values_list(
                 "feature", "period", "limit"
             ):
-                features.add(feature)
+                limited.add(feature)
                 if period == QuotaLimit.Period.DAY:
                     daily_limits[feature] = limit
-        return tenant_charts(tenant.pk, features=features, daily_limits=daily_limits, days=self.chart_days)
+        totals = {feature: sum(usage.get(feature, {}).values(), Decimal(0)) for feature in set(usage) | limited}
+        ranked = sorted(totals, key=lambda feature: (-totals[feature], feature not in limited, feature))
+        chosen = sorted(ranked[: self.chart_limit])
+        charts = [
+            build_chart(
+                feature,
+                usage.get(feature, {}),
+                days=self.chart_days,
+                now=now,
+                daily_limit=daily_limits.get(feature),
+                index=index,
+            )
+            for index, feature in enumerate(chosen)
+        ]
+        return charts, len(ranked) - len(chosen)
 
 
 @admin.register(TenantAdminScope)
