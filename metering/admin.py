@@ -24,10 +24,30 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class TopFeaturesFilter(admin.SimpleListFilter):
+    """The feature filter, bounded: the ``limit`` features with the most rows in the (scope-narrowed) list rather
+    than every distinct name (a tenant that recorded 5,000 features made every usage page hundreds of KB)."""
+
+    title = "feature (most rows)"
+    parameter_name = "feature"
+    limit = 20
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        rows = model_admin.get_queryset(request).order_by().values_list("feature").annotate(n=Count("pk"))
+        features = [feature for feature, _ in rows.order_by("-n", "feature")[: self.limit]]
+        chosen = self.value()
+        if chosen and chosen not in features:  # a feature picked from the search or a link stays shown
+            features.append(chosen)
+        return [(feature, feature) for feature in features]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        return queryset.filter(feature=self.value()) if self.value() else queryset
+
+
 @admin.register(UsageRecord)
 class UsageRecordAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
     list_display = ("timestamp", "tenant", "feature", "quantity", "transaction_id", "recorded_at")
-    list_filter = ("feature",)
+    list_filter = (TopFeaturesFilter,)
     search_fields = ("tenant__external_id", "transaction_id")
     list_select_related = ("tenant",)
     date_hierarchy = "timestamp"
@@ -38,7 +58,7 @@ class UsageRecordAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
 @admin.register(UsageRollup)
 class UsageRollupAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
     list_display = ("bucket", "tenant", "feature", "quantity", "events")
-    list_filter = ("feature",)
+    list_filter = (TopFeaturesFilter,)
     search_fields = ("tenant__external_id",)
     list_select_related = ("tenant",)
     ordering = ("-bucket",)

@@ -11,9 +11,11 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.utils.safestring import SafeString
 
+from metering.admin import TopFeaturesFilter
 from metering.events import utcnow
 from tenants.admin_scope import TenantScopedAdminMixin, admin_scope, check_may_set_limits, may_set_limits
 from tenants.models import Tenant
@@ -67,7 +69,7 @@ class QuotaLimitAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     edit_strictly_below = True  # a scoped administrator's own quotas are view-only
     list_display = ("tenant", "feature", "period", "limit", "usage", "enforcement", "is_active", "updated_at")
     list_editable = ("limit", "enforcement", "is_active")
-    list_filter = ("period", "enforcement", "is_active", "feature")
+    list_filter = ("period", "enforcement", "is_active", TopFeaturesFilter)
     search_fields = ("tenant__external_id", "tenant__name", "feature")
     autocomplete_fields = ("tenant",)
     list_select_related = ("tenant",)
@@ -121,11 +123,24 @@ class QuotaLimitAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             )
 
 
+class BoundedQuotaFormSet(BaseInlineFormSet):
+    """The first ``max_shown`` quotas (by feature and period): a tenant with thousands of quotas keeps a small page;
+    the tenant page links to the quota list for the rest."""
+
+    max_shown = 25
+
+    def get_queryset(self) -> QuerySet[QuotaLimit]:
+        if not hasattr(self, "_xaas_bounded"):
+            self._xaas_bounded = super().get_queryset().order_by("feature", "period", "pk")[: self.max_shown]
+        return self._xaas_bounded
+
+
 class QuotaLimitInline(admin.TabularInline):
     """The quotas of the tenant page, each with its usage bar. View-only on a scoped administrator's own tenant."""
 
     model = QuotaLimit
     form = QuotaLimitForm
+    formset = BoundedQuotaFormSet
     extra = 0
     fields = ("feature", "period", "limit", "usage", "enforcement", "warning_thresholds", "is_active")
     readonly_fields = ("usage",)

@@ -8,17 +8,51 @@ from typing import Any
 from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin.options import InlineModelAdmin
+from django.core.exceptions import PermissionDenied
 from django.db.models import ForeignKey, QuerySet
-from django.forms import ModelChoiceField
-from django.http import HttpRequest
+from django.forms import ModelChoiceField, ModelForm
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from .admin_scope import TenantScopedAdminMixin, UnscopedOnlyAdminMixin, admin_scope
+from .admin_scope import (
+    TenantScopedAdminMixin,
+    UnscopedOnlyAdminMixin,
+    admin_scope,
+    key_exemption_refusal,
+    tenant_exemption_refusal,
+)
 from .apikeys import issue
 from .models import ApiKey, Tenant, TenantAdminScope
+
+
+class ScopedTenantForm(ModelForm):
+    """Refuses, as a form error, what would let a scoped administrator acquire an exemption (tenants.admin_scope).
+
+    Used for the change and add forms and for list editing; fields the form does not show keep the stored values,
+    so a crafted POST of a read-only field changes nothing and a refused one writes nothing."""
+
+    xaas_scope: Tenant | None = None
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or self.cleaned_data
+        if self.xaas_scope is None:
+            return cleaned
+        exempt = cleaned.get("exempt", False) if "exempt" in self.fields else self.instance.exempt
+        parent = cleaned.get("parent") if "parent" in self.fields else self.instance.parent
+        refusal = tenant_exemption_refusal(self.xaas_scope, self.instance.pk, exempt=bool(exempt), parent=parent)
+        if refusal is not None:
+            field, message = refusal
+            self.add_error(field if field in self.fields else None, message)
+        return cleaned
+
+
+def _scoped_form(form: Any, request: HttpRequest) -> Any:
+    return type(form.__name__, (form,), {"xaas_scope": admin_scope(request)})
 
 
 @admin.register(Tenant)
@@ -33,6 +67,9 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     # Fields that lift or move limits and billing: never set from inside a scope.
     scoped_readonly_fields = ("exempt", "lago_subscription_id")
     chart_days = 30
+    # Bounds that keep every page small whatever a tenant records (issue 10: 5,000 features made a 32 MB page).
+    usage_items_per_row = 5  # quota bars, and features without a quota, per row of the tree; then "and N more"
+    chart_limit = 10  # usage charts on a tenant's page: the most used features (and limited ones) first
 
     list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
     list_display_links = ("indented_id",)
@@ -41,6 +78,8 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     ordering = ("path",)
     autocomplete_fields = ("parent",)
     readonly_fields = ("lineage", "created_at", "updated_at")
+    form = ScopedTenantForm
+    actions = ("make_exempt", "end_exemption")
     fields = (
         "external_id",
         "name",
@@ -72,6 +111,48 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             # The scope's own parent is outside the scope: not even named.
             fields = [name for name in fields if name != "parent"]
         return fields
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        return _scoped_form(super().get_form(request, obj, change=change, **kwargs), request)
+
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        kwargs.setdefault("form", ScopedTenantForm)
+        return _scoped_form(super().get_changelist_form(request, **kwargs), request)
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: Any, change: bool) -> None:
+        # The last word, whatever form or code path brought the object here: inside the view's transaction, so a
+        # refusal (403) leaves nothing written, inlines included.
+        refusal = tenant_exemption_refusal(
+            admin_scope(request), obj.pk if change else None, exempt=obj.exempt, parent=obj.parent
+        )
+        if refusal is not None:
+            raise PermissionDenied(refusal[1])
+        super().save_model(request, obj, form, change)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if admin_scope(request) is not None:
+            for name in ("make_exempt", "end_exemption"):
+                actions.pop(name, None)
+        return actions
+
+    @admin.action(description="Make the selected tenants exempt (zero-cap)", permissions=["change"])
+    def make_exempt(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        self._set_exempt(request, queryset, True)
+
+    @admin.action(description="End the exemption of the selected tenants", permissions=["change"])
+    def end_exemption(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        self._set_exempt(request, queryset, False)
+
+    def _set_exempt(self, request: HttpRequest, queryset: QuerySet[Tenant], exempt: bool) -> None:
+        if admin_scope(request) is not None:  # not offered to them; refused if posted anyway
+            raise PermissionDenied("Only an administrator without a tenant scope can change exemptions.")
+        changed = 0
+        for tenant in queryset.filter(exempt=not exempt):
+            tenant.exempt = exempt  # one save per row, so every listener (lineage cache) hears of it
+            tenant.save(update_fields=["exempt", "updated_at"])
+            changed += 1
+        self.message_user(request, f"{changed} tenant(s) updated.", messages.SUCCESS)
 
     def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> list[type[InlineModelAdmin[Any, Any]]]:
         inlines = list(super().get_inlines(request, obj))
@@ -142,17 +223,30 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         by_tenant: dict[int, list[QuotaLimit]] = {}
         for quota in quotas:
             by_tenant.setdefault(quota.tenant_id, []).append(quota)
+        shown = self.usage_items_per_row
         for tenant in tenants:
             parts = []
-            limited = set()
-            for quota in by_tenant.get(tenant.pk, []):
-                limited.add(quota.feature)
+            tenant_quotas = by_tenant.get(tenant.pk, [])
+            if len(tenant_quotas) > shown:  # the fullest first: those are the ones an operator looks for
+                tenant_quotas = sorted(tenant_quotas, key=lambda quota: usage[quota.pk].percent, reverse=True)
+            for quota in tenant_quotas[:shown]:
                 parts.append(usage_bar(usage[quota.pk], compact=True, label=f"{quota.feature}/{quota.period} "))
-            for feature, used in sorted(month.get(tenant.pk, {}).items()):
-                if feature not in limited:
-                    parts.append(
-                        format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+            limited = {quota.feature for quota in by_tenant.get(tenant.pk, [])}
+            unlimited = sorted(
+                ((feature, used) for feature, used in month.get(tenant.pk, {}).items() if feature not in limited),
+                key=lambda item: (-item[1], item[0]),
+            )
+            for feature, used in sorted(unlimited[:shown]):
+                parts.append(
+                    format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+                )
+            hidden = max(0, len(by_tenant.get(tenant.pk, [])) - shown) + max(0, len(unlimited) - shown)
+            if hidden:
+                parts.append(
+                    format_html(
+                        '<a class="xaas-usage-more" href="{}">and {} more</a>', self._change_url(tenant.pk), hidden
                     )
+                )
             tenant._xaas_usage = (  # type: ignore[attr-defined]
                 format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts)) if parts else "-"
             )
@@ -216,15 +310,30 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
         if obj is not None and obj.pk is not None:
             context["xaas_lineage"] = getattr(obj, "_xaas_lineage", [])
             if apps.is_installed("metering"):
-                context["xaas_usage_charts"] = self._charts(obj)
+                context["xaas_usage_charts"], context["xaas_more_features"] = self._charts(obj)
                 context["xaas_chart_days"] = self.chart_days
+            if apps.is_installed("quotas"):
+                from quotas.admin import BoundedQuotaFormSet
+                from quotas.models import QuotaLimit
+
+                more = QuotaLimit.objects.filter(tenant=obj).count() - BoundedQuotaFormSet.max_shown
+                if more > 0:
+                    context["xaas_more_quotas"] = more
+                    context["xaas_quotas_url"] = (
+                        reverse(f"{self.admin_site.name}:xaas_quotas_quotalimit_changelist")
+                        + f"?tenant__id__exact={obj.pk}"
+                    )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def _charts(self, tenant: Tenant) -> list[Any]:
-        """One chart per feature used lately or limited here; a daily quota is drawn as a line. Two queries."""
-        from metering.charts import tenant_charts
+    def _charts(self, tenant: Tenant) -> tuple[list[Any], int]:
+        """Charts of the ``chart_limit`` most used features of the last days (limited ones count as used), and how
+        many more features there are. A daily quota is drawn as a line. Two queries."""
+        from metering.charts import build_chart, daily_usage
+        from metering.events import utcnow
 
-        features: set[str] = set()
+        now = utcnow()
+        usage = daily_usage(tenant.pk, self.chart_days, now)
+        limited: set[str] = set()
         daily_limits: dict[str, Decimal] = {}
         if apps.is_installed("quotas"):
             from quotas.models import QuotaLimit
@@ -232,10 +341,24 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             for feature, period, limit in QuotaLimit.objects.filter(tenant=tenant, is_active=True).values_list(
                 "feature", "period", "limit"
             ):
-                features.add(feature)
+                limited.add(feature)
                 if period == QuotaLimit.Period.DAY:
                     daily_limits[feature] = limit
-        return tenant_charts(tenant.pk, features=features, daily_limits=daily_limits, days=self.chart_days)
+        totals = {feature: sum(usage.get(feature, {}).values(), Decimal(0)) for feature in set(usage) | limited}
+        ranked = sorted(totals, key=lambda feature: (-totals[feature], feature not in limited, feature))
+        chosen = sorted(ranked[: self.chart_limit])
+        charts = [
+            build_chart(
+                feature,
+                usage.get(feature, {}),
+                days=self.chart_days,
+                now=now,
+                daily_limit=daily_limits.get(feature),
+                index=index,
+            )
+            for index, feature in enumerate(chosen)
+        ]
+        return charts, len(ranked) - len(chosen)
 
 
 @admin.register(TenantAdminScope)
@@ -254,6 +377,19 @@ class TenantAdminScopeAdmin(UnscopedOnlyAdminMixin, admin.ModelAdmin):
             user_field.queryset = user_field.queryset.filter(is_staff=True, is_superuser=False)
             user_field.help_text = "A staff user (not a superuser: superusers always see everything)."
         return form
+
+
+class ScopedApiKeyForm(ModelForm):
+    """The add form of a key: a scoped administrator may not issue keys inside an exempt subtree."""
+
+    xaas_scope: Tenant | None = None
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or self.cleaned_data
+        refusal = key_exemption_refusal(self.xaas_scope, cleaned.get("tenant"))
+        if refusal is not None:
+            self.add_error(*refusal)
+        return cleaned
 
 
 @admin.register(ApiKey)
@@ -278,20 +414,41 @@ class ApiKeyAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             return ()
         return ("prefix", "tenant", "created_at", "revoked_at", "last_used_at")
 
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs.setdefault("form", ScopedApiKeyForm)
+        return _scoped_form(super().get_form(request, obj, change=change, **kwargs), request)
+
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
-        plaintext = issue(obj)
-        # Shown once, on the next page (the message is consumed when displayed); only its hash is stored.
-        messages.warning(
-            request,
-            format_html(
-                "API key for {}: <code>{}</code> — copy it now, it will not be shown again.",
-                obj.tenant.external_id,
-                plaintext,
-            ),
-        )
+        refusal = key_exemption_refusal(admin_scope(request), obj.tenant)
+        if refusal is not None:
+            raise PermissionDenied(refusal[1])
+        # Only its hash is stored; the plaintext lives in this object until response_add draws it, once.
+        obj._xaas_plaintext = issue(obj)  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        """The new key on the response to the POST itself, never cached, never in a message (the messages cookie is
+        signed, not encrypted) and never on a later page: whoever misses it creates a new key."""
+        plaintext = getattr(obj, "_xaas_plaintext", None)
+        if plaintext is None:  # pragma: no cover - every add goes through save_model
+            return super().response_add(request, obj, post_url_continue)
+        opts = self.opts
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API key created",
+            "subtitle": None,
+            "opts": opts,
+            "key": obj,
+            "plaintext": plaintext,
+            "changelist_url": reverse(f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_changelist"),
+            "change_url": reverse(f"{self.admin_site.name}:{opts.app_label}_{opts.model_name}_change", args=[obj.pk]),
+        }
+        response = TemplateResponse(request, "admin/xaas_tenants/apikey/created.html", context)
+        add_never_cache_headers(response)  # Cache-Control: no-store (and no-cache, private, max-age=0)
+        return response
 
     @admin.display(description="state")
     def state(self, key: ApiKey) -> str:

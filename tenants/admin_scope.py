@@ -150,3 +150,73 @@ class UnscopedOnlyAdminMixin(_Base):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return admin_scope(request) is None and bool(super().has_delete_permission(request, obj))
+
+
+# ---- exemption is never acquired from below ----
+# An exempt level lifts every limit of its whole subtree, so from inside a scope it would be a way around the limits
+# the scope's own ancestors set (put a tenant under an exempt one, add tenants there, or issue a key for one). Only an
+# unscoped administrator (a superuser, or staff without a scope) may change what is exempt or what sits under an
+# exempt level; the refusals never name a level above the scope.
+
+EXEMPTION_REFUSAL = {
+    "exempt": "Only an administrator without a tenant scope can make a tenant exempt or end its exemption.",
+    "move": "Only an administrator without a tenant scope can move a tenant into or out of an exempt (zero-cap) "
+    "subtree, or move a subtree that holds an exempt tenant.",
+    "add": "Only an administrator without a tenant scope can add a tenant inside an exempt (zero-cap) subtree.",
+    "key": "Only an administrator without a tenant scope can issue API keys for a tenant inside an exempt "
+    "(zero-cap) subtree.",
+}
+
+
+def _path_pks(tenant_path: str) -> list[int]:
+    return [int(part) for part in tenant_path.strip("/").split("/") if part]
+
+
+def lineage_is_exempt(tenant_path: str) -> bool:
+    """Is any level from the root down to the tenant with ``tenant_path`` (itself included) exempt? One query."""
+    pks = _path_pks(tenant_path)
+    return bool(pks) and Tenant.objects.filter(pk__in=pks, exempt=True).exists()
+
+
+def subtree_is_exempt_anywhere(tenant_path: str) -> bool:
+    """Does the subtree of the tenant with ``tenant_path`` hold an exempt tenant (itself included)? One query."""
+    return bool(tenant_path) and Tenant.objects.filter(path__startswith=tenant_path, exempt=True).exists()
+
+
+def tenant_exemption_refusal(
+    scope: Tenant | None, tenant_pk: int | None, *, exempt: bool, parent: Tenant | None
+) -> tuple[str, str] | None:
+    """``(field, message)`` when ``scope`` may not save the tenant ``tenant_pk`` (``None``: a new one) with these
+    ``exempt`` and ``parent`` values; ``None`` when it may. Reads the stored row, not the form's instance."""
+    if scope is None:
+        return None
+    parent_path = Tenant.objects.filter(pk=parent.pk).values_list("path", flat=True).first() if parent else None
+    if tenant_pk is None:
+        if exempt:
+            return "exempt", EXEMPTION_REFUSAL["exempt"]
+        if parent_path and lineage_is_exempt(parent_path):
+            return "parent", EXEMPTION_REFUSAL["add"]
+        return None
+    stored = Tenant.objects.filter(pk=tenant_pk).values("exempt", "parent_id", "path").first()
+    if stored is None:
+        return None  # deleted meanwhile: the save fails on its own
+    if bool(exempt) != stored["exempt"]:
+        return "exempt", EXEMPTION_REFUSAL["exempt"]
+    new_parent_pk = parent.pk if parent is not None else None
+    if new_parent_pk != stored["parent_id"] and (
+        lineage_is_exempt(stored["path"])
+        or subtree_is_exempt_anywhere(stored["path"])
+        or (parent_path is not None and lineage_is_exempt(parent_path))
+    ):
+        return "parent", EXEMPTION_REFUSAL["move"]
+    return None
+
+
+def key_exemption_refusal(scope: Tenant | None, tenant: Tenant | None) -> tuple[str, str] | None:
+    """``("tenant", message)`` when ``scope`` may not issue a key for ``tenant`` (inside an exempt subtree)."""
+    if scope is None or tenant is None:
+        return None
+    path = Tenant.objects.filter(pk=tenant.pk).values_list("path", flat=True).first()
+    if path and lineage_is_exempt(path):
+        return "tenant", EXEMPTION_REFUSAL["key"]
+    return None
