@@ -232,11 +232,20 @@ def _lock_order(item: _Parsed) -> tuple[int, str, datetime, str, str]:
 
 @contextmanager
 def _features_admitted(
-    parsed: list[_Parsed], order: list[int], features: set[tuple[int, str]], problems: dict[int, Problems], using: str
+    principal: TenantPrincipal,
+    parsed: list[_Parsed],
+    order: list[int],
+    features: set[tuple[int, str]],
+    problems: dict[int, Problems],
+    using: str,
 ) -> Iterator[None]:
-    """The batch's new features admitted at once; a refused one is reported at each index that carries it."""
+    """The batch's new features admitted at once, within the tree's budget and the key's
+    (``recorder.admit_features_for_key``); a refused one is reported at each index that carries it."""
     try:
         with recorder.features_admitted(features, using):
+            for root_pk in sorted({root_pk for root_pk, _ in features}):
+                names = {feature for root, feature in features if root == root_pk}
+                recorder.admit_features_for_key(principal.tenant.pk, root_pk, names, using)
             yield
     except TooManyFeatures as error:
         for index in order:
@@ -432,7 +441,10 @@ class EventsView(ApiView):
             created: set[int] = set()
             roots: set[int] = set()
             try:
-                with transaction.atomic(using=using), _features_admitted(parsed, order, features, problems, using):
+                with (
+                    transaction.atomic(using=using),
+                    _features_admitted(principal, parsed, order, features, problems, using),
+                ):
                     for index in order:
                         item = parsed[index]
                         try:
