@@ -10,7 +10,7 @@ from django.test import AsyncClient, Client
 
 from metering.models import UsageRecord
 from tests.factories import tree, usage
-from tests.identity_helpers import TRUSTED_HEADER
+from tests.identity_helpers import bearer, key_of
 from tests.quota_helpers import limit as set_limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,15 +28,25 @@ ROUTES = [
 ]
 
 
+ORG_KEY: dict[str, str] = {}
+
+
 @pytest.fixture(autouse=True)
 def urls(settings):
     settings.ROOT_URLCONF = "tests.quota_urls"
-    settings.METERING = {"QUOTA_ROUTES": ROUTES, **TRUSTED_HEADER}  # identity: tests/test_identity.py
+    settings.METERING = {"QUOTA_ROUTES": ROUTES}  # identity: tests/test_identity.py
     tree(ORG)
+    ORG_KEY["key"] = key_of("org")
+
+
+def acting_for(tenant: str) -> dict[str, str]:
+    """The org's key narrowed to ``tenant``: every level is within the credential, so every answer is in full
+    (what a caller below a level learns of it: tests/test_leaks.py)."""
+    return bearer(ORG_KEY["key"], **{"X-Tenant-ID": tenant})
 
 
 def get(path: str, tenant: str | None = "k1", client: Client | None = None, **kwargs):
-    headers = {"X-Tenant-ID": tenant} if tenant else {}
+    headers = acting_for(tenant) if tenant else {}
     return (client or Client()).get(path, headers=headers, **kwargs)
 
 
@@ -71,7 +81,7 @@ def test_async_views_are_enforced_without_blocking_the_event_loop():
     limit("org", 4)
 
     async def call():
-        return await AsyncClient().get("/async", headers={"X-Tenant-ID": "k1"})
+        return await AsyncClient().get("/async", headers=acting_for("k1"))
 
     assert async_to_sync(call)().status_code == 200
     assert async_to_sync(call)().status_code == 200
@@ -82,10 +92,8 @@ def test_async_views_are_enforced_without_blocking_the_event_loop():
 def test_quantity_can_be_computed_from_the_request():
     limit("org", 5, feature="items")
     body = json.dumps({"items": [1, 2, 3]})
-    assert (
-        Client().post("/batch", body, content_type="application/json", headers={"X-Tenant-ID": "k1"}).status_code == 200
-    )
-    refused = Client().post("/batch", body, content_type="application/json", headers={"X-Tenant-ID": "k1"})
+    assert Client().post("/batch", body, content_type="application/json", headers=acting_for("k1")).status_code == 200
+    refused = Client().post("/batch", body, content_type="application/json", headers=acting_for("k1"))
     assert refused.status_code == 429 and refused.json()["error"]["requested"] == "3"
     assert usage("org", "items") == 3
 
@@ -114,7 +122,6 @@ def test_requests_without_a_tenant_are_refused_with_a_json_error():
 def test_a_bad_quantity_is_a_400_naming_the_field(settings):
     settings.METERING = {
         "QUOTA_ROUTES": [{"path_prefix": "/free", "feature": "api_calls", "quantity": -1}],
-        **TRUSTED_HEADER,
     }
     response = get("/free")
     assert response.status_code == 400
@@ -126,9 +133,9 @@ def test_demo_endpoint_answers_429_when_any_level_is_out_of_room(settings, path)
     settings.ROOT_URLCONF = "project.urls"
     limit("org", 5, feature="llm_tokens")
     body = {"prompt": "one two three"}
-    ok = Client().post(path, body, content_type="application/json", headers={"X-Tenant-ID": "k1"})
+    ok = Client().post(path, body, content_type="application/json", headers=acting_for("k1"))
     assert ok.status_code == 200 and ok["RateLimit"].startswith('"org/llm_tokens/month";r=2')
-    refused = Client().post(path, body, content_type="application/json", headers={"X-Tenant-ID": "k2"})
+    refused = Client().post(path, body, content_type="application/json", headers=acting_for("k2"))
     assert refused.status_code == 429
     assert refused.json()["error"]["tenant"] == "org"
     assert usage("org", "llm_tokens") == 3
