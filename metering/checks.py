@@ -78,7 +78,7 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
 
 
 def _abuse_bound_problems() -> list[CheckMessage]:
-    """The abuse bounds (E030-E034): each invalid value is an error, never a silent fallback to no bound."""
+    """The abuse bounds (E030-E035): each invalid value is an error, never a silent fallback to no bound."""
     from .api.events import MAX_EVENTS
     from .api.throttling import parse_rate
     from .events import duration_problem, features_problem
@@ -90,6 +90,14 @@ def _abuse_bound_problems() -> list[CheckMessage]:
             Error(
                 f"METERING['MAX_FEATURES_PER_TREE'] must be None or a positive integer, got {most!r}.",
                 id="xaas_metering.E030",
+            )
+        )
+    per_key = metering_settings.MAX_FEATURES_PER_KEY
+    if per_key is not None and (isinstance(per_key, bool) or not isinstance(per_key, int) or per_key < 1):
+        messages.append(
+            Error(
+                f"METERING['MAX_FEATURES_PER_KEY'] must be None or a positive integer, got {per_key!r}.",
+                id="xaas_metering.E035",
             )
         )
     if (problem := features_problem(metering_settings.FEATURES)) is not None:

@@ -28,6 +28,9 @@ DEFAULTS: dict[str, Any] = {
     "MAX_FEATURE_NAME_LENGTH": 100,
     # Abuse bounds: what one key (one tree) may write. Each refusal is a named InvalidUsageEvent (4xx over HTTP).
     "MAX_FEATURES_PER_TREE": 1000,  # distinct feature names one tree may hold; None: unbounded
+    # distinct features the subtree of an API key below its tree's root may hold when the key brings a feature new
+    # to the tree (POST /api/v1/events); None: only MAX_FEATURES_PER_TREE. One key cannot spend the tree's budget.
+    "MAX_FEATURES_PER_KEY": 100,
     "FEATURES": None,  # an allowlist of feature names (any iterable of str); None: any valid name
     "MAX_BACKDATE": timedelta(days=35),  # how far back a fact may be dated (timedelta or seconds); None: to 1970
     "MAX_FUTURE": None,  # how far ahead (timedelta or seconds); None: FUTURE_TOLERANCE_SECONDS (5 minutes)

@@ -161,6 +161,33 @@ def admit_features(pairs: Iterable[tuple[int, str]], using: str) -> frozenset[tu
     return frozenset(pairs)
 
 
+def admit_features_for_key(subtree_pk: int, root_pk: int, features: Iterable[str], using: str) -> None:
+    """Refuse (``TooManyFeatures``) features new to the tree ``root_pk`` brought in by an API key of the tenant
+    ``subtree_pk`` below its root once that tenant's subtree holds ``MAX_FEATURES_PER_KEY`` distinct features: so
+    one key cannot spend the whole tree's ``MAX_FEATURES_PER_TREE`` and leave the rest of the organization unable
+    to record any new feature. Features the tree already has are always free; a root's key has the tree's budget.
+
+    Call inside ``features_admitted`` for the same features: a feature new to the tree has the tree locked
+    exclusively there, so the count below cannot move before this transaction ends."""
+    budget = metering_settings.MAX_FEATURES_PER_KEY
+    if budget is None or subtree_pk == root_pk:
+        return
+    unknown = {feature for feature in features if (using, root_pk, feature) not in _known_features}
+    new = unknown - _features_present(root_pk, unknown, using) if unknown else set()
+    if not new:
+        return
+    room = int(budget) - _feature_count(subtree_pk, using, int(budget) + 1)
+    if len(new) > room:
+        refused = sorted(new)[max(room, 0)]
+        raise TooManyFeatures(
+            f"feature_name {refused!r} would be new to its tenant tree, and this API key's subtree already holds "
+            f"{budget} distinct features (METERING['MAX_FEATURES_PER_KEY']); features the tree already has are "
+            f"accepted",
+            root_pk=root_pk,
+            feature_name=refused,
+        )
+
+
 @contextmanager
 def features_admitted(pairs: Iterable[tuple[int, str]], using: str) -> Iterator[None]:
     """``admit_features`` for a whole batch at once (inside its transaction, before its first fact): its facts then

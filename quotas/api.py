@@ -393,8 +393,8 @@ ENTITLEMENTS_DOC = """Would `quantity` of `feature` fit at every level of the te
 Levels from the API key's own tenant down to `tenant_id` are listed with each quota (limit, used, remaining,
 reset); the top-level `remaining` and `reset_at` are those of the tightest listed quota. Levels *above* the key's
 tenant belong to someone else: they decide `allowed` as much as any level, but contribute only that one bit
-(`inherited.allowed`), never their tenant id, limit, usage, room or reset time — nothing that moves when another
-tenant of theirs spends."""
+(`inherited.allowed`), never their tenant id, limit, usage, room or reset time. Asked for many quantities, that
+bit still tells the room left above (a binary search): `API_RATE` bounds how often."""
 
 
 def _status_at(rule: Any, moment: datetime) -> QuotaStatus:

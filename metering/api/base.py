@@ -188,7 +188,8 @@ def tenant_in_scope(principal: TenantPrincipal, tenant_id: object, field: str = 
         tenant_id = validate_tenant_id(tenant_id)
     except InvalidTenantId as error:
         raise ApiError(400, error.code, str(error), field) from None
-    tenant = Tenant.objects.filter(external_id=tenant_id).first()
+    # The subtree is part of the query: a tenant of another tree is not even read, so it costs what no tenant costs.
+    tenant = Tenant.objects.filter(external_id=tenant_id, path__startswith=principal.tenant.path).first()
     if tenant is None or not principal.sees(tenant):
         raise unknown_tenant(tenant_id, field)
     return tenant

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeGuard
 
 from django.db import OperationalError, connections, transaction
 from drf_spectacular.utils import (
@@ -51,6 +51,7 @@ from tenants.authentication import TenantPrincipal
 from tenants.context import TenantContext
 from tenants.exceptions import TenantError, UnknownTenant
 from tenants.lineage import get_context, validate_tenant_id
+from tenants.models import TENANT_ID_RE, Tenant
 
 from .base import (
     ApiView,
@@ -93,6 +94,29 @@ class _Parsed:
 
 class _Rollback(Exception):
     pass
+
+
+def outside_subtree(principal: TenantPrincipal, raw_events: list[Any]) -> dict[str, TenantError]:
+    """``UnknownTenant`` for every tenant id the events name outside the key's subtree, decided in one query that
+    costs the same for a tenant of another tree as for no tenant at all: no lineage is read (nor cached) for an id
+    the key may not use, so a batch of 1,000 ids cannot tell which exist elsewhere by how long it takes."""
+    own = principal.tenant.external_id
+    # Only ids that could name a tenant (the rest are refused by validate_tenant_id, by name, without a query).
+    candidates = (raw.get("tenant_id") for raw in raw_events if isinstance(raw, dict))
+    named = {tenant_id for tenant_id in candidates if _may_name(tenant_id)}
+    named.discard(own)
+    if not named:
+        return {}
+    inside = set(
+        Tenant.objects.filter(external_id__in=sorted(named), path__startswith=principal.tenant.path)
+        .order_by()
+        .values_list("external_id", flat=True)
+    )
+    return {tenant_id: UnknownTenant(f"unknown tenant {tenant_id!r}") for tenant_id in named - inside}
+
+
+def _may_name(tenant_id: object) -> TypeGuard[str]:
+    return isinstance(tenant_id, str) and TENANT_ID_RE.fullmatch(tenant_id) is not None
 
 
 def _tenant_context(principal: TenantPrincipal, tenant_id: str, cache: dict[str, Any]) -> TenantContext | TenantError:
@@ -208,11 +232,20 @@ def _lock_order(item: _Parsed) -> tuple[int, str, datetime, str, str]:
 
 @contextmanager
 def _features_admitted(
-    parsed: list[_Parsed], order: list[int], features: set[tuple[int, str]], problems: dict[int, Problems], using: str
+    principal: TenantPrincipal,
+    parsed: list[_Parsed],
+    order: list[int],
+    features: set[tuple[int, str]],
+    problems: dict[int, Problems],
+    using: str,
 ) -> Iterator[None]:
-    """The batch's new features admitted at once; a refused one is reported at each index that carries it."""
+    """The batch's new features admitted at once, within the tree's budget and the key's
+    (``recorder.admit_features_for_key``); a refused one is reported at each index that carries it."""
     try:
         with recorder.features_admitted(features, using):
+            for root_pk in sorted({root_pk for root_pk, _ in features}):
+                names = {feature for root, feature in features if root == root_pk}
+                recorder.admit_features_for_key(principal.tenant.pk, root_pk, names, using)
             yield
     except TooManyFeatures as error:
         for index in order:
@@ -374,7 +407,7 @@ class EventsView(ApiView):
 
     def _record(self, raw_events: list[Any]) -> Response:
         principal = self.principal
-        contexts: dict[str, Any] = {}
+        contexts: dict[str, Any] = dict(outside_subtree(principal, raw_events))
         parsed: list[_Parsed] = []
         problems: dict[int, Problems] = {}
         for index, raw in enumerate(raw_events):
@@ -408,7 +441,10 @@ class EventsView(ApiView):
             created: set[int] = set()
             roots: set[int] = set()
             try:
-                with transaction.atomic(using=using), _features_admitted(parsed, order, features, problems, using):
+                with (
+                    transaction.atomic(using=using),
+                    _features_admitted(principal, parsed, order, features, problems, using),
+                ):
                     for index in order:
                         item = parsed[index]
                         try:

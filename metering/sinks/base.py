@@ -6,15 +6,17 @@ import base64
 import contextlib
 import email.utils
 import enum
+import functools
 import json
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 from django.utils.crypto import salted_hmac
@@ -90,26 +92,23 @@ class Sink:
         material = "\0".join([self.name, str(metering_settings.SINK_URL or ""), self._secret_or_empty()])
         return salted_hmac("metering.sinks.fingerprint", material, algorithm="sha256").hexdigest()[:32]
 
-    def secret_forms(self) -> list[str]:
-        """Every form in which a credential of this sink travels, as a collector could echo it back: the secret
-        (raw, JSON-escaped, URL-quoted), the URL's user and password, and their ``Basic`` base64."""
+    def secret_values(self) -> list[str]:
+        """Every credential of this sink as it travels: the secret, the URL's user and password, and their ``Basic``
+        base64 (the ``Authorization`` header a collector may echo)."""
         values: set[str] = set()
         secret = self._secret_or_empty()
         parts = urlsplit(str(metering_settings.SINK_URL or ""))
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
-        for value in (secret, user, password):
-            if value:
-                values.update({value, json.dumps(value)[1:-1], quote(value, safe=""), quote(value)})
+        values.update(value for value in (secret, user, password) if value)
         if user or password:
             values.add(base64.b64encode(f"{user}:{password}".encode()).decode())
-        # Longest first: a secret that contains another is replaced whole.
-        return sorted((value for value in values if value), key=len, reverse=True)
+        return sorted(values)
 
     def redact(self, text: str) -> str:
-        """``text`` without any of this sink's credentials (``secret_forms``): what we store and log of an answer."""
-        for value in self.secret_forms():
-            text = text.replace(value, REDACTED)
-        return text
+        """``text`` without any of this sink's credentials (``secret_values``) in any form an answer may write them
+        in (``secret_pattern``): what we store and log of an answer."""
+        pattern = secret_pattern(tuple(self.secret_values()))
+        return text if pattern is None else pattern.sub(REDACTED, text)
 
     def redacted(self, result: SendResult) -> SendResult:
         """``result`` with every error text redacted, before anything stores or logs it."""
@@ -173,6 +172,48 @@ class Sink:
             hint = retry_after(response.headers)
             return SendResult(Outcome.TRANSIENT, status, f"{status} {self.excerpt(response)}", retry_after=hint)
         return None
+
+
+_JSON_SHORT_ESCAPES = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
+
+
+def _hex(number: int, digits: int) -> str:
+    """``number`` in hex as a regex matching either case of each digit (``%2f`` and ``%2F``)."""
+    return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in format(number, f"0{digits}x"))
+
+
+def _char_pattern(char: str) -> str:
+    """Every way an answer may write ``char``: itself; backslash-escaped (JSON's ``\\"``, PHP's ``\\/``); a JSON
+    ``\\uXXXX`` (a surrogate pair beyond the BMP); percent-encoded UTF-8 in either case; an HTML entity; ``+``
+    for a space (form encoding)."""
+    code = ord(char)
+    forms = [re.escape(char), re.escape("\\" + char), "".join(f"%{_hex(byte, 2)}" for byte in char.encode())]
+    if code < 0x10000:
+        forms.append(r"\\u" + _hex(code, 4))
+    else:
+        high, low = divmod(code - 0x10000, 0x400)
+        forms.append(r"\\u" + _hex(0xD800 + high, 4) + r"\\u" + _hex(0xDC00 + low, 4))
+    forms += [f"&#[xX]0*{_hex(code, 1)};", f"&#0*{code};"]
+    named = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}.get(char)
+    if named:
+        forms.append(f"&{named};")
+    if char in _JSON_SHORT_ESCAPES:
+        forms.append(re.escape("\\" + _JSON_SHORT_ESCAPES[char]))
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
+
+
+@functools.lru_cache(maxsize=32)
+def secret_pattern(values: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex matching each of ``values`` written in any mix of the forms of ``_char_pattern``, longest value
+    first (a secret that contains another is replaced whole); ``None`` without values. Matching the forms
+    character by character, not a list of whole-string encodings, is what catches an echo escaped by another
+    stack (PHP's ``json_encode``, an encoder writing ``\\u002F``, a form in lower-case ``%2f``, HTML)."""
+    if not values:
+        return None
+    ordered = sorted(values, key=len, reverse=True)
+    return re.compile("|".join("".join(_char_pattern(char) for char in value) for value in ordered))
 
 
 def encode(payload: object) -> bytes:
