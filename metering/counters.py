@@ -103,6 +103,8 @@ def key(
     *,
     epoch: int,
 ) -> str:
+    if epoch == NOT_OURS:
+        raise CountersNotOurs(f"the counters of tree {root_pk} belong to another owner")
     window_id = "all" if start is None else str(int(start.timestamp()))
     return f"{tree_tag(root_pk)}:e{epoch}:{kind}:{tenant_pk}:{feature}:{period}:{window_id}"
 
@@ -130,10 +132,36 @@ def _epoch_table(using: str) -> str:
     return connections[using].ops.quote_name(CounterEpoch._meta.db_table)
 
 
+NOT_OURS = -1
+"""The epoch a statement reads when the tree's counters are not this process's to use (``counter_owner``)."""
+
+
+class CountersNotOurs(RedisError):
+    """A counter key was asked for under ``NOT_OURS``: treated as Redis being unavailable (the database decides)."""
+
+
+def counter_owner() -> str:
+    """Who may use a tree's live counters: this site's namespace (``tenants.namespace``), or ``<hash>/db`` for a
+    process without Redis counters.
+
+    Each tree's epoch row records the owner whose counters follow every write. A process of another owner — the
+    same site with another ``KEY_PREFIX`` during a rolling deploy, or one configured without Redis — writes facts
+    those counters do not see, so it reads ``NOT_OURS`` and *claims* the tree first: its write or decision bumps the
+    epoch and sets itself as the owner in its own transaction (deciding on the database, with the tree locked
+    exclusively), which retires the other owner's counters as of that commit. Two owners taking turns cost a
+    rebuild per turn, never a unit counted by one and missed by the other."""
+    site = namespace.current().hash
+    return site if client() is not None else f"{site}/db"
+
+
 def epoch_subquery(root_pk: int, using: str) -> tuple[str, list[Any]]:
-    """SQL of the tree's current epoch (0 when it has no row), to read within a statement the hot path sends anyway."""
-    sql = f"COALESCE((SELECT epoch FROM {_epoch_table(using)} WHERE root_id = %s), 0)"  # noqa: S608 (our table)
-    return sql, [root_pk]
+    """SQL of the tree's current epoch, to read within a statement the hot path sends anyway: ``NOT_OURS`` when
+    another owner (``counter_owner``) holds the tree's counters, or when the tree has no epoch row yet."""
+    sql = (
+        f"COALESCE((SELECT CASE WHEN owner = %s THEN epoch ELSE {NOT_OURS} END "  # noqa: S608 (our table)
+        f"FROM {_epoch_table(using)} WHERE root_id = %s), {NOT_OURS})"
+    )
+    return sql, [counter_owner(), root_pk]
 
 
 def current_epoch(root_pk: int, using: str) -> int:
@@ -150,10 +178,10 @@ def bump_epoch_statement(root_pk: int, using: str) -> tuple[str, list[Any]]:
     transaction."""
     table = _epoch_table(using)
     sql = (
-        f"INSERT INTO {table} (root_id, epoch) VALUES (%s, %s) "  # noqa: S608 (our table)
-        f"ON CONFLICT (root_id) DO UPDATE SET epoch = excluded.epoch"
+        f"INSERT INTO {table} (root_id, epoch, owner) VALUES (%s, %s, %s) "  # noqa: S608 (our table)
+        f"ON CONFLICT (root_id) DO UPDATE SET epoch = excluded.epoch, owner = excluded.owner"
     )
-    return sql, [root_pk, secrets.randbits(62) + 1]
+    return sql, [root_pk, secrets.randbits(62) + 1, counter_owner()]
 
 
 def bump_epochs(root_pks: Iterable[int], using: str) -> None:
@@ -174,7 +202,10 @@ def read(
         return None
     using = metering_settings.DATABASE_ALIAS
     try:
-        value = redis.get(key(root_pk, tenant_pk, feature, period, start, epoch=current_epoch(root_pk, using)))
+        epoch = current_epoch(root_pk, using)
+        if epoch == NOT_OURS:
+            return None  # another owner's counters (see ``counter_owner``): the database answers
+        value = redis.get(key(root_pk, tenant_pk, feature, period, start, epoch=epoch))
         if value is not None:
             return int(value)
         return rebuild(redis, root_pk, tenant_pk, feature, period, start, end)
@@ -203,6 +234,8 @@ def rebuild(
         lock_trees([root_pk], exclusive=True, using=using)
         epoch = current_epoch(root_pk, using)
         units = rollups.sum_units(tenant_pk, feature, start, end, using=using)
+        if epoch == NOT_OURS:
+            return units  # another owner's counters: nothing of ours to set
         counter = key(root_pk, tenant_pk, feature, period, start, epoch=epoch)
         try:
             # NX: a counter that exists is newer than this sum (rebuilt and counted since), never older.
@@ -339,6 +372,8 @@ def compare_live(root_pk: int, *, repair: bool, using: str) -> list[CounterDrift
     with transaction.atomic(using=using):
         lock_trees([root_pk], exclusive=True, using=using)
         epoch = current_epoch(root_pk, using)
+        if epoch == NOT_OURS:
+            return []  # no live counters of ours (another owner's: see ``counter_owner``)
         prefix = f"{tree_tag(root_pk)}:e{epoch}:"
         names = sorted(name.decode() for name in redis.scan_iter(match=prefix + "*", count=1000))
         paths = dict(

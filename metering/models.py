@@ -88,11 +88,14 @@ class CounterEpoch(models.Model):
 
     Bumped in the transaction of any write or decision that Redis did not see (Redis unreachable, a subtree moved,
     rollups repaired), so once it commits no decision can use the counters of the generation before — however Redis
-    comes back (restarted with its old data, or never flushed). No row: epoch 0.
+    comes back (restarted with its old data, or never flushed). ``owner`` is the namespace whose counters follow
+    every write of the tree (``counters.counter_owner``); a process of any other owner claims the tree before it
+    writes or decides. No row: nobody's counters yet (the first write claims the tree).
     """
 
     root = models.OneToOneField(Tenant, on_delete=models.CASCADE, primary_key=True, related_name="+")
     epoch = models.BigIntegerField(default=0)
+    owner = models.CharField(max_length=40, default="", blank=True)
 
     class Meta:
         verbose_name = "counter epoch"

@@ -370,6 +370,12 @@ def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> t
 
 def count(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> None:
     """Add the fact to the tree's live Redis counters (those that exist; see ``metering.counters``)."""
+    if epoch == counters.NOT_OURS:
+        # The tree's live counters are another owner's (``counters.counter_owner``), which cannot see this fact:
+        # retire them as of this commit and claim the tree. A write that decides nothing may do so under the
+        # shared lock: any decision beside it is one that came first.
+        counters.bump_epochs([lineage_pks[0]], using)
+        return
     redis = counters.client()
     if redis is None:
         return

@@ -134,7 +134,9 @@ def _cache() -> dict[str, Any]:
         return {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": url,
-            "KEY_PREFIX": "example",
+            # Part of the site's Redis namespace (tenants.namespace): keep it stable across deploys (VERSION empties
+            # caches without moving the counters), or set METERING["REDIS_NAMESPACE"].
+            "KEY_PREFIX": os.environ.get("CACHE_KEY_PREFIX", "example"),
             "OPTIONS": {
                 # Redis answers in well under a millisecond and our slowest command (the decision script) in a
                 # few; 0.5 s is hundreds of times that, so it fires only on a fault, and it is what one hung call

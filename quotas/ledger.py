@@ -179,6 +179,14 @@ def decide(
     ``lock_names``, with ``rules`` read under ``epoch`` (``rules.ruleset``).
     ``used_written``: the change's usage is already in the rollups (the database path sums them). ``epoch``: the
     tree's counter epoch read under the tree lock; ``exclusive``: that lock is held exclusively."""
+    if epoch == counters.NOT_OURS:
+        # The tree's counters are another owner's (``counters.counter_owner``: another namespace of this site, or
+        # Redis while this process has none), whose deciders cannot see this decision: as with Redis down, decide
+        # on the database with the tree locked exclusively, and claim the tree (retiring their counters).
+        if rules and not exclusive:
+            raise RedisUnavailable("the tree's counters belong to another owner")
+        counters.bump_epochs([context.root.pk], using)
+        return _decide_database(context, rules, change, using, enforce, used_written)
     redis = use_redis()
     if redis is not None:
         try:
@@ -341,7 +349,7 @@ def rebuild(
     of the counters here, because the decision that follows adds it.
     """
     redis = use_redis()
-    if redis is None:
+    if redis is None or epoch == counters.NOT_OURS:
         return
     using = metering_settings.DATABASE_ALIAS
     root = context.root.pk
@@ -351,6 +359,8 @@ def rebuild(
             lock_trees([root], exclusive=True, using=using)
         if epoch is None or not locked:
             epoch = counters.current_epoch(root, using)
+        if epoch == counters.NOT_OURS:
+            return  # another owner's counters: the next decision claims the tree (see ``decide``)
         values: dict[str, int] = {}
         for rule in rules:
             start, end = rule.window(moment)

@@ -82,6 +82,8 @@ def ruleset(context: TenantContext, feature: str, epoch: int) -> RuleSet:
         return cached
     rows = _load(feature, [level.pk for level in context.lineage])
     loaded = RuleSet(tuple(_from_rows(context, feature, rows)), epoch, now)
+    if epoch == counters.NOT_OURS:
+        return loaded  # not a generation this process may trust its memory with: read every time
     if len(_local) >= LOCAL_MAX_ENTRIES:
         _local.clear()
     _local[entry] = loaded

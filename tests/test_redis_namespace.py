@@ -107,11 +107,15 @@ def test_scans_and_repairs_see_only_their_own_site(redis_cache, settings):
     foreign = counters.key(root, tenant, "calls", "total", None, epoch=0)
     redis_cache.set(foreign, "999")  # another site's counter for the same pks: wrong for this site's database
     settings.METERING = {"REDIS_NAMESPACE": "this-site"}
+    assert counters.read(root, tenant, "calls", "total", None, None) is None  # nobody's tree yet: the database
+    counters.bump_epochs([root], "default")  # claimed, as this site's first write or decision does
+    epoch = counters.current_epoch(root, "default")
+    assert epoch != counters.NOT_OURS
     assert counters.read(root, tenant, "calls", "total", None, None) == 0  # not the other site's 999
     assert counters.compare_live(root, repair=True, using="default") == []
     counters.drop_trees([root])
     assert redis_cache.get(foreign) == b"999"  # dropping our tree left the other site's alone
-    assert redis_cache.get(counters.key(root, tenant, "calls", "total", None, epoch=0)) is None
+    assert redis_cache.get(counters.key(root, tenant, "calls", "total", None, epoch=epoch)) is None
 
 
 @pytest.mark.django_db
@@ -263,3 +267,47 @@ def test_two_sites_on_one_redis_sqlite(tmp_path):
 
 def test_two_sites_on_one_redis_postgresql(tmp_path, postgres_databases):
     hammer_two_sites(tmp_path, list(postgres_databases))
+
+
+OWNER_LIMIT, OWNER_USED_BEFORE = 63, 3
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("second", ["another-key-prefix", "no-redis"])
+def test_one_site_whose_processes_disagree_on_the_namespace_stays_exact(tmp_path, request, second, database):
+    """One site (one database), two kinds of processes hammering one limit at once: a rolling deploy that changed
+    the cache's ``KEY_PREFIX`` (two namespaces), or a worker configured without Redis. Each kind's counters miss
+    the other's facts, so whoever decides must first claim the tree (``counters.counter_owner``): exactly the limit
+    is admitted, and the counters left agree with the database."""
+    require("redis")
+    redis_url = services.url("redis")
+    url = request.getfixturevalue("postgres_databases")[0] if database == "postgresql" else None
+    first = site_env(tmp_path, "site", url, redis_url) | {"CACHE_KEY_PREFIX": "rel-1"}
+    other = site_env(tmp_path, "site", url, None if second == "no-redis" else redis_url)
+    other |= {"CACHE_KEY_PREFIX": "rel-2"}
+    migrate(first)
+    seeder = Site(first)
+    try:
+        seeder.ask("seed", OWNER_LIMIT)
+        for _ in range(OWNER_USED_BEFORE):
+            assert seeder.ask("consume", "k1", "calls", 1)["allowed"]
+    finally:
+        seeder.close()
+    workers = [Site(env) for env in (first, other, first, other)]
+    try:
+        # Within the room: every process of both kinds is admitted each time, taking the tree from the other.
+        for worker in workers:
+            worker.send("hammer", ["k1", "k2"], "calls", 10)
+        assert [worker.answer()["admitted"] for worker in workers] == [10] * 4
+        # Then past it, all at once.
+        for worker in workers:
+            worker.send("hammer", ["k1", "k2"], "calls", ATTEMPTS)
+        results = [worker.answer() for worker in workers]
+        audit = workers[0].ask("audit", "org", "org", "calls")
+    finally:
+        for worker in workers:
+            worker.close()
+    assert sum(result["admitted"] for result in results) == OWNER_LIMIT - OWNER_USED_BEFORE - 40
+    assert audit["facts"] == audit["rollups"] == OWNER_LIMIT * 10**6
+    assert audit["counter"] in (None, OWNER_LIMIT * 10**6)  # None: the other kind owns the tree now
+    assert audit["drift"] == []
