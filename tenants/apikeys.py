@@ -116,9 +116,11 @@ def authenticate_key(plaintext: str) -> ApiKey:
 
 
 def bearer_token(request: HttpRequest) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header; ``None`` without one (or with another scheme).
+    """The API key of an ``Authorization: Bearer xk_...`` header; ``None`` without one, with another scheme, or with
+    a bearer token that is not one of ours (a host project's JWT or OAuth token: its own views authenticate it, and
+    to the quotas it is no credential — a request without a key never acts for a tenant).
 
-    A ``Bearer`` header without a token raises ``InvalidApiKey``.
+    A ``Bearer`` header without a token, or with an ``xk_`` token of the wrong shape, raises ``InvalidApiKey``.
     """
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.strip().partition(" ")
@@ -127,6 +129,8 @@ def bearer_token(request: HttpRequest) -> str | None:
     token = token.strip()
     if not token or " " in token:
         raise InvalidApiKey("the Authorization header must be 'Bearer <API key>'")
+    if not token.startswith(f"{KEY_PREFIX}_"):
+        return None
     return token
 
 

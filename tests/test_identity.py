@@ -125,6 +125,9 @@ def named(tenant_id: str) -> dict[str, str]:
     return {"X-Tenant-ID": tenant_id}
 
 
+# A host project's own bearer token (a JWT): not one of our keys, so no credential to the quotas.
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhY21lLWNoYXQifQ.c2lnbmF0dXJl"
+
 # (case, headers from the keys, status, code). Every case but the last two is refused.
 NO_CREDENTIAL: list[tuple[str, Callable[[dict[str, str]], dict[str, str]]]] = [
     ("nothing", lambda keys: {}),
@@ -137,6 +140,7 @@ NO_CREDENTIAL: list[tuple[str, Callable[[dict[str, str]], dict[str, str]]]] = [
     ("Basic + header", lambda keys: {"Authorization": "Basic dXNlcjpwYXNz", **named("acme-chat-key-1")}),
     ("Token + header", lambda keys: {"Authorization": f"Token {keys['key']}", **named("acme-chat")}),
     ("key as X-Api-Key + header", lambda keys: {"X-Api-Key": keys["key"], **named("acme-chat")}),
+    ("host JWT Bearer + header", lambda keys: {"Authorization": f"Bearer {JWT}", **named("acme-chat")}),
 ]
 BAD_KEY: list[tuple[str, Callable[[dict[str, str]], dict[str, str]]]] = [
     ("malformed Bearer", lambda keys: {"Authorization": "Bearer xk_nope", **named("acme-chat")}),
@@ -189,6 +193,15 @@ def test_without_a_usable_credential_every_point_answers_the_same_401(world, poi
         "field": "Authorization",
         "message": "authentication required: send 'Authorization: Bearer <API key>'",
     }
+    assert_nothing_written_or_spent()
+
+
+def test_a_host_views_own_bearer_token_passes_the_tenant_middleware_untouched(world, settings):
+    """Host views that authenticate a JWT themselves keep working with TenantMiddleware installed: only ``xk_``
+    tokens are ours (a malformed one is still a 401 ``invalid_api_key``)."""
+    settings.ROOT_URLCONF = "tests.urls"
+    response = Client().get("/whoami", headers={"Authorization": f"Bearer {JWT}", **named("acme-chat")})
+    assert response.status_code == 200 and response.json() == {"tenant": None}
     assert_nothing_written_or_spent()
 
 
