@@ -6,7 +6,8 @@ Usage (PostgreSQL and Redis required; the database is created if missing, then m
         .venv/bin/python bench/quota_throughput.py [--rounds 5] [--requests 300] [--warmup 50] [--profile 300]
 
 Requests are driven in-process and sequentially by one ``django.test.Client`` (no server, no network between
-client and Django; PostgreSQL and Redis are real), with ``X-Tenant-ID: qbench-key``, a key tenant in the lineage
+client and Django; PostgreSQL and Redis are real), acting for ``qbench-key`` through an API key (the default
+identity; ``--trusted-header``: ``X-Tenant-ID`` with ``header_resolver``), a key tenant in the lineage
 ``qbench-org`` -> ``qbench-proj`` -> ``qbench-key``. Each of ``--rounds`` rounds runs ``--requests`` requests of
 every variant, one variant after another (the order rotates each round), so drift on a noisy machine hits every
 variant alike. Variants (views in ``bench/bench_urls.py``):
@@ -123,6 +124,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=50, help="untimed requests per variant first (default 50)")
     parser.add_argument("--count-requests", type=int, default=50, help="requests per variant counted (default 50)")
     parser.add_argument("--profile", type=int, default=300, help="demo requests profiled (default 300; 0: none)")
+    parser.add_argument(
+        "--trusted-header",
+        action="store_true",
+        help="act through X-Tenant-ID alone (header_resolver + TRUST_TENANT_HEADER, a gateway you control) instead "
+        "of the default: an API key of the key tenant (Authorization: Bearer, one key lookup per request)",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.requests < 1 or args.warmup < 0 or args.count_requests < 1 or args.profile < 0:
         parser.error("--rounds, --requests and --count-requests must be positive; --warmup, --profile >= 0")
@@ -231,10 +238,21 @@ def ensure_tenants() -> dict[str, int]:
 # --- driving requests ---------------------------------------------------------------------------------------------
 
 
-def make_client() -> Any:
+def make_client(trusted_header: bool) -> Any:
+    """The driver: with the product's default identity (an API key of the key tenant), or the trusted header."""
+    from django.conf import settings
     from django.test import Client
 
-    return Client(headers={"X-Tenant-ID": KEY_ID})
+    if trusted_header:
+        settings.METERING = {
+            **settings.METERING,
+            "TENANT_RESOLVER": "tenants.resolvers.header_resolver",
+            "TRUST_TENANT_HEADER": True,
+        }
+        return Client(headers={"X-Tenant-ID": KEY_ID})
+    from tenants.apikeys import create_api_key
+
+    return Client(headers={"Authorization": f"Bearer {create_api_key(KEY_ID, name='bench')[1]}"})
 
 
 def run_requests(client: Any, variant: Variant, count: int) -> float:
@@ -749,7 +767,8 @@ def main() -> None:
         f"{env['database']} (PostgreSQL {env['postgresql']}), Redis {env['redis_server']}, "
         f"{env['cpus']} CPUs, load {', '.join(f'{x:.2f}' for x in env['loadavg_at_start'])}"
     )
-    client = make_client()
+    client = make_client(args.trusted_header)
+    print(f"identity: {'X-Tenant-ID (trusted header)' if args.trusted_header else 'API key (Bearer)'}")
     check_answers(client)
     if args.warmup:
         for variant in VARIANTS:
@@ -801,7 +820,7 @@ def main() -> None:
             "warmup_per_variant": args.warmup,
             "order": "one variant after another each round, the starting variant rotating per round",
             "driver": "django.test.Client, in-process, sequential, one client",
-            "tenant_header": {"X-Tenant-ID": KEY_ID},
+            "identity": f"X-Tenant-ID: {KEY_ID}" if args.trusted_header else f"Authorization: Bearer <key of {KEY_ID}>",
             "lineage": [ORG_ID, PROJECT_ID, KEY_ID],
             "tenant_pks": pks,
             "limits": f"hard, monthly, {LIMIT} on {', '.join(LIMITED_FEATURES)} at each of the three levels",
