@@ -761,6 +761,9 @@ def main() -> None:
     ensure_database()
     migrate()
     pks = ensure_tenants()
+    from tenants.lineage import TOMBSTONE_SECONDS
+
+    time.sleep(TOMBSTONE_SECONDS)  # the tree was just (re)written: let its lineages be cached again, as in steady state
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(

@@ -29,7 +29,7 @@ from .models import TENANT_ID_RE, Tenant
 CACHE_PREFIX = "lineage:v2:"  # in the site's namespace
 logger = logging.getLogger("tenants.lineage")
 TOMBSTONE = "invalidated"
-TOMBSTONE_SECONDS = 30  # longer than any read-then-cache of a lineage takes
+TOMBSTONE_SECONDS = 5  # far longer than a read-then-cache of a lineage takes (a query and a SET)
 PER_PROCESS_BACKENDS: tuple[type[BaseCache], ...] = (LocMemCache, DummyCache)
 
 
