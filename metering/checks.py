@@ -84,22 +84,15 @@ def _abuse_bound_problems() -> list[CheckMessage]:
     from .events import duration_problem, features_problem
 
     messages: list[CheckMessage] = []
-    most = metering_settings.MAX_FEATURES_PER_TREE
-    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
-        messages.append(
-            Error(
-                f"METERING['MAX_FEATURES_PER_TREE'] must be None or a positive integer, got {most!r}.",
-                id="xaas_metering.E030",
+    for key, check_id in (("MAX_FEATURES_PER_TREE", "E030"), ("MAX_FEATURES_PER_KEY", "E035")):
+        value = getattr(metering_settings, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            messages.append(
+                Error(
+                    f"METERING[{key!r}] must be None or a positive integer, got {value!r}.",
+                    id=f"xaas_metering.{check_id}",
+                )
             )
-        )
-    per_key = metering_settings.MAX_FEATURES_PER_KEY
-    if per_key is not None and (isinstance(per_key, bool) or not isinstance(per_key, int) or per_key < 1):
-        messages.append(
-            Error(
-                f"METERING['MAX_FEATURES_PER_KEY'] must be None or a positive integer, got {per_key!r}.",
-                id="xaas_metering.E035",
-            )
-        )
     if (problem := features_problem(metering_settings.FEATURES)) is not None:
         messages.append(Error(f"METERING['FEATURES'] {problem}.", id="xaas_metering.E031"))
     for key in ("MAX_BACKDATE", "MAX_FUTURE"):
