@@ -54,6 +54,13 @@ DEFAULTS: dict[str, Any] = {
     "FLUSH_MAX_BATCHES": 200,  # batches one flush task sends before handing over to a fresh task
     "TRIGGER_DEBOUNCE_SECONDS": 1,  # at most one after-commit flush task per sink this often
     "CELERY_QUEUE": None,  # queue of the delivery tasks (None: Celery's default queue)
+    # Write path (docs: README "Write modes"). "commit": each fact is committed to the database before the view runs
+    # on. "log": one Redis Lua call decides, counts, de-duplicates and appends the fact to its tree's Redis stream;
+    # a drainer (metering_drain / the drain_log Celery task) persists the stream in batches. Needs Redis with AOF.
+    "WRITE_MODE": "commit",
+    "LOG_DEDUP_SECONDS": 3600,  # log mode: a transaction id is refused as a duplicate at once within this window
+    "LOG_DRAIN_BATCH": 5000,  # stream entries one drain transaction persists
+    "LOG_REFRESH_SECONDS": 1.0,  # log mode: how long a process trusts its cached lineage/epoch without the DB
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

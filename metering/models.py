@@ -171,3 +171,47 @@ class SinkState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.sink} ({'blocked' if self.blocked_at else 'ok'})"
+
+
+class LogCursor(models.Model):
+    """Log mode (``METERING["WRITE_MODE"] = "log"``): how far the drainer has persisted a tree's Redis stream.
+
+    ``generation`` names the stream (a random id written into Redis when the tree's log was opened); ``last_entry``
+    is the id of the last stream entry whose fact is committed here, advanced in the same transaction as the facts.
+    A drainer holds this row ``FOR UPDATE`` while it persists a batch, so one tree is drained by one drainer at a
+    time and a crashed drainer's batch is simply redone by the next (nothing was committed). If Redis comes back
+    without the stream of ``generation``, the entries after ``last_entry`` may be lost: a ``LogGap`` says so.
+    """
+
+    root = models.OneToOneField(Tenant, on_delete=models.CASCADE, primary_key=True, related_name="+")
+    generation = models.CharField(max_length=32, default="", blank=True)
+    last_entry = models.CharField(
+        max_length=40, default="0-0", help_text="Redis stream id of the last persisted entry."
+    )
+    last_drained_at = models.DateTimeField(null=True, blank=True)
+    facts = models.BigIntegerField(default=0, help_text="Facts persisted from this tree's streams so far.")
+
+    class Meta:
+        verbose_name = "log drain cursor"
+
+    def __str__(self) -> str:
+        return f"tree {self.root_id}: {self.generation or '-'} @ {self.last_entry}"
+
+
+class LogGap(models.Model):
+    """Log mode: a tree's stream was found missing in Redis (a new empty server, a flush, a restore from an old
+    backup) while the database says entries of it were expected. Facts appended after ``after_entry`` of
+    ``generation`` and not persisted may be lost; the counters were rebuilt from the database."""
+
+    root = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    generation = models.CharField(max_length=32)
+    after_entry = models.CharField(max_length=40)
+    last_drained_at = models.DateTimeField(null=True, blank=True, help_text="Facts after this moment may be missing.")
+    detected_at = models.DateTimeField(auto_now_add=True)
+    note = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name = "log gap"
+
+    def __str__(self) -> str:
+        return f"tree {self.root_id}: after {self.after_entry} of {self.generation}"
