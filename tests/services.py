@@ -16,7 +16,8 @@ ENV = {"postgres": "DATABASE_URL", "redis": "REDIS_URL", "rabbitmq": "CELERY_BRO
 
 
 def url(service: str) -> str:
-    configured = os.environ.get(ENV[service], "")
+    # TEST_REDIS_URL (etc.) wins: parallel runs of the embedded suite, which unsets REDIS_URL, keep apart.
+    configured = os.environ.get("TEST_" + ENV[service], "") or os.environ.get(ENV[service], "")
     scheme = urlparse(configured).scheme
     if configured and (service != "postgres" or scheme.startswith("postgres")):
         return configured
