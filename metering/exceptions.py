@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from tenants.exceptions import InactiveTenant, TenantError, UnknownTenant
 
 __all__ = [
+    "AnswerableError",
     "DuplicateUsageEvent",
+    "ErrorAnswer",
     "InactiveTenant",
     "InvalidFeatureName",
     "InvalidMetadata",
@@ -26,6 +31,28 @@ __all__ = [
 
 class MeteringError(Exception):
     """Base of every metering error."""
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """An API error answer: ``status``, the ``error`` object (``code``, ``field``, ``message`` and any detail keys,
+    in that order) and the ``Retry-After`` seconds (``None``: no header)."""
+
+    status: int
+    error: dict[str, Any]
+    retry_after: int | None = None
+
+
+class AnswerableError(Exception):
+    """An error that knows its own API answer, as seen by the caller of ``request``.
+
+    The apps form a stack (tenants <- metering <- quotas): metering's exception handler (``metering.api.errors``)
+    serves the quota endpoints and any DRF view of a project, so it must render ``quotas.QuotaExceeded`` (a 429)
+    without importing it. A higher app's error subclasses this and answers for itself.
+    """
+
+    def api_answer(self, request: Any) -> ErrorAnswer:
+        raise NotImplementedError
 
 
 class InvalidUsageEvent(MeteringError, ValueError):

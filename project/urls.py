@@ -44,6 +44,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("demo/completions", demo.completions, name="demo-completions"),
     path("demo/completions-async", demo.completions_async, name="demo-completions-async"),
+    path("api/v1/", include("quotas.urls")),  # before metering's: its last route is the JSON 404 of the prefix
     path("api/v1/", include("metering.api.urls")),
     # GET and HEAD only: OPTIONS would render DRF's metadata through the docs' HTML template (a 500).
     path("api/schema/", json_errors(SpectacularAPIView.as_view(http_method_names=READ)), name="schema"),

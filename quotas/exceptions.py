@@ -13,10 +13,13 @@ from decimal import Decimal
 from typing import Any
 
 from metering.events import utcnow
+from metering.exceptions import AnswerableError, ErrorAnswer
 
 
-class QuotaExceeded(Exception):
-    """A hard quota at some level of the lineage has no room for the request. Nothing was consumed."""
+class QuotaExceeded(AnswerableError):
+    """A hard quota at some level of the lineage has no room for the request. Nothing was consumed.
+
+    In a DRF view, metering's exception handler answers it as the 429 of ``api_answer`` (``quotas.http``)."""
 
     code = "quota_exceeded"
 
@@ -61,6 +64,11 @@ class QuotaExceeded(Exception):
             "requested": str(self.requested),
             "reset": self.reset_at.isoformat() if self.reset_at else None,
         }
+
+    def api_answer(self, request: Any) -> ErrorAnswer:
+        from .http import api_answer  # the HTTP face imports this module
+
+        return api_answer(self, request)
 
     def upstream_dict(self) -> dict[str, Any]:
         """The refusal as a caller below the blocking level may learn it: the caller's own request and the reset

@@ -18,7 +18,11 @@ from typing import Any
 from django.http import HttpResponse, JsonResponse
 
 from metering.events import utcnow
+from metering.exceptions import ErrorAnswer
+from tenants.authentication import TenantPrincipal
 from tenants.context import TenantContext
+from tenants.exceptions import TenantError
+from tenants.lineage import get_context
 from tenants.unavailable import unavailable_response
 
 from .exceptions import QuotaExceeded
@@ -88,6 +92,29 @@ def refusal_body(error: QuotaExceeded, *, seen_by: TenantContext | None) -> dict
     if not sees(seen_by, error.tenant_id):
         return {"field": None, **error.upstream_dict()}
     return {"field": None, **error.as_dict(), "scope": "subtree", "retry_after": error.retry_after}
+
+
+def api_answer(error: QuotaExceeded, request: Any) -> ErrorAnswer:
+    """The 429 of a DRF view (metering's exception handler calls ``QuotaExceeded.api_answer``): the body of
+    ``refusal_body`` for the request's viewer, and ``Retry-After``."""
+    return ErrorAnswer(429, refusal_body(error, seen_by=refusal_viewer(error, request)), error.retry_after)
+
+
+def refusal_viewer(error: QuotaExceeded, request: Any) -> TenantContext | None:
+    """Who reads a refusal: the API key's tenant (when its subtree holds the blocking level), else the request's
+    tenant context; ``None`` sees no level."""
+    user = getattr(request, "user", None)
+    if isinstance(user, TenantPrincipal):
+        # The blocking level's lineage seen from the key's tenant: visible exactly when the key's subtree holds it.
+        try:
+            blocking = get_context(error.tenant_id, require_active=False)
+        except TenantError:
+            return None
+        if not any(level.pk == user.tenant.pk for level in blocking.lineage):
+            return None
+        return blocking.seen_from(user.tenant.pk)
+    tenant = getattr(request, "tenant", None)
+    return tenant if isinstance(tenant, TenantContext) else None
 
 
 def quota_exceeded_response(error: QuotaExceeded, *, seen_by: TenantContext | None) -> JsonResponse:

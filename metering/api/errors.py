@@ -2,8 +2,8 @@
 
 ``exception_handler`` is DRF's ``EXCEPTION_HANDLER`` for the API views (they use it whatever the host project's
 setting) and may serve a whole project: it also shapes DRF's own errors (validation, parsing, authentication,
-404, 405, 415) and the named errors of tenants, metering and quotas. Nothing becomes a 500 page: an unexpected
-exception is logged and answered with a JSON 500.
+404, 405, 415), the named errors of tenants and metering, and any ``AnswerableError`` of a higher app (quotas'
+``QuotaExceeded``). Nothing becomes a 500 page: an unexpected exception is logged and answered with a JSON 500.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from metering.exceptions import InvalidUsageEvent
-from quotas.exceptions import QuotaExceeded
-from tenants.context import TenantContext
+from metering.exceptions import AnswerableError, InvalidUsageEvent
 from tenants.exceptions import InactiveTenant, InvalidApiKey, TenantError, UnknownTenant
 from tenants.unavailable import CODE as UNAVAILABLE_CODE
 from tenants.unavailable import MESSAGE as UNAVAILABLE_MESSAGE
@@ -115,33 +113,15 @@ def _translate(exc: Exception) -> Exception:
     return exc
 
 
-def _quota_refusal(exc: QuotaExceeded, request: Any) -> ApiError:
-    """A 429 that names the blocking level only to a caller whose key (or request tenant) covers it."""
-    from quotas.http import refusal_body
-
-    body = refusal_body(exc, seen_by=_refusal_viewer(exc, request))
-    code, message, field = body.pop("code"), body.pop("message"), body.pop("field")
-    error = ApiError(429, code, message, field, **body)
-    error.wait = exc.retry_after  # type: ignore[attr-defined]
+def _answered(exc: AnswerableError, request: Any) -> ApiError:
+    """The answer an error of a higher app gives for itself (``quotas.QuotaExceeded``: a 429 that names the blocking
+    level only to a caller whose key, or request tenant, covers it)."""
+    answer = exc.api_answer(request)
+    body = dict(answer.error)
+    code, message, field = body.pop("code"), body.pop("message"), body.pop("field", None)
+    error = ApiError(answer.status, code, message, field, **body)
+    error.wait = answer.retry_after  # type: ignore[attr-defined]
     return error
-
-
-def _refusal_viewer(exc: QuotaExceeded, request: Any) -> TenantContext | None:
-    from tenants.authentication import TenantPrincipal
-    from tenants.lineage import get_context
-
-    user = getattr(request, "user", None)
-    if isinstance(user, TenantPrincipal):
-        # The blocking level's lineage seen from the key's tenant: visible exactly when the key's subtree holds it.
-        try:
-            blocking = get_context(exc.tenant_id, require_active=False)
-        except TenantError:
-            return None
-        if not any(level.pk == user.tenant.pk for level in blocking.lineage):
-            return None
-        return blocking.seen_from(user.tenant.pk)
-    tenant = getattr(request, "tenant", None)
-    return tenant if isinstance(tenant, TenantContext) else None
 
 
 _CODES = {
@@ -157,7 +137,7 @@ _CODES = {
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
-    exc = _quota_refusal(exc, context.get("request")) if isinstance(exc, QuotaExceeded) else _translate(exc)
+    exc = _answered(exc, context.get("request")) if isinstance(exc, AnswerableError) else _translate(exc)
     headers: dict[str, str] = {}
     if isinstance(exc, exceptions.APIException):
         if getattr(exc, "auth_header", None):

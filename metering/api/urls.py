@@ -1,8 +1,10 @@
-"""The REST API's routes. Include them under a version prefix::
+"""Metering's REST API routes (events, usage). Include them under a version prefix, after the routes of the apps
+above metering that share it (quotas' endpoints: ``quotas.urls``)::
 
+    path("api/v1/", include("quotas.urls")),
     path("api/v1/", include("metering.api.urls")),
 
-Paths have no trailing slash; anything else under the prefix answers a JSON 404.
+Paths have no trailing slash; anything else under the prefix answers a JSON 404 (the last route here).
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ from __future__ import annotations
 from django.http import HttpRequest, JsonResponse
 from django.urls import path, re_path
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework.routers import SimpleRouter
-
-from quotas.api import EntitlementsView, QuotaViewSet
 
 from . import schema  # noqa: F401  (registers the API-key security scheme with drf-spectacular)
 from .errors import json_error
@@ -20,9 +19,6 @@ from .events import EventsView
 from .usage import UsageView
 
 app_name = "xaas_api"
-
-router = SimpleRouter(trailing_slash=False)
-router.register("quotas", QuotaViewSet, basename="quota")
 
 
 @csrf_exempt  # any method gets the JSON 404, not Django's HTML CSRF 403 (the API authenticates by key only)
@@ -34,7 +30,5 @@ def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
 urlpatterns = [
     path("events", EventsView.as_view(), name="events"),
     path("usage", UsageView.as_view(), name="usage"),
-    path("entitlements", EntitlementsView.as_view(), name="entitlements"),
-    *router.urls,
     re_path(r"^(?P<rest>.*)$", not_found),
 ]
