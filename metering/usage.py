@@ -86,7 +86,7 @@ def usage_by_feature(tenant: TenantContext | str, period: Period, at: datetime) 
 
 
 def usage_by_tenant_and_feature(tenant_pks: list[int], period: Period, at: datetime) -> dict[int, dict[str, Decimal]]:
-    """Subtree usage per tenant and feature in one query over the rollups (for listings such as ``tenant tree``)."""
+    """Subtree usage per tenant and feature in one query over the rollups (for listings such as ``usage --tree``)."""
     start, end = window(period, at)
     rows = UsageRollup.objects.using(metering_settings.DATABASE_ALIAS).filter(tenant_id__in=tenant_pks)
     if start is not None and end is not None:

@@ -1,4 +1,4 @@
-"""The management commands: tenant add|move|tree, usage, reconcile_usage and seed_demo."""
+"""The management commands: tenant add|move|tree, usage (and usage --tree), reconcile_usage and seed_demo."""
 
 from __future__ import annotations
 
@@ -84,14 +84,30 @@ def test_errors_are_command_errors(acme, args, message):
         run(*args)
 
 
-def test_tree_indents_by_depth_and_shows_this_months_subtree_usage(acme, django_assert_num_queries):
+def test_tenant_tree_indents_by_depth_and_shows_the_flags(acme, django_assert_num_queries):
+    record("key-1", "1.5")
+    Tenant.objects.filter(external_id="search").update(is_active=False)
+    with django_assert_num_queries(1):  # the tenants; usage is metering's (usage --tree)
+        output = run("tenant", "tree")
+    assert output.splitlines() == [
+        "acme (organization)",
+        "  chat (project)",
+        "    key-1 (key)",
+        "    key-2 (key)",
+        "  search (project) [inactive]",
+        "beta (organization) [exempt]",
+    ]
+    assert run("tenant", "tree", "chat").splitlines() == ["chat (project)", "  key-1 (key)", "  key-2 (key)"]
+
+
+def test_usage_tree_indents_by_depth_and_shows_this_months_subtree_usage(acme, django_assert_num_queries):
     record("key-1", "1.5")
     record("key-2", "2")
     record("key-2", "7", feature="images")
     record("beta", "10")
     Tenant.objects.filter(external_id="search").update(is_active=False)
     with django_assert_num_queries(2):  # the tenants, then the usage of all of them
-        output = run("tenant", "tree")
+        output = run("usage", "--tree")
     assert output.splitlines() == [
         "acme (organization)  images=7 llm_tokens=3.5",
         "  chat (project)  images=7 llm_tokens=3.5",
@@ -100,21 +116,35 @@ def test_tree_indents_by_depth_and_shows_this_months_subtree_usage(acme, django_
         "  search (project) [inactive]",
         "beta (organization) [exempt]  llm_tokens=10",
     ]
-    assert run("tenant", "tree", "chat").splitlines() == [
+    assert run("usage", "--tree", "chat").splitlines() == [
         "chat (project)  images=7 llm_tokens=3.5",
         "  key-1 (key)  llm_tokens=1.5",
         "  key-2 (key)  images=7 llm_tokens=2",
     ]
+    assert run("usage", "--tree", "chat", "--feature", "images").splitlines() == [
+        "chat (project)  images=7",
+        "  key-1 (key)",
+        "  key-2 (key)  images=7",
+    ]
+    assert json.loads(run("usage", "--tree", "chat", "--json")) == {
+        "chat": {"images": "7", "llm_tokens": "3.5"},
+        "key-1": {"llm_tokens": "1.5"},
+        "key-2": {"images": "7", "llm_tokens": "2"},
+    }
+    assert json.loads(run("usage", "--tree", "acme", "--period", "total", "--json"))["search"] == {}
 
 
 @any_backdate()
-def test_tree_ignores_usage_outside_this_month(acme):
+def test_usage_tree_ignores_usage_outside_this_month(acme):
     record("key-1", "4", when=HOUR_A)
-    assert run("tenant", "tree", "key-1") == "key-1 (key)\n"
+    assert run("usage", "--tree", "key-1") == "key-1 (key)\n"
+    assert run("usage", "--tree", "key-1", "--period", "total") == "key-1 (key)  llm_tokens=4\n"
 
 
 def test_tree_of_an_empty_database():
     assert run("tenant", "tree") == "no tenants\n"
+    assert run("usage", "--tree") == "no tenants\n"
+    assert json.loads(run("usage", "--tree", "--json")) == {}
 
 
 def test_tree_is_preorder_whatever_the_primary_keys(django_assert_num_queries):
@@ -205,6 +235,9 @@ def test_usage_prints_a_table(acme):
         (("usage", "nobody"), "unknown tenant 'nobody'"),
         (("usage", "acme", "--feature", "bad name"), "feature_name"),
         (("usage", "acme", "--period", "week"), "invalid choice"),
+        (("usage",), "tenant_id argument is required"),
+        (("usage", "--tree", "nobody"), "unknown tenant 'nobody'"),
+        (("usage", "--tree", "--feature", "bad name"), "feature_name"),
     ],
 )
 def test_usage_errors_are_command_errors(acme, args, message):
