@@ -1,16 +1,137 @@
-"""Usage in the admin: facts and rollups are read-only (a correction is a new fact, never an edit)."""
+"""Usage in the admin: facts and rollups are read-only (a correction is a new fact, never an edit); the tenant tree
+with a usage column and the tenant page with usage charts (``MeteringTenantAdmin``, in place of tenants' admin)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import Count
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString, mark_safe
 
+from tenants.admin import TenantAdmin, replace_tenant_admin
 from tenants.admin_scope import TenantScopedAdminMixin, UnscopedOnlyAdminMixin, admin_scope
+from tenants.models import Tenant
 
+from .charts import build_chart, daily_usage, number
+from .events import utcnow
 from .models import SinkState, UsageOutbox, UsageRecord, UsageRollup
+from .usage import usage_by_tenant_and_feature
+
+
+@dataclass
+class LimitItems:
+    """What an app above metering shows first in a tenant's usage cell (quotas: its quota bars)."""
+
+    parts: list[SafeString] = field(default_factory=list)
+    """Already cut to ``usage_items_per_row``."""
+    features: set[str] = field(default_factory=set)
+    """Features those parts cover: not repeated as plain usage."""
+    count: int = 0
+    """How many items there were before the cut (the rest is counted in "and N more")."""
+
+
+class MeteringTenantAdmin(TenantAdmin):
+    """The tree with each row's usage this month, and the tenant page with a usage chart per feature over the last
+    ``chart_days`` days. ``quotas.admin.QuotaTenantAdmin`` extends it through ``limit_items`` and ``chart_limits``.
+    """
+
+    change_form_template = "xaas_metering/admin/tenant_change_form.html"
+    chart_days = 30
+    # Bounds that keep every page small whatever a tenant records (issue 10: 5,000 features made a 32 MB page).
+    usage_items_per_row = 5  # quota bars, and features without a quota, per row of the tree; then "and N more"
+    chart_limit = 10  # usage charts on a tenant's page: the most used features (and limited ones) first
+
+    list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
+
+    def limit_items(self, tenants: list[Tenant], now: Any) -> dict[int, LimitItems]:
+        """Per tenant pk, the items shown before its plain usage (none here; a constant number of queries)."""
+        return {}
+
+    def chart_limits(self, tenant: Tenant) -> tuple[set[str], dict[str, Decimal]]:
+        """Features to chart even without usage, and the daily limit to draw per feature (none here)."""
+        return set(), {}
+
+    def annotate_page(self, request: HttpRequest, page: list[Tenant]) -> None:
+        super().annotate_page(request, page)
+        self._annotate_usage(page)
+
+    def _annotate_usage(self, tenants: list[Tenant]) -> None:
+        """The usage cell of every row: ``limit_items`` first, then this month's usage of the other features."""
+        if not tenants:
+            return
+        now = utcnow()
+        limits = self.limit_items(tenants, now)
+        month = usage_by_tenant_and_feature([tenant.pk for tenant in tenants], "month", now)
+        shown = self.usage_items_per_row
+        for tenant in tenants:
+            own = limits.get(tenant.pk) or LimitItems()
+            parts: list[SafeString] = list(own.parts)
+            unlimited = sorted(
+                ((feature, used) for feature, used in month.get(tenant.pk, {}).items() if feature not in own.features),
+                key=lambda item: (-item[1], item[0]),
+            )
+            for feature, used in sorted(unlimited[:shown]):
+                parts.append(
+                    format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
+                )
+            hidden = max(0, own.count - shown) + max(0, len(unlimited) - shown)
+            if hidden:
+                parts.append(
+                    format_html(
+                        '<a class="xaas-usage-more" href="{}">and {} more</a>', self._change_url(tenant.pk), hidden
+                    )
+                )
+            tenant._xaas_usage = (  # type: ignore[attr-defined]
+                format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts)) if parts else "-"
+            )
+
+    @admin.display(description="usage (active quotas; this month)")
+    def usage(self, tenant: Tenant) -> str:
+        return getattr(tenant, "_xaas_usage", "-")
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Tenant | None = None,
+    ) -> Any:
+        if obj is not None and obj.pk is not None:
+            context["xaas_usage_charts"], context["xaas_more_features"] = self._charts(obj)
+            context["xaas_chart_days"] = self.chart_days
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _charts(self, tenant: Tenant) -> tuple[list[Any], int]:
+        """Charts of the ``chart_limit`` most used features of the last days (limited ones count as used), and how
+        many more features there are. A daily limit is drawn as a line. Two queries (and ``chart_limits``')."""
+        now = utcnow()
+        usage = daily_usage(tenant.pk, self.chart_days, now)
+        limited, daily_limits = self.chart_limits(tenant)
+        totals = {feature: sum(usage.get(feature, {}).values(), Decimal(0)) for feature in set(usage) | limited}
+        ranked = sorted(totals, key=lambda feature: (-totals[feature], feature not in limited, feature))
+        chosen = sorted(ranked[: self.chart_limit])
+        charts = [
+            build_chart(
+                feature,
+                usage.get(feature, {}),
+                days=self.chart_days,
+                now=now,
+                daily_limit=daily_limits.get(feature),
+                index=index,
+            )
+            for index, feature in enumerate(chosen)
+        ]
+        return charts, len(ranked) - len(chosen)
+
+
+replace_tenant_admin(MeteringTenantAdmin)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

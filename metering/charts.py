@@ -56,7 +56,8 @@ def nice_ceiling(value: Decimal) -> Decimal:
     return (Decimal(10) ** (exponent + 1)).normalize()  # pragma: no cover
 
 
-def _number(value: Decimal) -> str:
+def number(value: Decimal) -> str:
+    """``1234.5`` as ``1,234.5``: exact, with thousands separators, never in exponent form."""
     return f"{value.normalize():,f}"
 
 
@@ -79,7 +80,7 @@ class Bar:
 
     @property
     def label(self) -> str:
-        return f"{self.day:%a %d %b %Y}: {_number(self.quantity)}"
+        return f"{self.day:%a %d %b %Y}: {number(self.quantity)}"
 
     @property
     def plain_quantity(self) -> str:
@@ -115,9 +116,9 @@ class Chart:
 
     @property
     def description(self) -> str:
-        text = f"Total {_number(self.total)}; busiest day {_number(self.peak)}."
+        text = f"Total {number(self.total)}; busiest day {number(self.peak)}."
         if self.daily_limit is not None:
-            text += f" Daily limit {_number(self.daily_limit)}."
+            text += f" Daily limit {number(self.daily_limit)}."
         return text
 
     @property
@@ -126,7 +127,7 @@ class Chart:
 
     @property
     def limit_label(self) -> str:
-        return f"daily limit {_number(self.daily_limit)}" if self.daily_limit is not None else ""
+        return f"daily limit {number(self.daily_limit)}" if self.daily_limit is not None else ""
 
 
 def build_chart(

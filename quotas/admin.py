@@ -10,13 +10,16 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import InlineModelAdmin
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils.safestring import SafeString
 
-from metering.admin import TopFeaturesFilter
+from metering.admin import LimitItems, MeteringTenantAdmin, TopFeaturesFilter
 from metering.events import utcnow
+from tenants.admin import replace_tenant_admin
 from tenants.admin_scope import TenantScopedAdminMixin, admin_scope, check_may_set_limits, may_set_limits
 from tenants.models import Tenant
 
@@ -184,6 +187,90 @@ class QuotaLimitInline(admin.TabularInline):
         if key not in self._used:  # one query per period shown
             self._used[key] = period_usage(quota.tenant_id, quota.period, self._now)
         return usage_bar(quota_usage(quota, self._used[key].get(quota.feature, Decimal(0))))
+
+
+class QuotaTenantAdmin(MeteringTenantAdmin):
+    """The tree with each row's quota bars (the fullest first) before its other usage, and the tenant page with its
+    quotas inline (each with a usage bar) and their features charted, daily limits drawn."""
+
+    change_form_template = "xaas_quotas/admin/tenant_change_form.html"
+
+    def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> list[type[InlineModelAdmin[Any, Any]]]:
+        return [*super().get_inlines(request, obj), QuotaLimitInline]
+
+    def limit_items(self, tenants: list[Tenant], now: Any) -> dict[int, LimitItems]:
+        """Usage bars of the page's active quotas: two queries for any page (the quotas, their usage)."""
+        quotas = list(
+            QuotaLimit.objects.filter(tenant_id__in=[tenant.pk for tenant in tenants], is_active=True).order_by(
+                "feature", "period"
+            )
+        )
+        usage = usage_of_quotas(quotas, now)
+        by_tenant: dict[int, list[QuotaLimit]] = {}
+        for quota in quotas:
+            by_tenant.setdefault(quota.tenant_id, []).append(quota)
+        shown = self.usage_items_per_row
+        items: dict[int, LimitItems] = {}
+        for tenant_pk, tenant_quotas in by_tenant.items():
+            ordered = tenant_quotas
+            if len(tenant_quotas) > shown:  # the fullest first: those are the ones an operator looks for
+                ordered = sorted(tenant_quotas, key=lambda quota: usage[quota.pk].percent, reverse=True)
+            items[tenant_pk] = LimitItems(
+                parts=[
+                    usage_bar(usage[quota.pk], compact=True, label=f"{quota.feature}/{quota.period} ")
+                    for quota in ordered[:shown]
+                ],
+                features={quota.feature for quota in tenant_quotas},
+                count=len(tenant_quotas),
+            )
+        return items
+
+    def chart_limits(self, tenant: Tenant) -> tuple[set[str], dict[str, Decimal]]:
+        limited: set[str] = set()
+        daily_limits: dict[str, Decimal] = {}
+        for feature, period, limit in QuotaLimit.objects.filter(tenant=tenant, is_active=True).values_list(
+            "feature", "period", "limit"
+        ):
+            limited.add(feature)
+            if period == QuotaLimit.Period.DAY:
+                daily_limits[feature] = limit
+        return limited, daily_limits
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Tenant | None = None,
+    ) -> Any:
+        if obj is not None and obj.pk is not None:
+            more = QuotaLimit.objects.filter(tenant=obj).count() - BoundedQuotaFormSet.max_shown
+            if more > 0:
+                context["xaas_more_quotas"] = more
+                context["xaas_quotas_url"] = (
+                    reverse(f"{self.admin_site.name}:xaas_quotas_quotalimit_changelist")
+                    + f"?tenant__id__exact={obj.pk}"
+                )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Tenant], search_term: str
+    ) -> tuple[QuerySet[Tenant], bool]:
+        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        scope = admin_scope(request)
+        if (
+            scope is not None
+            and request.GET.get("field_name") == "tenant"
+            and request.GET.get("model_name") in ("quotalimit",)
+        ):
+            # The quota form's autocomplete offers only tenants a scoped administrator may set limits on.
+            queryset = queryset.exclude(pk=scope.pk)
+        return queryset, may_have_duplicates
+
+
+replace_tenant_admin(QuotaTenantAdmin)
 
 
 @admin.register(QuotaReservation)

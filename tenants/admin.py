@@ -1,13 +1,15 @@
-"""The tenant tree in the admin: indented, with lineage breadcrumbs; moves go through Tenant.save (tenants.tree)."""
+"""The tenant tree in the admin: indented, with lineage breadcrumbs; moves go through Tenant.save (tenants.tree).
+
+The apps above extend ``TenantAdmin`` and register their subclass in its place (``replace_tenant_admin``):
+``metering.admin`` adds the usage column and the tenant page's charts, ``quotas.admin`` the quota bars and the
+quotas inline. tenants imports neither.
+"""
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
-from django.apps import apps
 from django.contrib import admin, messages
-from django.contrib.admin.options import InlineModelAdmin
 from django.core.exceptions import PermissionDenied
 from django.db.models import ForeignKey, QuerySet
 from django.forms import ModelChoiceField, ModelForm
@@ -57,21 +59,17 @@ def _scoped_form(form: Any, request: HttpRequest) -> Any:
 
 @admin.register(Tenant)
 class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
-    """The tree: ordered by path, indented, with each row's lineage and its quotas' usage (constant queries per page).
+    """The tree: ordered by path, indented, with each row's lineage (constant queries per page).
 
-    The tenant page shows the quotas inline with usage bars, and a usage chart per feature over the last 30 days.
+    Subclasses annotate the page's rows (``annotate_page``) and add to the tenant page (``render_change_form``).
     """
 
     tenant_lookup = ""  # the model is the tenant
     edit_strictly_below = True  # a scoped administrator's own tenant is view-only
     # Fields that lift or move limits and billing: never set from inside a scope.
     scoped_readonly_fields = ("exempt", "lago_subscription_id")
-    chart_days = 30
-    # Bounds that keep every page small whatever a tenant records (issue 10: 5,000 features made a 32 MB page).
-    usage_items_per_row = 5  # quota bars, and features without a quota, per row of the tree; then "and N more"
-    chart_limit = 10  # usage charts on a tenant's page: the most used features (and limited ones) first
 
-    list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
+    list_display: Any = ("indented_id", "name", "kind", "lineage_crumbs", "is_active", "exempt")
     list_display_links = ("indented_id",)
     list_filter = ("kind", "exempt", "is_active")
     search_fields = ("external_id", "name")
@@ -154,14 +152,6 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             changed += 1
         self.message_user(request, f"{changed} tenant(s) updated.", messages.SUCCESS)
 
-    def get_inlines(self, request: HttpRequest, obj: Tenant | None) -> list[type[InlineModelAdmin[Any, Any]]]:
-        inlines = list(super().get_inlines(request, obj))
-        if apps.is_installed("quotas"):
-            from quotas.admin import QuotaLimitInline
-
-            inlines.append(QuotaLimitInline)
-        return inlines
-
     def formfield_for_foreignkey(
         self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
     ) -> ModelChoiceField[Any] | None:
@@ -169,28 +159,17 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
             kwargs["required"] = True  # a root would be outside the scope
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet[Tenant], search_term: str
-    ) -> tuple[QuerySet[Tenant], bool]:
-        queryset, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        scope = admin_scope(request)
-        if (
-            scope is not None
-            and request.GET.get("field_name") == "tenant"
-            and request.GET.get("model_name") in ("quotalimit",)
-        ):
-            # The quota form's autocomplete offers only tenants a scoped administrator may set limits on.
-            queryset = queryset.exclude(pk=scope.pk)
-        return queryset, may_have_duplicates
-
     # ---- the tree page: every row annotated from a constant number of queries ----
 
     def get_changelist_instance(self, request: HttpRequest) -> Any:
         changelist = super().get_changelist_instance(request)
         page = list(changelist.result_list)  # evaluated once; the template iterates the same objects
-        self._annotate_lineage(request, page)
-        self._annotate_usage(page)
+        self.annotate_page(request, page)
         return changelist
+
+    def annotate_page(self, request: HttpRequest, page: list[Tenant]) -> None:
+        """Annotate the rows of one page of the tree, in a constant number of queries (subclasses add columns)."""
+        self._annotate_lineage(request, page)
 
     def _annotate_lineage(self, request: HttpRequest, tenants: list[Tenant]) -> None:
         """Each tenant's visible ancestors (from the scope's tenant down) in one query for the whole page."""
@@ -205,51 +184,6 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 for pk in tenant.ancestor_pks[top:-1]
                 if pk in names
             ]
-
-    def _annotate_usage(self, tenants: list[Tenant]) -> None:
-        """Usage bars of the page's active quotas and this month's usage: at most six queries for any page."""
-        if not tenants or not apps.is_installed("quotas"):
-            return
-        from metering.events import utcnow
-        from metering.usage import usage_by_tenant_and_feature
-        from quotas.display import number, usage_bar, usage_of_quotas
-        from quotas.models import QuotaLimit
-
-        now = utcnow()
-        pks = [tenant.pk for tenant in tenants]
-        quotas = list(QuotaLimit.objects.filter(tenant_id__in=pks, is_active=True).order_by("feature", "period"))
-        usage = usage_of_quotas(quotas, now)
-        month = usage_by_tenant_and_feature(pks, "month", now)
-        by_tenant: dict[int, list[QuotaLimit]] = {}
-        for quota in quotas:
-            by_tenant.setdefault(quota.tenant_id, []).append(quota)
-        shown = self.usage_items_per_row
-        for tenant in tenants:
-            parts = []
-            tenant_quotas = by_tenant.get(tenant.pk, [])
-            if len(tenant_quotas) > shown:  # the fullest first: those are the ones an operator looks for
-                tenant_quotas = sorted(tenant_quotas, key=lambda quota: usage[quota.pk].percent, reverse=True)
-            for quota in tenant_quotas[:shown]:
-                parts.append(usage_bar(usage[quota.pk], compact=True, label=f"{quota.feature}/{quota.period} "))
-            limited = {quota.feature for quota in by_tenant.get(tenant.pk, [])}
-            unlimited = sorted(
-                ((feature, used) for feature, used in month.get(tenant.pk, {}).items() if feature not in limited),
-                key=lambda item: (-item[1], item[0]),
-            )
-            for feature, used in sorted(unlimited[:shown]):
-                parts.append(
-                    format_html('<span class="xaas-usage-plain">{}: {} this month</span>', feature, number(used))
-                )
-            hidden = max(0, len(by_tenant.get(tenant.pk, [])) - shown) + max(0, len(unlimited) - shown)
-            if hidden:
-                parts.append(
-                    format_html(
-                        '<a class="xaas-usage-more" href="{}">and {} more</a>', self._change_url(tenant.pk), hidden
-                    )
-                )
-            tenant._xaas_usage = (  # type: ignore[attr-defined]
-                format_html_join(mark_safe("<br>"), "{}", ((part,) for part in parts)) if parts else "-"
-            )
 
     def _change_url(self, pk: int) -> str:
         return reverse(f"{self.admin_site.name}:xaas_tenants_tenant_change", args=[pk])
@@ -276,10 +210,6 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
                 mark_safe(" &rsaquo; "), '<a href="{}">{}</a>', ((a["url"], a["external_id"]) for a in ancestors)
             ),
         )
-
-    @admin.display(description="usage (active quotas; this month)")
-    def usage(self, tenant: Tenant) -> str:
-        return getattr(tenant, "_xaas_usage", "-")
 
     # ---- the tenant page ----
 
@@ -309,56 +239,16 @@ class TenantAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     ) -> Any:
         if obj is not None and obj.pk is not None:
             context["xaas_lineage"] = getattr(obj, "_xaas_lineage", [])
-            if apps.is_installed("metering"):
-                context["xaas_usage_charts"], context["xaas_more_features"] = self._charts(obj)
-                context["xaas_chart_days"] = self.chart_days
-            if apps.is_installed("quotas"):
-                from quotas.admin import BoundedQuotaFormSet
-                from quotas.models import QuotaLimit
-
-                more = QuotaLimit.objects.filter(tenant=obj).count() - BoundedQuotaFormSet.max_shown
-                if more > 0:
-                    context["xaas_more_quotas"] = more
-                    context["xaas_quotas_url"] = (
-                        reverse(f"{self.admin_site.name}:xaas_quotas_quotalimit_changelist")
-                        + f"?tenant__id__exact={obj.pk}"
-                    )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def _charts(self, tenant: Tenant) -> tuple[list[Any], int]:
-        """Charts of the ``chart_limit`` most used features of the last days (limited ones count as used), and how
-        many more features there are. A daily quota is drawn as a line. Two queries."""
-        from metering.charts import build_chart, daily_usage
-        from metering.events import utcnow
 
-        now = utcnow()
-        usage = daily_usage(tenant.pk, self.chart_days, now)
-        limited: set[str] = set()
-        daily_limits: dict[str, Decimal] = {}
-        if apps.is_installed("quotas"):
-            from quotas.models import QuotaLimit
-
-            for feature, period, limit in QuotaLimit.objects.filter(tenant=tenant, is_active=True).values_list(
-                "feature", "period", "limit"
-            ):
-                limited.add(feature)
-                if period == QuotaLimit.Period.DAY:
-                    daily_limits[feature] = limit
-        totals = {feature: sum(usage.get(feature, {}).values(), Decimal(0)) for feature in set(usage) | limited}
-        ranked = sorted(totals, key=lambda feature: (-totals[feature], feature not in limited, feature))
-        chosen = sorted(ranked[: self.chart_limit])
-        charts = [
-            build_chart(
-                feature,
-                usage.get(feature, {}),
-                days=self.chart_days,
-                now=now,
-                daily_limit=daily_limits.get(feature),
-                index=index,
-            )
-            for index, feature in enumerate(chosen)
-        ]
-        return charts, len(ranked) - len(chosen)
+def replace_tenant_admin(admin_class: type[TenantAdmin], site: admin.AdminSite | None = None) -> None:
+    """Register ``admin_class`` (a ``TenantAdmin`` subclass of an app above tenants) for ``Tenant`` in place of the
+    one registered. Each app's subclass extends the one below it, so the last registered has every app's parts."""
+    site = site or admin.site
+    if site.is_registered(Tenant):
+        site.unregister(Tenant)
+    site.register(Tenant, admin_class)
 
 
 @admin.register(TenantAdminScope)
