@@ -1,4 +1,6 @@
-"""``manage.py seed_demo``: a small demo tree, a little usage and an admin login. Safe to run again."""
+"""``manage.py seed_demo``: a small demo tree, a little usage and an admin login. Safe to run again.
+
+In quotas, the top of the stack: the demo's tenant administrator is given permissions on every app's models."""
 
 from __future__ import annotations
 
