@@ -72,9 +72,9 @@ def _call_name(node: ast.Call) -> str | None:
     return None
 
 
-def _names_a_module(node: ast.AST) -> bool:
+def _names_a_module(node: ast.Constant) -> bool:
     """A string literal that is a dotted path or an app label (prose has spaces: docstrings never match)."""
-    if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+    if not isinstance(node.value, str):
         return False
     return bool(DOTTED.fullmatch(node.value)) and ("." in node.value or node.value in LABELS)
 
@@ -111,8 +111,8 @@ def upward_references(source: str, module: str, *, is_package: bool = False) -> 
             for argument in node.args[:1]:
                 if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
                     check(argument.value, node.lineno, f"{_call_name(node)}()")
-        elif _names_a_module(node) and id(node) not in docstrings:
-            check(node.value, node.lineno, "names")
+        elif isinstance(node, ast.Constant) and _names_a_module(node) and id(node) not in docstrings:
+            check(str(node.value), node.lineno, "names")
     return found
 
 
