@@ -202,7 +202,7 @@ def check(server: LagoProcess, expected_total: int) -> None:
 def run_in_process(server: LagoProcess, events: int, batch_size: int, round_id: str) -> float:
     from django.test import override_settings
 
-    from metering.delivery import flush
+    from metering.delivery.deliver import flush
 
     reset_outbox(events, round_id)
     with override_settings(METERING=metering_settings(server.url, batch_size)):

@@ -239,7 +239,7 @@ class UsageOutboxAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
 
     @admin.action(description="Resend the selected dead or held facts", permissions=["resend"])
     def resend(self, request: HttpRequest, queryset: Any) -> None:
-        from .outbox import resend
+        from .delivery.outbox import resend
 
         count = resend(queryset)
         self.message_user(request, f"{count} facts queued again (delivered ones are left alone).", messages.SUCCESS)
@@ -266,7 +266,7 @@ class SinkStateAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
 
     @admin.action(description="Resume delivery (after fixing the sink's URL or credentials)", permissions=["resume"])
     def resume(self, request: HttpRequest, queryset: Any) -> None:
-        from .delivery import resume
+        from .delivery.deliver import resume
 
         resumed = [state.sink for state in queryset if resume(state.sink)]
         self.message_user(request, f"Resumed: {', '.join(resumed) or 'nothing was blocked'}.", messages.SUCCESS)

@@ -118,37 +118,33 @@ def check_delivery_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
     """The outbox sinks' keys (docs/lago.md). Errors for the configured sink's missing URL or credentials."""
     if not isinstance(getattr(settings, "METERING", {}), dict):
         return []
-    from .sinks.base import configured_sink_name
+    from .delivery.sinks.base import SinkNotConfigured, configured_sink_class
 
     messages: list[CheckMessage] = []
-    sink = configured_sink_name()
-    if sink is not None:
+    try:
+        sink_class = configured_sink_class()
+    except SinkNotConfigured as error:
+        sink_class = None
+        messages.append(
+            Error(
+                f"METERING['ADAPTER'] names no usable sink: {error}.",
+                hint="An adapter's sink_class is the dotted path of a metering.delivery.sinks.Sink subclass.",
+                id="xaas_metering.E050",
+            )
+        )
+    if sink_class is not None:
+        sink = sink_class.name
         if not metering_settings.SINK_URL:
             messages.append(Error(f"METERING['SINK_URL'] is required by the {sink} sink.", id="xaas_metering.E010"))
-        secret_key = "API_KEY" if sink == "lago" else "WEBHOOK_SECRET"
-        secret = getattr(metering_settings, secret_key)
-        if not isinstance(secret, str) or not secret:
+        secret_key = sink_class.secret_setting
+        secret = getattr(metering_settings, secret_key, None) if secret_key else ""
+        if secret_key and (not isinstance(secret, str) or not secret):
             messages.append(
                 Error(
                     f"METERING[{secret_key!r}] must be a non-empty string for the {sink} sink.", id="xaas_metering.E011"
                 )
             )
-        if sink == "lago" and metering_settings.SINK_URL and urlparse(str(metering_settings.SINK_URL)).password:
-            messages.append(
-                Warning(
-                    "METERING['SINK_URL'] holds a password, which the Lago sink ignores (it authenticates by API_KEY).",
-                    id="xaas_metering.W011",
-                )
-            )
-        batch_size = metering_settings.BATCH_SIZE
-        if sink == "lago" and isinstance(batch_size, int) and batch_size > 100:
-            messages.append(
-                Warning(
-                    f"METERING['BATCH_SIZE'] = {batch_size}: a default Lago refuses batches of more than 100 events.",
-                    hint="Keep it at 100 unless your Lago's limit was raised.",
-                    id="xaas_metering.W010",
-                )
-            )
+        messages.extend(sink_class.system_checks())
     metrics = metering_settings.LAGO_METRICS
     if not isinstance(metrics, dict) or not all(_valid_metric(entry) for entry in metrics.values()):
         messages.append(

@@ -16,9 +16,9 @@ from django.core.cache import caches
 
 from tenants import namespace
 
-from . import delivery, outbox
 from .conf import metering_settings
-from .sinks import get_sink
+from .delivery import deliver, outbox
+from .delivery.sinks import get_sink
 
 logger = logging.getLogger("metering.tasks")
 FOLLOW_UP_KEY = "outbox:follow-up:v1:"  # in the site's namespace (tenants.namespace)
@@ -39,7 +39,7 @@ def enqueue_flush(sink: str | None = None, countdown: float | None = None) -> No
 
 @shared_task(name="metering.flush_outbox", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def flush_outbox(sink: str | None = None) -> dict[str, Any]:
-    report = delivery.flush(sink, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
+    report = deliver.flush(sink, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
     _follow_up(report)
     return report.as_dict()
 
@@ -50,12 +50,12 @@ def sweep_outbox() -> dict[str, Any]:
     if sink is None:
         return {"sink": None}
     released = outbox.release_held(sink.name) if sink.needs_subscription else 0
-    report = delivery.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
+    report = deliver.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
     _follow_up(report)
     return {**report.as_dict(), "released": released}
 
 
-def _follow_up(report: delivery.FlushReport) -> None:
+def _follow_up(report: deliver.FlushReport) -> None:
     """More due after ``max_batches``: hand over to a fresh task. A transient failure: one task at the retry time
     (the sweep would get there too, this one honours a short Retry-After precisely)."""
     if report.sink is None or report.blocked or flush_outbox.app.conf.task_always_eager:

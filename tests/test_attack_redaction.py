@@ -21,9 +21,9 @@ from urllib.parse import quote
 import pytest
 from django.core.management import call_command
 
-from metering.delivery import flush
+from metering.delivery.deliver import flush
+from metering.delivery.sinks.lago import LagoSink
 from metering.models import SinkState, UsageOutbox
-from metering.sinks.lago import LagoSink
 from tests.lago_support import lago_metering, record, webhook_metering
 
 pytest_plugins = ["tests.lago_fixtures"]

@@ -13,10 +13,10 @@ from django.db import connections, transaction
 from django.db.models import Min
 from django.utils import timezone
 
-from metering import outbox
-from metering.delivery import delivery_blocked, facts_dead_lettered, flush
+from metering.delivery import outbox
+from metering.delivery.deliver import delivery_blocked, facts_dead_lettered, flush
+from metering.delivery.sinks.base import backoff, retry_after
 from metering.models import SinkState, UsageOutbox
-from metering.sinks.base import backoff, retry_after
 from tests.lago_support import API_KEY, record, record_many, states
 
 pytest_plugins = ["tests.lago_fixtures"]
@@ -201,7 +201,7 @@ def test_auth_failures_stop_delivery_without_burning_retries(lago_settings, org,
     elif refusal == "403":
         lago_settings.keys = {API_KEY: "write"}  # fixed on Lago's side: the operator resumes
         assert flush().requests == 0
-        from metering.delivery import resume
+        from metering.delivery.deliver import resume
 
         assert resume("lago") is True
     else:
@@ -213,7 +213,7 @@ def test_auth_failures_stop_delivery_without_burning_retries(lago_settings, org,
 
 def test_a_worker_dying_mid_batch_only_delays_the_batch(lago_settings, org):
     """In-process stand-in for the SIGKILL test: a batch is claimed and sent, and its worker never marks it."""
-    from metering.sinks import get_sink
+    from metering.delivery.sinks import get_sink
 
     expected = record_many(10)
     now = timezone.now()

@@ -16,10 +16,10 @@ from django.db import transaction
 from metering import DuplicateUsageEvent, get_meter
 from metering.adapters.lago import LagoMeteringAdapter
 from metering.adapters.webhook import WebhookMeteringAdapter
-from metering.delivery import facts_held, flush
+from metering.delivery.deliver import facts_held, flush
+from metering.delivery.outbox import release_held, status
+from metering.delivery.sinks.lago import lago_timestamp, quantity_value
 from metering.models import UsageOutbox, UsageRecord
-from metering.outbox import release_held, status
-from metering.sinks.lago import lago_timestamp, quantity_value
 from tenants.models import Tenant
 from tests.factories import any_backdate
 from tests.lago_support import lago_metering, record, states

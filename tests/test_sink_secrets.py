@@ -12,10 +12,10 @@ import pytest
 from django.core.management import call_command
 from django.test import override_settings
 
-from metering.delivery import flush
+from metering.delivery.deliver import flush
+from metering.delivery.sinks.base import REDACTED
+from metering.delivery.sinks.lago import LagoSink
 from metering.models import SinkState, UsageOutbox
-from metering.sinks.base import REDACTED
-from metering.sinks.lago import LagoSink
 from tests.lago_support import API_KEY, WEBHOOK_SECRET, lago_metering, record, webhook_metering
 
 pytest_plugins = ["tests.lago_fixtures"]

@@ -11,10 +11,10 @@ import pytest
 from django.db.models import Min
 from django.utils import timezone
 
-from metering.delivery import flush
+from metering.delivery.deliver import flush
+from metering.delivery.outbox import resend
+from metering.delivery.sinks.webhook import signature
 from metering.models import SinkState, UsageOutbox
-from metering.outbox import resend
-from metering.sinks.webhook import signature
 from tests.factories import any_backdate
 from tests.lago_support import WEBHOOK_SECRET, record, record_many, states, webhook_metering
 

@@ -14,4 +14,4 @@ from .outbox import OutboxMeteringAdapter
 
 
 class LagoMeteringAdapter(OutboxMeteringAdapter):
-    sink = "lago"
+    sink_class = "metering.delivery.sinks.lago.LagoSink"

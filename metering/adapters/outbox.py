@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from tenants.context import TenantContext
 
-from .. import outbox
+from ..delivery import outbox
+from ..delivery.sinks.base import sink_class_at
 from ..events import ValidEvent
 from .database import DatabaseMeteringAdapter
 
@@ -15,11 +16,18 @@ from .database import DatabaseMeteringAdapter
 class OutboxMeteringAdapter(DatabaseMeteringAdapter):
     """Quotas and usage reads stay local (the database and Redis counters); the sink only receives facts.
 
+    ``sink_class`` names the sink by dotted path (``"metering.delivery.sinks.lago.LagoSink"``; a project's own
+    ``Sink`` subclass works the same, nothing to register); its rows in the outbox carry the class's short ``name``.
     Every path that stores a fact (``record_fact``, quota-enforced ones included) runs ``on_stored`` inside the
     fact's transaction. The request thread only writes the outbox row; Celery workers deliver (``metering.tasks``).
     """
 
-    sink: ClassVar[str] = ""
+    sink_class: ClassVar[str] = ""
+
+    @property
+    def sink_name(self) -> str:
+        """The name the outbox rows store (``SinkNotConfigured`` for a ``sink_class`` that names no sink)."""
+        return sink_class_at(self.sink_class).name
 
     def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:
-        outbox.enqueue(self.sink, record_id)
+        outbox.enqueue(self.sink_name, record_id)

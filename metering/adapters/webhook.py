@@ -6,7 +6,7 @@
         "WEBHOOK_SECRET": "...",
     }
 
-The wire format and the receiver's contract are in ``metering.sinks.webhook``.
+The wire format and the receiver's contract are in ``metering.delivery.sinks.webhook``.
 """
 
 from __future__ import annotations
@@ -15,4 +15,4 @@ from .outbox import OutboxMeteringAdapter
 
 
 class WebhookMeteringAdapter(OutboxMeteringAdapter):
-    sink = "webhook"
+    sink_class = "metering.delivery.sinks.webhook.WebhookSink"

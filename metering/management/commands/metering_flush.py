@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from metering import delivery, outbox
-from metering.sinks import SinkNotConfigured, get_sink
+from metering.delivery import deliver, outbox
+from metering.delivery.sinks import SinkNotConfigured, get_sink
 
 BAR_WIDTH = 30
 
@@ -48,7 +48,7 @@ class Command(BaseCommand):
         if sink is None:
             raise CommandError("the configured METERING['ADAPTER'] has no outbox: nothing to deliver")
         if options["resume"]:
-            resumed = delivery.resume(sink.name)
+            resumed = deliver.resume(sink.name)
             self.stdout.write(f"{sink.name}: delivery resumed" if resumed else f"{sink.name}: was not blocked")
         if options["resend_dead"]:
             count = outbox.resend(outbox.UsageOutbox.objects.filter(sink=sink.name, state=outbox.DEAD))
@@ -57,7 +57,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{outbox.release_held(sink.name)} held facts released")
         total = outbox.status(sink.name).due
         show = not options["no_progress"] and total > 0
-        report = delivery.flush(
+        report = deliver.flush(
             sink.name, max_batches=options["max_batches"], progress=self._progress(total) if show else None
         )
         if show:
@@ -77,8 +77,8 @@ class Command(BaseCommand):
                 returncode=1,
             )
 
-    def _progress(self, total: int) -> delivery.Progress:
-        def show(report: delivery.FlushReport) -> None:
+    def _progress(self, total: int) -> deliver.Progress:
+        def show(report: deliver.FlushReport) -> None:
             done = min(report.done, total)
             filled = BAR_WIDTH * done // total if total else BAR_WIDTH
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)

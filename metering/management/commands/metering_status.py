@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from metering import outbox
-from metering.sinks.base import configured_sink_name
+from metering.delivery import outbox
+from metering.delivery.sinks.base import configured_sink_name
 
 
 class Command(BaseCommand):

@@ -17,9 +17,9 @@ from typing import Any
 from django.dispatch import Signal
 from django.utils import timezone
 
+from ..conf import metering_settings
+from ..models import SinkState
 from . import outbox
-from .conf import metering_settings
-from .models import SinkState
 from .sinks import Outcome, SendResult, Sink, get_sink
 from .sinks.base import backoff
 

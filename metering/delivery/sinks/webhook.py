@@ -24,7 +24,7 @@ import hmac
 import json
 from typing import Any
 
-from ..events import units_to_quantity
+from ...events import units_to_quantity
 from ..outbox import ClaimedFact
 from .base import Outcome, SendResult, Sink, encode
 

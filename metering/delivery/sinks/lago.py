@@ -22,9 +22,12 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
-from ..conf import metering_settings
-from ..events import units_to_quantity
+from django.core.checks import CheckMessage, Warning
+
+from ...conf import metering_settings
+from ...events import units_to_quantity
 from ..outbox import ClaimedFact
 from .base import Outcome, SendResult, Sink, encode
 
@@ -65,6 +68,27 @@ class LagoSink(Sink):
     name = "lago"
     needs_subscription: ClassVar[bool] = True
     secret_setting = "API_KEY"  # noqa: S105 (a setting's name)
+
+    @classmethod
+    def system_checks(cls) -> list[CheckMessage]:
+        messages: list[CheckMessage] = []
+        if metering_settings.SINK_URL and urlparse(str(metering_settings.SINK_URL)).password:
+            messages.append(
+                Warning(
+                    "METERING['SINK_URL'] holds a password, which the Lago sink ignores (it authenticates by API_KEY).",
+                    id="xaas_metering.W011",
+                )
+            )
+        batch_size = metering_settings.BATCH_SIZE
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 100:
+            messages.append(
+                Warning(
+                    f"METERING['BATCH_SIZE'] = {batch_size}: a default Lago refuses batches of more than 100 events.",
+                    hint="Keep it at 100 unless your Lago's limit was raised.",
+                    id="xaas_metering.W010",
+                )
+            )
+        return messages
 
     def build(self, fact: ClaimedFact) -> dict[str, Any]:
         code, quantity_property, metadata_policy = metric_for(fact.feature)

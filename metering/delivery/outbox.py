@@ -30,8 +30,8 @@ from django.utils import timezone
 from tenants import namespace
 from tenants.models import Tenant
 
-from .conf import metering_settings
-from .models import SinkState, UsageOutbox
+from ..conf import metering_settings
+from ..models import SinkState, UsageOutbox
 
 logger = logging.getLogger("metering.outbox")
 
@@ -67,7 +67,7 @@ def trigger_flush(sink: str) -> None:
     ``manage.py metering_flush`` (or a worker) delivers. A failure to queue is logged; the beat sweep delivers.
     """
     try:
-        from .tasks import enqueue_flush, flush_outbox
+        from ..tasks import enqueue_flush, flush_outbox
 
         if flush_outbox.app.conf.task_always_eager:
             return

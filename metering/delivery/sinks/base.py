@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
+from django.core.checks import CheckMessage
 from django.utils.crypto import salted_hmac
 from django.utils.module_loading import import_string
 
-from ..conf import metering_settings
-from ..exceptions import MeteringError
+from ...conf import metering_settings
+from ...exceptions import MeteringError
 from ..outbox import ClaimedFact
 
 USER_AGENT = "django-xaas-metering/0.1"
@@ -57,9 +58,11 @@ class SendResult:
 
 
 class Sink:
-    """One delivery target. Subclasses set ``name`` and implement ``build`` and ``send``."""
+    """One delivery target. Subclasses set ``name`` and implement ``build`` and ``send``; an adapter delivers to one
+    by naming its class (``OutboxMeteringAdapter.sink_class``, a dotted path: a project's own sink needs no
+    registration)."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # stored on every outbox row of this sink: short, and never changed once in use
     needs_subscription: ClassVar[bool] = False
     secret_setting: ClassVar[str] = ""  # the METERING key holding the credential (its name, not its value)
 
@@ -90,6 +93,7 @@ class Sink:
         """A keyed hash (HMAC with ``SECRET_KEY``) of everything that decides whether the sink lets us in. Keyed, so
         the stored value cannot be checked offline against guessed credentials."""
         material = "\0".join([self.name, str(metering_settings.SINK_URL or ""), self._secret_or_empty()])
+        # The salt is a constant (where the sinks lived once): changing it would void every stored fingerprint.
         return salted_hmac("metering.sinks.fingerprint", material, algorithm="sha256").hexdigest()[:32]
 
     def secret_values(self) -> list[str]:
@@ -129,6 +133,11 @@ class Sink:
     def safe_url(self) -> str:
         """The sink URL without any user:password part, for logs and operators."""
         return redact_url(str(metering_settings.SINK_URL or ""))
+
+    @classmethod
+    def system_checks(cls) -> list[CheckMessage]:
+        """This sink's own warnings about the settings, run by metering's system checks when it is configured."""
+        return []
 
     def build(self, fact: ClaimedFact) -> dict[str, Any]:
         raise NotImplementedError
@@ -309,41 +318,64 @@ def close_clients() -> None:
             del _clients[key]
 
 
-# --- registry -----------------------------------------------------------------------------------------------------
+# --- the configured sink: the adapter's ``sink_class``, a dotted path -------------------------------------------
 
-SINKS = {
-    "lago": "metering.sinks.lago.LagoSink",
-    "webhook": "metering.sinks.webhook.WebhookSink",
-}
+SINK_NAME_MAX_LENGTH = 20  # UsageOutbox.sink and SinkState.sink
 
 
-def sink_names() -> list[str]:
-    return list(SINKS)
+@functools.lru_cache(maxsize=32)
+def sink_class_at(path: str) -> type[Sink]:
+    """The ``Sink`` subclass at dotted ``path`` (``"metering.delivery.sinks.lago.LagoSink"``, or a project's own).
+    ``SinkNotConfigured`` when the path does not import, is not a ``Sink``, or its ``name`` cannot be stored."""
+    try:
+        sink_class = import_string(path)
+    except ImportError as error:
+        raise SinkNotConfigured(f"sink class {path!r} cannot be imported: {error}") from None
+    if not isinstance(sink_class, type) or not issubclass(sink_class, Sink):
+        raise SinkNotConfigured(f"{path!r} is not a subclass of metering.delivery.sinks.Sink")
+    name = sink_class.name
+    if not isinstance(name, str) or not 0 < len(name) <= SINK_NAME_MAX_LENGTH:
+        raise SinkNotConfigured(
+            f"sink class {path!r} must set name to a short string (1-{SINK_NAME_MAX_LENGTH} characters): the outbox "
+            "rows store it"
+        )
+    return sink_class
 
 
-def configured_sink_name() -> str | None:
-    """The sink of the configured adapter (its ``sink`` attribute), or ``None`` (nothing to deliver)."""
+def configured_sink_class() -> type[Sink] | None:
+    """The sink class of the configured adapter (its ``sink_class`` path), or ``None`` (nothing to deliver).
+    ``SinkNotConfigured`` for a path that names no usable sink (the system checks report it: E014)."""
     try:
         adapter = import_string(str(metering_settings.ADAPTER))
     except ImportError:
         return None
-    name = getattr(adapter, "sink", None)
-    return name if isinstance(name, str) and name in SINKS else None
+    path = getattr(adapter, "sink_class", None)
+    if not path:
+        return None
+    if not isinstance(path, str):
+        raise SinkNotConfigured(f"{metering_settings.ADAPTER}.sink_class must be a dotted path, got {path!r}")
+    return sink_class_at(path)
+
+
+def configured_sink_name() -> str | None:
+    """The short name the configured sink stores on its outbox rows (``"lago"``), or ``None``."""
+    try:
+        sink_class = configured_sink_class()
+    except SinkNotConfigured:
+        return None
+    return sink_class.name if sink_class is not None else None
 
 
 def get_sink(name: str | None = None) -> Sink | None:
-    """The sink ``name`` (default: the configured adapter's). Raises ``SinkNotConfigured`` for any other sink:
-    its URL and credentials are not the ones in the settings."""
-    configured = configured_sink_name()
-    if name is None:
-        name = configured
-        if name is None:
-            return None
-    if name not in SINKS:
-        raise SinkNotConfigured(f"unknown sink {name!r}; known: {', '.join(SINKS)}")
-    if name != configured:
+    """The configured adapter's sink; ``name``, if given, must be its name. ``SinkNotConfigured`` for any other
+    sink (its URL and credentials are not the ones in the settings) and for a ``sink_class`` that names none."""
+    sink_class = configured_sink_class()
+    configured = sink_class.name if sink_class is not None else None
+    if name is None and sink_class is None:
+        return None
+    if name is not None and name != configured:
         raise SinkNotConfigured(
             f"sink {name!r} is not the configured one ({configured or 'none'}): METERING['ADAPTER'] decides"
         )
-    sink_class: type[Sink] = import_string(SINKS[name])
+    assert sink_class is not None
     return sink_class()
