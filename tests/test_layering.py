@@ -202,3 +202,71 @@ GOOD_MODULES = [
 @pytest.mark.parametrize(("module", "source"), GOOD_MODULES)
 def test_the_checker_allows_imports_down_the_stack_and_prose(module, source):
     assert upward_references(source, module) == []
+
+
+# ---- naming: ``tenant_id`` is the external string, a primary key is ``tenant_pk`` / ``tenant`` ----------------------
+
+TENANT_ID_NAMES = {"tenant_id", "tenant_ids"}
+
+
+def _holds_a_pk(value: ast.expr) -> bool:
+    text = ast.unparse(value)
+    return text.endswith((".pk", ".id", "_pk")) or text.endswith(".pk]")
+
+
+def tenant_id_holding_a_pk(source: str, module: str) -> list[Violation]:
+    """Parameters, annotated names and dataclass fields called ``tenant_id(s)`` typed ``int``; names and dict keys
+    ``tenant_id`` assigned a ``.pk``. (Django's own FK attname ``tenant_id``, in ``filter(tenant_id=...)`` or
+    ``quota.tenant_id``, is the column's name and is not ours to rename.)"""
+    found: list[Violation] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.arg) and node.arg in TENANT_ID_NAMES and node.annotation is not None:
+            if re.search(r"\bint\b", ast.unparse(node.annotation)):
+                found.append(Violation(module, node.lineno, node.arg, "an int parameter named"))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name | ast.Attribute):
+            name = node.target.id if isinstance(node.target, ast.Name) else node.target.attr
+            if name in TENANT_ID_NAMES and re.search(r"\bint\b", ast.unparse(node.annotation)):
+                found.append(Violation(module, node.lineno, name, "an int field named"))
+        elif isinstance(node, ast.Assign) and _holds_a_pk(node.value):
+            for target in node.targets:
+                assigned = target.id if isinstance(target, ast.Name) else getattr(target, "attr", None)
+                if assigned in TENANT_ID_NAMES:
+                    found.append(Violation(module, node.lineno, str(assigned), "a primary key assigned to"))
+        elif isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value in TENANT_ID_NAMES and _holds_a_pk(value):
+                    found.append(Violation(module, node.lineno, str(key.value), "a primary key under the key"))
+    return found
+
+
+def test_tenant_id_never_names_a_primary_key():
+    violations = [
+        str(violation)
+        for path in app_modules()
+        for violation in tenant_id_holding_a_pk(path.read_text(), module_name(path))
+    ]
+    assert violations == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def f(tenant_id: int) -> None: ...\n",
+        "def f(tenant_ids: list[int] | None = None) -> None: ...\n",
+        "from dataclasses import dataclass\n@dataclass\nclass Fact:\n    tenant_id: int\n",
+        "tenant_id = context.tenant.pk\n",
+        "payload = {'tenant_id': tenant.pk, 'feature': feature}\n",
+    ],
+)
+def test_the_naming_check_fails_on_a_pk_called_tenant_id(source):
+    assert tenant_id_holding_a_pk(source, "metering.x") != []
+
+
+def test_the_naming_check_allows_the_external_id_and_django_attnames():
+    source = (
+        "def f(tenant_id: str, tenant_pk: int) -> None:\n"
+        "    rows = UsageRollup.objects.filter(tenant_id=tenant_pk)\n"
+        "    tenant_id = context.tenant_id\n"
+        "    return {'tenant_id': tenant.external_id, 'tenant_pk': tenant.pk, 'x': quota.tenant_id}\n"
+    )
+    assert tenant_id_holding_a_pk(source, "metering.x") == []
