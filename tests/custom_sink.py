@@ -1,4 +1,5 @@
-"""A project's own sink and adapters, named by dotted path only (tests/test_sink_by_path.py): nothing registers them."""
+"""A project's own sink and adapters, named by dotted path only (tests/metering/test_sink_by_path.py): nothing
+registers them."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """OpenAPI pieces (drf-spectacular): the Bearer API-key scheme, closed request bodies and the error answers.
 
 The served schema is meant to be *true*: what it declares valid, the server judges by the same rules, and every
-status a route can answer is declared (``tests/test_api_schema.py`` validates it, ``tests/test_api_schemathesis.py``
-checks the server against it).
+status a route can answer is declared (``tests/integration/test_api_schema.py`` validates it,
+``tests/integration/test_api_schemathesis.py`` checks the server against it).
 """
 
 from __future__ import annotations

@@ -38,12 +38,12 @@ from tenants.tree import create_tenant, move_tenant
 from tests.factories import record, tree
 from tests.faults import TcpProxy
 from tests.quota_helpers import limit
-from tests.test_quota_hammer import wait_out_an_hour_boundary
+from tests.quotas.test_quota_hammer import wait_out_an_hour_boundary
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TIMEOUT = 0.3
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parent.parent.parent
 
 
 def admit_until_refused(tenant: str, cap: int = 100) -> int:
@@ -140,7 +140,7 @@ def test_an_epoch_bump_rolled_back_in_a_callers_transaction_is_never_reused(redi
 
 
 def test_a_release_whose_commit_is_lost_never_gives_the_estimate_back_twice(redis_server, on_postgres, monkeypatch):
-    from tests.test_stores_down import database_through
+    from tests.integration.test_stores_down import database_through
 
     wait_out_an_hour_boundary()
     tree({"org": None, "p": "org"})

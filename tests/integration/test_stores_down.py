@@ -43,7 +43,7 @@ from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 POOL_TIMEOUT = 1.5  # the server's DATABASE_POOL_TIMEOUT: the longest a request waits for a connection
 REDIS_TIMEOUT = 0.5  # the example project's default socket timeouts
 BREAKER_SECONDS = 3.0  # longer than the 20 requests below take, so only the first pays a timeout
@@ -302,7 +302,7 @@ def database_through(proxy: TcpProxy) -> Iterator[None]:
 @pytest.fixture
 def refused(postgres: None, settings) -> Iterator[dict[str, str]]:
     from tests.identity_helpers import TRUSTED_HEADER
-    from tests.test_quota_http import ROUTES
+    from tests.quotas.test_quota_http import ROUTES
 
     tree(TREE)
     _, key = create_api_key("acme-chat", name="faults")

@@ -25,7 +25,7 @@ from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaReservation
 from tests.api_helpers import error_of, event
 from tests.factories import tree
-from tests.test_concurrency import run_in_threads
+from tests.metering.test_concurrency import run_in_threads
 
 pytest_plugins = ["tests.api_fixtures"]
 

@@ -1,7 +1,8 @@
 """Attacks on what a key holder can learn about tenants outside its subtree: existence oracles by cost.
 
 A tenant of another tree must cost exactly what an id that names no tenant costs, on every path that takes a tenant
-id from the caller — not only the ``X-Tenant-ID`` narrowing (``tests/test_identity.py``), also the ``tenant_id`` of
+id from the caller — not only the ``X-Tenant-ID`` narrowing (``tests/tenants/test_identity.py``), also the
+``tenant_id`` of
 each event of ``POST /api/v1/events`` (up to 1,000 per request: an amplifier) and the ``tenant_id`` parameter of
 ``/usage``, ``/entitlements`` and ``/quotas``. Before the fix an event batch read the lineage of every id it named
 (and cached it in a shared cache), so a batch of foreign ids answered measurably faster than a batch of unknown ones

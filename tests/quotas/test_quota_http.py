@@ -40,7 +40,7 @@ def urls(settings):
 
 
 def acting(tenant: str) -> dict[str, str]:
-    """The organization's API key narrowed to ``tenant`` (identity: tests/test_identity.py)."""
+    """The organization's API key narrowed to ``tenant`` (identity: tests/tenants/test_identity.py)."""
     return bearer(_org_key["key"], **{"X-Tenant-ID": tenant})
 
 

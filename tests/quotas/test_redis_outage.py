@@ -30,7 +30,7 @@ from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
 from tests.factories import tree
 from tests.quota_helpers import limit
-from tests.test_quota_hammer import wait_out_an_hour_boundary
+from tests.quotas.test_quota_hammer import wait_out_an_hour_boundary
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -21,7 +21,7 @@ from django.test.utils import CaptureQueriesContext
 from tenants.apikeys import authenticate_key
 from tenants.models import ApiKey
 from tests.admin_fixtures import build_forest, staff_user, superuser
-from tests.test_admin_scope import login, pk, url
+from tests.quotas.test_admin_scope import login, pk, url
 
 pytestmark = pytest.mark.django_db
 

@@ -194,7 +194,7 @@ def test_a_rolled_back_batch_leaves_no_redis_over_count(api, monkeypatch, redis_
 
 
 def test_recording_goes_through_the_adapter_so_outboxes_see_every_fact(api, settings):
-    settings.METERING = {**settings.METERING, "ADAPTER": "tests.test_api_events.SpyAdapter"}
+    settings.METERING = {**settings.METERING, "ADAPTER": "tests.metering.test_api_events.SpyAdapter"}
     SpyAdapter.seen.clear()
     api.post(URL, {"events": [event(transaction_id="a"), event(transaction_id="b")]})
     assert SpyAdapter.seen == ["a", "b"]
@@ -208,7 +208,7 @@ class SpyAdapter(DatabaseMeteringAdapter):
 
 
 def test_an_adapter_that_stores_nowhere_local_is_refused_cleanly(api, settings):
-    settings.METERING = {**settings.METERING, "ADAPTER": "tests.test_api_events.RemoteOnlyAdapter"}
+    settings.METERING = {**settings.METERING, "ADAPTER": "tests.metering.test_api_events.RemoteOnlyAdapter"}
     response = api.post(URL, event())
     assert response.status_code == 503
     assert error_of(response)["code"] == "unsupported_adapter"

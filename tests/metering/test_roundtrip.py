@@ -59,7 +59,9 @@ class CommitFailsAdapter(DatabaseMeteringAdapter):
 
 @contextmanager
 def commits_fail() -> Iterator[None]:
-    with override_settings(METERING={**settings.METERING, "ADAPTER": "tests.test_roundtrip.CommitFailsAdapter"}):
+    with override_settings(
+        METERING={**settings.METERING, "ADAPTER": "tests.metering.test_roundtrip.CommitFailsAdapter"}
+    ):
         yield
 
 

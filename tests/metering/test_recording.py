@@ -52,7 +52,7 @@ def test_usage_of_a_tenant_is_the_sum_over_its_subtree():
 
 def test_default_meter_implements_the_protocol(settings):
     assert isinstance(get_meter(), MeteringProtocol)
-    settings.METERING = {"ADAPTER": "tests.test_recording.CountingAdapter"}
+    settings.METERING = {"ADAPTER": "tests.metering.test_recording.CountingAdapter"}
     assert type(get_meter()).__name__ == "CountingAdapter"
 
 

@@ -26,7 +26,7 @@ from tests import services
 from tests.conftest import require
 from tests.factories import tree
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def hash_tag(key: str) -> str:

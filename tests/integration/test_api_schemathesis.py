@@ -8,7 +8,7 @@ what the schema refuses (``negative_data_rejection``).
 Bounded and reproducible: ``SCHEMATHESIS_MAX_EXAMPLES`` per operation (default 40), derandomized (a fixed seed),
 no example database. A larger budget outside the suite::
 
-    SCHEMATHESIS_MAX_EXAMPLES=500 pytest tests/test_api_schemathesis.py -q -s
+    SCHEMATHESIS_MAX_EXAMPLES=500 pytest tests/integration/test_api_schemathesis.py -q -s
 
 prints the totals (requests per status) at the end of the module.
 """

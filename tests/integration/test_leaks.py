@@ -79,8 +79,8 @@ urlpatterns = [
 
 @pytest.fixture
 def keys(settings) -> dict[str, str]:
-    settings.ROOT_URLCONF = "tests.test_leaks"
-    settings.METERING = {"QUOTA_ROUTES": ROUTES, "TENANT_RESOLVER": "tests.test_leaks.credential_resolver"}
+    settings.ROOT_URLCONF = "tests.integration.test_leaks"
+    settings.METERING = {"QUOTA_ROUTES": ROUTES, "TENANT_RESOLVER": "tests.integration.test_leaks.credential_resolver"}
     tree(TREE)
     for feature in FEATURES:
         limit(ORG, ORG_LIMIT, feature=feature)

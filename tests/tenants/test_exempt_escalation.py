@@ -23,7 +23,7 @@ from tenants.admin_scope import EXEMPTION_REFUSAL
 from tenants.models import ApiKey, Tenant
 from tenants.tree import create_tenant
 from tests.admin_fixtures import build_forest, staff_user, superuser
-from tests.test_admin_scope import INLINE, login, pk, url
+from tests.quotas.test_admin_scope import INLINE, login, pk, url
 
 pytestmark = pytest.mark.django_db
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests import services
 from tests.conftest import require
-from tests.test_redis_namespace import Site, migrate, site_env
+from tests.metering.test_redis_namespace import Site, migrate, site_env
 
 
 @pytest.fixture(params=["locmem", "redis"])

@@ -21,7 +21,7 @@ from metering.models import UsageOutbox, UsageRecord, UsageRollup
 from quotas.models import QuotaLimit
 from tenants.models import Tenant
 from tests.admin_fixtures import build_forest, staff_user, superuser
-from tests.test_admin_scope import login, url
+from tests.quotas.test_admin_scope import login, url
 
 pytestmark = pytest.mark.django_db
 

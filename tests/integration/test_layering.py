@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 STACK = ("tenants", "metering", "quotas")  # each app may import only those before it
 LABELS = {"xaas_tenants": "tenants", "xaas_metering": "metering", "xaas_quotas": "quotas"}
 IMPORTING_CALLS = {"import_module", "import_string", "__import__", "get_model", "is_installed", "get_app_config"}
