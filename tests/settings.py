@@ -5,10 +5,11 @@ configuration). ``DATABASE_URL`` (postgres://...), ``REDIS_URL`` and ``CELERY_BR
 services, exactly as for the example project. No other environment variable changes a test run (the example
 project's ``DJANGO_*`` and ``METERING_*`` knobs do not apply here).
 
-Some tests start processes of the example site (``project.settings``: gunicorn, Celery workers, site workers) on
-the same database and Redis: what those processes share with this one — ``SECRET_KEY`` (API key and fingerprint
-HMACs), the cache ``KEY_PREFIX`` (the Redis namespace), the database options — has the example project's values
-(tests/integration/test_test_settings.py checks they agree). The HTTP tests drive the reference site's routes
+Processes a test starts inherit this module (``DJANGO_SETTINGS_MODULE``), except those that are the example site
+itself (gunicorn, Celery workers), which name ``project.settings``. All share the database and Redis, so what they
+share with this process — ``SECRET_KEY`` (API key and fingerprint HMACs), the cache ``KEY_PREFIX`` (the Redis
+namespace), the database options — has the example project's values (tests/integration/test_test_settings.py checks
+they agree). The HTTP tests drive the reference site's routes
 (``project.urls``: the API mounted as the docs say, the admin, the demo); tests of the example project itself
 import ``project.settings`` explicitly.
 """

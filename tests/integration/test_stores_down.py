@@ -97,6 +97,7 @@ class Server:
             "DATABASE_POOL_MAX_SIZE": str(pool_max),
             "DATABASE_CONNECT_TIMEOUT": "2",
             "REDIS_BREAKER_SECONDS": str(BREAKER_SECONDS),
+            "DJANGO_SETTINGS_MODULE": "project.settings",  # the example project itself, with the knobs above
             "DJANGO_DEBUG": "0",
             "DJANGO_SECRET_KEY": "test-stores-down-" + "k" * 40,
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
