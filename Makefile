@@ -35,7 +35,7 @@ run: seed
 	@echo "    curl -X POST http://$(HOST):$(PORT)/demo/completions \\"
 	@echo "      -H \"Authorization: Bearer \$$(cat $${VAR_DIR:-var}/demo-api-key)\" -H 'X-Tenant-ID: acme-chat-key-1' \\"
 	@echo "      -d '{\"prompt\": \"hello metered world\"}'"
-	@echo "  Usage:                 $(BIN)/python manage.py tenant tree"
+	@echo "  Usage:                 $(BIN)/python manage.py usage --tree"
 	@echo ""
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)
 
