@@ -57,6 +57,12 @@ class UnitsField(models.BigIntegerField):
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> int | None:
         return None if value is None else int(value)
 
+    def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
+        # One placeholder per value: its presence keeps Django's PostgreSQL bulk_create from sending the column as
+        # one array (UNNEST), which psycopg's client-side binding types as bigint[] and so refuses values past 64
+        # bits (reconcile's packed rows can hold up to 10**36).
+        return "%s"
+
 
 class UsageRollup(models.Model):
     """Usage of a tenant's whole subtree for one feature in one UTC hour, kept in the fact's transaction.

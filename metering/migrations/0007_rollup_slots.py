@@ -23,7 +23,12 @@ def split_large_rows(apps, schema_editor):
         return  # SQLite rows hold at most 2**63 - 1: within slot 0's bound there
     rollup = apps.get_model("xaas_metering", "UsageRollup")
     rows = rollup.objects.using(schema_editor.connection.alias)
-    for row in rows.filter(units__gt=BASE_UNITS).iterator():
+    # Raw SQL: the ORM treats the column as a bigint and answers "nothing" to units > 10**36 + 98 without asking.
+    with schema_editor.connection.cursor() as cursor:
+        table = schema_editor.quote_name(rollup._meta.db_table)
+        cursor.execute(f"SELECT id FROM {table} WHERE units > %s::numeric", [str(BASE_UNITS)])
+        large = [pk for (pk,) in cursor.fetchall()]
+    for row in rows.filter(pk__in=large):
         rest, slot = row.units - BASE_UNITS, 1
         row.units = BASE_UNITS
         row.save(update_fields=["units"])
