@@ -347,3 +347,33 @@ def test_the_migration_keeps_every_hour_and_splits_a_row_past_slot_0s_bound():
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
     assert rollups.sum_units(org_pk, "llm_tokens", None, None) == big + 12
+
+
+# ---- the command and the beat task ----
+
+
+@pytest.mark.django_db
+def test_the_command_and_the_beat_task_fold_hours_that_are_over():
+    import io
+    import json
+
+    from django.core.management import call_command
+
+    from metering.tasks import fold_rollups
+
+    tree({"org": None})
+    org = Tenant.objects.get(external_id="org")
+    for slot in (0, 3, 7):
+        UsageRollup.objects.create(tenant=org, feature="llm_tokens", bucket=HOUR, slot=slot, units=slot + 1, events=1)
+    UsageRollup.objects.create(tenant=org, feature="llm_tokens", bucket=HOUR - timedelta(hours=5), slot=2, units=9)
+    out = io.StringIO()
+    call_command("fold_rollups", "--hours-ago", "4", "--json", stdout=out)
+    assert json.loads(out.getvalue())["rows_folded"] == 1  # only the hour that ended 4+ hours ago
+    assert fold_rollups() == {"trees": 1, "rows_folded": 2, "rows_left": 0}
+    assert list(UsageRollup.objects.order_by("bucket").values_list("slot", "units", "events")) == [
+        (0, 9, 0),
+        (0, 1 + 4 + 8, 3),
+    ]
+    assert fold_rollups()["rows_folded"] == 0
+    with pytest.raises(Exception, match="hours-ago"):
+        call_command("fold_rollups", "--hours-ago", "-1")
