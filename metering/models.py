@@ -45,9 +45,10 @@ class UsageRecord(models.Model):
 
 class UnitsField(models.BigIntegerField):
     """Integer units summed over many facts: ``numeric(38,0)`` on PostgreSQL, so a rollup row is exact far beyond
-    64 bits (10**38 units: more facts than any database can write in an hour at the largest quantity), a 64-bit
-    integer elsewhere (SQLite: a row that would pass 2**63 - 1 refuses the fact, see ``metering.rollups``). Read as
-    a Python ``int`` on every backend."""
+    64 bits (writers bound a slot row to 10**36 - 1 units, so an hour's sum of slots stays within 10**38 - 1: more
+    facts than any database can write in an hour at the largest quantity), a 64-bit integer elsewhere (SQLite: a
+    row that would pass 2**63 - 1 refuses the fact, see ``metering.rollups``). Read as a Python ``int`` on every
+    backend."""
 
     def db_type(self, connection: Any) -> str | None:
         if connection.vendor == "postgresql":
