@@ -488,8 +488,11 @@ class FoldReport:
     rows_left: int  # slot rows left as they were: held by a writer at that moment, or slot 0 would pass its bound
 
 
-def fold(before: datetime | None = None, *, using: str = "default", chunk: int = 5000) -> FoldReport:
-    """Merge the writer slots (1..99) of every hour before ``before`` (default: the current UTC hour) into slot 0.
+def fold(
+    before: datetime | None = None, *, roots: Iterable[int] | None = None, using: str = "default", chunk: int = 5000
+) -> FoldReport:
+    """Merge the writer slots (1..99) of every hour before ``before`` (default: the current UTC hour) into slot 0,
+    in every tree (or the trees rooted at ``roots``).
 
     Exact beside concurrent writers, and idempotent: per tree, one transaction at a time holding the tree's lock
     *shared* (as a writer does: a reconcile or a move, which hold it exclusively, never run beside it) and a named
@@ -508,6 +511,9 @@ def fold(before: datetime | None = None, *, using: str = "default", chunk: int =
     by_root: dict[int, list[int]] = defaultdict(list)
     for pk, path in Tenant.objects.using(using).filter(pk__in=tenant_pks).values_list("pk", "path"):
         by_root[int(path.strip("/").split("/")[0])].append(pk)
+    if roots is not None:
+        wanted = set(roots)
+        by_root = defaultdict(list, {root: pks for root, pks in by_root.items() if root in wanted})
     folded = left = 0
     for root_pk in sorted(by_root):
         tree_folded, tree_left = _fold_tree(root_pk, by_root[root_pk], before, using, chunk)
