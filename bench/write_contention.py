@@ -93,6 +93,7 @@ def setup_django(write_mode: str = "commit") -> None:
         sys.exit(f"bench/write_contention.py needs {' and '.join(missing)}, e.g.\n  {EXAMPLE_COMMAND}")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     os.environ.setdefault("DJANGO_DEBUG", "0")  # DEBUG keeps every query in memory
+    os.environ.setdefault("DATABASE_POOL_MIN_SIZE", "1")  # 16 processes share the server's max_connections
     os.environ.setdefault("DJANGO_SECRET_KEY", "bench-only-" + "k" * 40)
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
@@ -161,6 +162,8 @@ def key_for(layout: str, writer: int) -> str:
 class SqlWriter:
     """The statements of one commit-mode fact, sent like the recorder sends them (two pipelined round trips)."""
 
+    _conn: Any = None  # one raw connection per process, for both layouts
+
     def __init__(self, key_id: str) -> None:
         import psycopg
         from django.db import connection
@@ -175,10 +178,12 @@ class SqlWriter:
         self.root_pk = context.root.pk
         self.lineage_pks = [level.pk for level in context.lineage]
         self.table = connection.ops.quote_name(UsageRecord._meta.db_table)
-        params = connection.get_connection_params()
-        params.pop("cursor_factory", None)
-        params.pop("context", None)
-        self.conn = psycopg.connect(**params)
+        if SqlWriter._conn is None:
+            params = connection.get_connection_params()
+            params.pop("cursor_factory", None)
+            params.pop("context", None)
+            SqlWriter._conn = psycopg.connect(**params, application_name="wc-writer")
+        self.conn = SqlWriter._conn
         self.prefix = uuid.uuid4().hex[:12]
         self.count = 0
 
@@ -268,8 +273,53 @@ def writer_main(index: int, write_mode: str, commands: Any, results: Any) -> Non
 # --- driving ------------------------------------------------------------------------------------------------------
 
 
-def run_phase(queues: list[Any], results: Any, level: str, layout: str, seconds: float) -> tuple[float, int, int]:
-    """facts/s finished inside the window, errors, and every fact admitted (warm-up and the last one included)."""
+class LockWaits:
+    """Samples pg_stat_activity every 10 ms during a phase: the share of the database's active backends (other than
+    this one) waiting on a lock (``wait_event_type = 'Lock'``: the hot row's ``transactionid`` wait). A measure of
+    the queue itself, which a CPU-starved machine does not hide the way it hides throughput differences."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stop = threading.Event()
+        self.samples: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psycopg
+        from django.db import connection
+
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        with psycopg.connect(**params, autocommit=True) as conn:
+            while not self.stop.wait(0.01):
+                for kind, event in conn.execute(
+                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND state = 'active'"
+                ):
+                    key = f"{kind}:{event}" if kind else "running"
+                    self.samples[key] = self.samples.get(key, 0) + 1
+
+    def __enter__(self) -> LockWaits:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def lock_share(self) -> float:
+        total = sum(self.samples.values())
+        waiting = sum(count for key, count in self.samples.items() if key.startswith("Lock:"))
+        return waiting / total if total else 0.0
+
+
+def run_phase(
+    queues: list[Any], results: Any, level: str, layout: str, seconds: float
+) -> tuple[float, int, int, float]:
+    """facts/s finished inside the window, errors, every fact admitted (warm-up and the last one included), and the
+    share of active backends waiting on a lock meanwhile."""
     for queue in queues:
         queue.put(("prepare", level, layout))
     warm = 0
@@ -281,13 +331,14 @@ def run_phase(queues: list[Any], results: Any, level: str, layout: str, seconds:
     for queue in queues:
         queue.put(("run", start_at, seconds))
     total, errors, admitted = 0, len(queues) - warm, warm
-    for _ in queues:
-        kind, _, done, failed, performed = results.get(timeout=seconds + 300)
-        assert kind == "done"
-        total += done
-        errors += failed
-        admitted += performed
-    return total / seconds, errors, admitted
+    with LockWaits() as waits:
+        for _ in queues:
+            kind, _, done, failed, performed = results.get(timeout=seconds + 300)
+            assert kind == "done"
+            total += done
+            errors += failed
+            admitted += performed
+    return total / seconds, errors, admitted, waits.lock_share()
 
 
 def log_mode_available() -> str | None:
@@ -399,6 +450,7 @@ def main() -> None:
     for process in processes:
         process.start()
     rates: dict[str, dict[str, list[float]]] = {level: {"one": [], "spread": []} for level in args.levels}
+    waits: dict[str, dict[str, list[float]]] = {level: {"one": [], "spread": []} for level in args.levels}
     errors: dict[str, int] = {}
     admitted = 0
     try:
@@ -406,11 +458,15 @@ def main() -> None:
             for level in args.levels:
                 layouts = ["one", "spread"] if round_index % 2 == 0 else ["spread", "one"]
                 for layout in layouts:
-                    rate, failed, performed = run_phase(queues, results, level, layout, args.seconds)
+                    rate, failed, performed, waiting = run_phase(queues, results, level, layout, args.seconds)
                     admitted += performed
+                    waits[level][layout].append(waiting)
                     rates[level][layout].append(rate)
                     errors[f"{level}/{layout}"] = errors.get(f"{level}/{layout}", 0) + failed
-                    print(f"round {round_index + 1} {level:8} {layout:6} {rate:9,.0f} facts/s ({failed} errors)")
+                    print(
+                        f"round {round_index + 1} {level:8} {layout:6} {rate:9,.0f} facts/s, "
+                        f"{waiting:4.0%} of active backends waiting on a lock ({failed} errors)"
+                    )
         for queue in queues:
             queue.put(None)
         for process in processes:
@@ -429,6 +485,8 @@ def main() -> None:
             "spread_facts_per_s": round(spread),
             "ratio_one_over_spread": round(one / spread, 3),
             "per_round_ratios": [round(ratio, 3) for ratio in ratios],
+            "lock_wait_share_one": round(statistics.median(waits[level]["one"]), 3),
+            "lock_wait_share_spread": round(statistics.median(waits[level]["spread"]), 3),
             "rates": by_layout,
         }
     drain = None
@@ -445,11 +503,12 @@ def main() -> None:
     print(
         f"{args.writers} writer processes, {args.seconds:g} s per layout, {args.rounds} rounds, {args.write_mode} mode"
     )
-    print(f"{'level':10} {'one tree':>12} {'spread':>12} {'one/spread':>11}")
+    print(f"{'level':10} {'one tree':>12} {'spread':>12} {'one/spread':>11} {'lock waits one/spread':>22}")
     for level, figures in summary.items():
         print(
             f"{level:10} {figures['one_tree_facts_per_s']:>10,}/s {figures['spread_facts_per_s']:>10,}/s "
-            f"{figures['ratio_one_over_spread']:>10.2f}x"
+            f"{figures['ratio_one_over_spread']:>10.2f}x "
+            f"{figures['lock_wait_share_one']:>14.0%} / {figures['lock_wait_share_spread']:.0%}"
         )
     if folded:
         print(f"fold afterwards (every hour, the current one too): {folded}")
