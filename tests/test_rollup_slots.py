@@ -377,3 +377,17 @@ def test_the_command_and_the_beat_task_fold_hours_that_are_over():
     assert fold_rollups()["rows_folded"] == 0
     with pytest.raises(Exception, match="hours-ago"):
         call_command("fold_rollups", "--hours-ago", "-1")
+
+
+@pytest.mark.parametrize("value", [0, 100, "16", True, None])
+def test_a_bad_slot_count_is_a_system_check_error_and_never_used(value):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from metering.checks import check_metering_settings
+
+    with slots(ROLLUP_SLOTS=value):
+        assert "xaas_metering.E040" in {message.id for message in check_metering_settings()}
+        with pytest.raises(ImproperlyConfigured):
+            rollups.writer_slots()
+    with slots(ROLLUP_SLOTS=99):
+        assert "xaas_metering.E040" not in {message.id for message in check_metering_settings()}
