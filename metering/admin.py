@@ -178,7 +178,7 @@ class UsageRecordAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
 
 @admin.register(UsageRollup)
 class UsageRollupAdmin(TenantScopedAdminMixin, ReadOnlyAdmin):
-    list_display = ("bucket", "tenant", "feature", "quantity", "events")
+    list_display = ("bucket", "tenant", "feature", "slot", "quantity", "events")  # an hour is the sum of its slots
     list_filter = (TopFeaturesFilter,)
     search_fields = ("tenant__external_id",)
     list_select_related = ("tenant",)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
+from django.db import OperationalError
 from django.db.models import Sum
 from django.db.models.functions import TruncDate
 
@@ -30,17 +31,23 @@ def daily_usage(tenant_pk: int, days: int = 30, now: datetime | None = None) -> 
     first = today - timedelta(days=days - 1)
     start = datetime.combine(first, time(), tzinfo=UTC)
     end = datetime.combine(today + timedelta(days=1), time(), tzinfo=UTC)
-    rows = (
-        UsageRollup.objects.using(metering_settings.DATABASE_ALIAS)
-        .filter(tenant_id=tenant_pk, bucket__gte=start, bucket__lt=end)
-        .annotate(day=TruncDate("bucket", tzinfo=UTC))
-        .values_list("feature", "day")
-        .annotate(units=Sum("units"))
-        .order_by()
+    hours = UsageRollup.objects.using(metering_settings.DATABASE_ALIAS).filter(
+        tenant_id=tenant_pk, bucket__gte=start, bucket__lt=end
     )
+    # Every slot row of every hour of the day, summed.
+    rows = hours.annotate(day=TruncDate("bucket", tzinfo=UTC)).values_list("feature", "day")
+    try:
+        sums = list(rows.annotate(units=Sum("units")).order_by())
+    except OperationalError as error:  # SQLite: a day's sum past 64 bits; add the rows up in Python, exactly
+        if "integer overflow" not in str(error):
+            raise
+        totals: dict[tuple[str, date], int] = {}
+        for feature, day, units in rows.values_list("feature", "day", "units").iterator():
+            totals[(feature, day)] = totals.get((feature, day), 0) + int(units)
+        sums = [(feature, day, units) for (feature, day), units in totals.items()]
     result: dict[str, dict[date, Decimal]] = {}
-    for feature, day, units in rows:
-        result.setdefault(feature, {})[day] = units_to_quantity(units or 0)
+    for feature, day, units in sums:
+        result.setdefault(feature, {})[day] = units_to_quantity(int(units or 0))
     return result
 
 

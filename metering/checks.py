@@ -73,6 +73,11 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
             messages.append(
                 Error(f"METERING[{key!r}] must be a positive integer, got {value!r}.", id="xaas_metering.E005")
             )
+    slots = metering_settings.ROLLUP_SLOTS
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 99:
+        messages.append(
+            Error(f"METERING['ROLLUP_SLOTS'] must be an integer from 1 to 99, got {slots!r}.", id="xaas_metering.E036")
+        )
     messages.extend(_abuse_bound_problems())
     return messages
 

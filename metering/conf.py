@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
     "LOG_DEDUP_SECONDS": 3600,  # log mode: a transaction id is refused as a duplicate at once within this window
     "LOG_DRAIN_BATCH": 5000,  # stream entries one drain transaction persists
     "LOG_REFRESH_SECONDS": 1.0,  # log mode: how long a process trusts its cached lineage/epoch without the DB
+    # PostgreSQL: each (tenant, feature, hour) is split over this many writer rows (1 to 99), so concurrent writers
+    # of one tree do not queue on one row; the fold_rollups beat task merges hours that are over (metering.rollups).
+    "ROLLUP_SLOTS": 16,
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

@@ -152,6 +152,7 @@ class DuplicateUsageEvent(MeteringError):
 
 class UsageTotalOutOfRange(InvalidQuantity):
     """The fact would carry a level's hourly total beyond what the database stores exactly (2**63 - 1 units on
-    SQLite; 10**38 - 1 on PostgreSQL). Refused, for this fact only; nothing was stored."""
+    SQLite; on PostgreSQL the rollup slot row it adds to would pass 10**36 - 1, so the hour's sum of slots never
+    passes 10**38 - 1, see ``metering.rollups``). Refused, for this fact only; nothing was stored."""
 
     code = "usage_total_out_of_range"

@@ -45,9 +45,10 @@ class UsageRecord(models.Model):
 
 class UnitsField(models.BigIntegerField):
     """Integer units summed over many facts: ``numeric(38,0)`` on PostgreSQL, so a rollup row is exact far beyond
-    64 bits (10**38 units: more facts than any database can write in an hour at the largest quantity), a 64-bit
-    integer elsewhere (SQLite: a row that would pass 2**63 - 1 refuses the fact, see ``metering.rollups``). Read as
-    a Python ``int`` on every backend."""
+    64 bits (writers bound a slot row to 10**36 - 1 units, so an hour's sum of slots stays within 10**38 - 1: more
+    facts than any database can write in an hour at the largest quantity), a 64-bit integer elsewhere (SQLite: a
+    row that would pass 2**63 - 1 refuses the fact, see ``metering.rollups``). Read as a Python ``int`` on every
+    backend."""
 
     def db_type(self, connection: Any) -> str | None:
         if connection.vendor == "postgresql":
@@ -57,26 +58,47 @@ class UnitsField(models.BigIntegerField):
     def from_db_value(self, value: Any, expression: Any, connection: Any) -> int | None:
         return None if value is None else int(value)
 
+    def get_placeholder(self, value: Any, compiler: Any, connection: Any) -> str:
+        # One placeholder per value: its presence keeps Django's PostgreSQL bulk_create from sending the column as
+        # one array (UNNEST), which psycopg's client-side binding types as bigint[] and so refuses values past 64
+        # bits (reconcile's packed rows can hold up to 10**36).
+        return "%s"
+
 
 class UsageRollup(models.Model):
-    """Usage of a tenant's whole subtree for one feature in one UTC hour, kept in the fact's transaction."""
+    """Usage of a tenant's whole subtree for one feature in one UTC hour, kept in the fact's transaction.
 
-    # No index of its own: the unique (tenant, feature, bucket) constraint serves every lookup, and a narrower
+    One (tenant, feature, hour) is split over up to ``rollups.SLOT_ROWS`` rows, its *slots*; its usage is the sum of
+    them. On PostgreSQL each transaction adds to one slot chosen from its transaction id (slots 1 to
+    ``METERING["ROLLUP_SLOTS"]``), so concurrent writers of one tree do not queue on one row; slot 0 holds what
+    ``rollups.fold`` merged (hours that are over) and is the only slot on SQLite. See ``metering.rollups``.
+    """
+
+    # No index of its own: the unique (tenant, feature, bucket, slot) constraint serves every lookup, and a narrower
     # tenant-only index tempts the planner into reading a tenant's whole history.
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_rollups", db_index=False)
     feature = models.CharField(max_length=100)
     bucket = models.DateTimeField(help_text="Start of the UTC hour.")
+    slot = models.SmallIntegerField(
+        default=0, db_default=0, help_text="Which of the hour's rows (their sum is the hour's usage)."
+    )
     units = UnitsField(default=0)
     events = models.BigIntegerField(default=0)
 
     class Meta:
         verbose_name = "usage rollup"
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "feature", "bucket"], name="xaas_rollup_unique_bucket"),
+            models.UniqueConstraint(fields=["tenant", "feature", "bucket", "slot"], name="xaas_rollup_unique_slot"),
+            # rollups.SLOT_ROWS: with every row within its bound, no hour's sum passes the exact range.
+            models.CheckConstraint(condition=models.Q(slot__gte=0, slot__lt=100), name="xaas_rollup_slot_range"),
+        ]
+        indexes = [
+            # The rows rollups.fold has to merge, and only those: small, and found without reading the history.
+            models.Index(fields=["bucket"], name="xaas_rollup_unfolded", condition=models.Q(slot__gt=0)),
         ]
 
     def __str__(self) -> str:
-        return f"{self.tenant_id}:{self.feature}@{self.bucket:%Y-%m-%d %H:00}"
+        return f"{self.tenant_id}:{self.feature}@{self.bucket:%Y-%m-%d %H:00}#{self.slot}"
 
     @property
     def quantity(self) -> Decimal:

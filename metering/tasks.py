@@ -16,6 +16,7 @@ from django.core.cache import caches
 
 from tenants import namespace
 
+from . import rollups
 from .conf import metering_settings
 from .delivery import deliver, outbox
 from .delivery.sinks import get_sink
@@ -53,6 +54,13 @@ def sweep_outbox() -> dict[str, Any]:
     report = deliver.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
     _follow_up(report)
     return {**report.as_dict(), "released": released}
+
+
+@shared_task(name="metering.fold_rollups", acks_late=True, ignore_result=True)
+def fold_rollups() -> dict[str, int]:
+    """Beat: merge the rollup slots of hours that are over (``rollups.fold``; idempotent, exact beside writers)."""
+    report = rollups.fold(using=metering_settings.DATABASE_ALIAS)
+    return {"trees": report.trees, "rows_folded": report.rows_folded, "rows_left": report.rows_left}
 
 
 def _follow_up(report: deliver.FlushReport) -> None:

@@ -1,8 +1,9 @@
 """Reading usage: a tenant's usage is the sum over its whole subtree.
 
 A window that is exactly an hour, day, month or everything is served from the Redis counter when there is one;
-otherwise whole hours come from the rollups (one row per hour of one tenant) and only the partial hours at the
-edges of an arbitrary range read raw facts. Raw facts are never scanned for whole hours.
+otherwise whole hours come from the rollups (per hour of one tenant the sum of its slot rows, one row once folded)
+and only the partial hours at the edges of an arbitrary range read raw facts. Raw facts are never scanned for whole
+hours.
 """
 
 from __future__ import annotations

@@ -197,6 +197,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "metering.sweep_outbox",
         "schedule": float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
     },
+    # Rollup slots of hours that are over merge into one row per hour (metering.rollups.fold).
+    "metering-fold-rollups": {
+        "task": "metering.fold_rollups",
+        "schedule": float(os.environ.get("METERING_FOLD_SECONDS", "300")),
+    },
     "quotas-expire-reservations": {
         "task": "quotas.expire_reservations",
         "schedule": float(os.environ.get("QUOTAS_EXPIRY_SECONDS", "30")),

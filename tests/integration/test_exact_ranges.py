@@ -8,11 +8,13 @@ from decimal import Decimal
 from importlib.resources import files
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import connection
+from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metering import UsageEvent, get_meter
+from metering import UsageEvent, get_meter, rollups
 from metering.events import max_quantity_units, units_to_quantity
 from metering.exceptions import UsageTotalOutOfRange
 from metering.models import UsageRecord, UsageRollup
@@ -47,19 +49,47 @@ def fill_hour(tenant_ids: list[str], units: int, hour: datetime = HOUR, feature:
         )
 
 
+def fill_hour_but(tenant_ids: list[str], room: int, hour: datetime = HOUR, feature: str = "llm_tokens") -> None:
+    """Every slot of the hour full but ``room`` units in the one writers use (``ROLLUP_SLOTS`` 1: slot 1 on
+    PostgreSQL, slot 0 on SQLite): the hour's sum is the largest one minus ``room``."""
+    for tenant_id in tenant_ids:
+        tenant = Tenant.objects.get(external_id=tenant_id)
+        if connection.vendor != "postgresql":
+            UsageRollup.objects.create(tenant=tenant, feature=feature, bucket=hour, units=SQLITE_MAX_UNITS - room)
+            continue
+        UsageRollup.objects.bulk_create(
+            UsageRollup(
+                tenant=tenant,
+                feature=feature,
+                bucket=hour,
+                slot=slot,
+                units=rollups.BASE_UNITS if slot == 0 else rollups.SLOT_UNITS - (room if slot == 1 else 0),
+                events=1,
+            )
+            for slot in range(rollups.SLOT_ROWS)
+        )
+
+
 def test_an_hourly_total_reaches_the_largest_row_exactly_and_the_next_unit_is_refused_by_name():
+    with override_settings(METERING={**getattr(django_settings, "METERING", {}), "ROLLUP_SLOTS": 1}):
+        check_the_largest_hourly_total()
+
+
+def check_the_largest_hourly_total():
     tree({"org": None, "project": "org", "other": None})
     largest = largest_row_units()
     maximum = max_quantity_units()
-    fill_hour(["org", "project"], largest - maximum)
+    fill_hour_but(["org", "project"], maximum)
     record("project", units_to_quantity(maximum), timestamp=HOUR + timedelta(minutes=1))  # the largest fact
-    assert UsageRollup.objects.get(tenant__external_id="org", bucket=HOUR).units == largest  # exact, no rounding
+    org = get_context("org")
+    assert _units_from_database(org, "llm_tokens", HOUR, HOUR + timedelta(hours=1)) == largest  # exact, no rounding
     facts = UsageRecord.objects.count()
     with pytest.raises(UsageTotalOutOfRange) as refused:
         record("project", "0.000001", timestamp=HOUR + timedelta(minutes=2))
     assert refused.value.field == "quantity" and refused.value.code == "usage_total_out_of_range"
     assert UsageRecord.objects.count() == facts  # nothing half-written
-    assert UsageRollup.objects.get(tenant__external_id="project", bucket=HOUR).units == largest
+    project = get_context("project")
+    assert _units_from_database(project, "llm_tokens", HOUR, HOUR + timedelta(hours=1)) == largest
     # Only that hour of that tree is full: the next hour, and every other tree, record as usual.
     record("project", 1, timestamp=HOUR + timedelta(hours=1, minutes=1))
     record("other", units_to_quantity(maximum), timestamp=HOUR + timedelta(minutes=3))
