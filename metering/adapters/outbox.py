@@ -15,7 +15,7 @@ from .database import DatabaseMeteringAdapter
 class OutboxMeteringAdapter(DatabaseMeteringAdapter):
     """Quotas and usage reads stay local (the database and Redis counters); the sink only receives facts.
 
-    Every path that stores a fact (``record_fact``, quota-enforced ones included) runs ``on_stored`` inside the
+    Every path that stores a fact (``record_fact``, ``fact_write``: quota-enforced ones) runs ``on_stored`` inside the
     fact's transaction. The request thread only writes the outbox row; Celery workers deliver (``metering.tasks``).
     """
 
