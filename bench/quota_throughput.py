@@ -510,8 +510,8 @@ def phase_breakdown(client: Any, variant: Variant, requests: int) -> dict[str, A
         "request_ms": round(request_ms, 3),
         "phases": phases,
         "note": (
-            "sql_ms: Django CursorWrapper.execute (psycopg incl. the round trip; BEGIN is sent with the first "
-            "statement) plus connection.commit; redis_ms: redis-py execute_command / pipeline execute; "
+            "sql_ms: Django CursorWrapper.execute (psycopg incl. the round trip; psycopg sends BEGIN within the "
+            "first statement's execute) plus connection.commit; redis_ms: redis-py execute_command / pipeline execute; "
             "python_ms = ms - sql_ms - redis_ms. 'outside the phases' = test client, Django handler and "
             "middleware, async_to_sync / sync_to_async bridging, the view, JSON, headers."
         ),

@@ -263,6 +263,9 @@ class DropIfCommitFails:
     def counted(self) -> None:
         self._counted = True
 
+    def is_counted(self) -> bool:
+        return self._counted
+
     def __enter__(self) -> DropIfCommitFails:
         return self
 

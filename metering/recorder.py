@@ -1,29 +1,59 @@
-"""Recording one usage fact: the straight line from an event to durable, counted usage.
+"""Where a fact is written in commit mode: one explicit write unit, ``FactWrite``, that every caller drives.
 
-validate -> resolve the lineage -> in one transaction: lock the tree shared, insert the fact (idempotent on
-``transaction_id``), add it to the live Redis counters (the quota decision, when gated) and to the rollups of every
-level -> after commit, send ``usage_recorded``. On PostgreSQL that is two round trips: ``BEGIN``, lock and fact
-in one (which also reads the tree's counter epoch, see ``metering.counters``), rollups and ``COMMIT`` in the other
-(see ``metering.roundtrip``).
-Bad input raises before anything is written; a duplicate raises ``DuplicateUsageEvent`` and writes nothing.
+Follow one fact, say ``QuotaPolicyHandler("key-1").consume("llm_tokens", 3)`` (``quotas.handler``), or
+``get_meter().record_usage(event)`` without quotas (``record`` below):
+
+1. ``write = FactWrite(event, context=..., on_stored=...)`` validates the event (``metering.events``: bad input
+   raises a named ``InvalidUsageEvent`` before anything is written) and resolves the tenant's lineage
+   (``tenants.lineage``, cached; ``write.context``).
+2. ``with write.open(exclusive=..., lock_names=..., count=..., rollups_first=...) as fact:`` opens one transaction
+   (``transaction.atomic``: a savepoint inside a caller's) and, in it, in this order:
+   - admits the feature (``METERING["MAX_FEATURES_PER_TREE"]``, ``admit_features`` below);
+   - locks the tree (``tenants.locks``): shared, so writers of one tree run side by side, or exclusively when the
+     caller asks (a counter rebuild, Redis unreachable: no other writer of the tree may be in flight); then the
+     named locks the caller asks for (the quota database path serializes one tree's decisions on one feature);
+   - inserts the fact, idempotent on ``(tenant, transaction_id)``, and only if the tenant's path is still the one
+     the lineage was cached with (re-checked under the tree lock). The same statement reads the tree's counter
+     epoch (``fact.epoch``, see ``metering.counters``) and, with ``rollups_first``, adds the fact to the hourly
+     rollups of every level. A duplicate raises ``DuplicateUsageEvent`` (nothing written); a stale lineage rolls
+     the transaction back, re-reads ``write.context`` and raises ``StaleLineage``: open again;
+   - runs ``on_stored(valid, record_id, context)`` (an adapter's outbox row: it commits or rolls back with the fact).
+3. The body of the ``with`` block is the caller's decision, if it has one. ``quotas.handler`` asks
+   ``quotas.ledger.decide``, which *returns* a ``Decision`` and, when it admits, has counted the fact in the live
+   counters; the handler raises a refusal (rolling everything back) or calls ``fact.counted()``. Nothing here
+   calls quotas: the unit only exposes what the decision needs (``fact.context``, ``fact.epoch``, ``fact.record_id``,
+   ``fact.rollups_written``), and the caller's own statements (closing a reservation) join the transaction.
+4. Leaving the block without an error finishes the unit: the fact is added to the live Redis counters unless the
+   caller counted it (``count=False``), the rollups are upserted unless written with the fact (last, right before
+   ``COMMIT``, so the rollup rows every writer of the tree shares stay locked for the shortest time, never while a
+   process talks to Redis), and the transaction commits. ``usage_recorded`` is sent after the commit (robust: a
+   failing receiver is logged and never un-stores a fact). An error anywhere rolls it all back; when the counters
+   had already counted the fact, the tree's counters are retired (``counters.DropIfCommitFails``), so a fact that
+   was not stored is never counted.
+
+On PostgreSQL that is ``BEGIN``, the tree lock, the fact (with the epoch), the Redis decision, the rollups, ``COMMIT``.
+(An earlier version folded ``BEGIN`` and ``COMMIT`` into the statements, by switching psycopg's autocommit inside
+``atomic()``, and sent several statements as one query string: measured in-process with interleaved rounds, that
+gained 2-7% requests/s, within the noise, so plain ``transaction.atomic`` replaced it; the script,
+``bench/fold_compare.py``, is in the git history with the figures in its commit message.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any
 
 from django.db import DataError, connections, transaction
 
 from tenants.context import TenantContext
 from tenants.lineage import get_context
-from tenants.locks import lock_name, lock_trees, name_lock_statement, tree_lock_statement
+from tenants.locks import lock_name, lock_trees
 from tenants.models import Tenant
 
-from . import counters, rollups, roundtrip
+from . import counters, rollups
 from .breaker import log_level
 from .conf import metering_settings
 from .events import UsageEvent, ValidEvent, utcnow, validate_event
@@ -34,49 +64,159 @@ from .windows import floor_hour
 
 logger = logging.getLogger("metering.recorder")
 
-
-class _StaleLineage(Exception):
-    """The cached lineage no longer matches the tree (a concurrent move); read it again and retry."""
-
-
 StoredHook = Callable[[ValidEvent, int, TenantContext], None]
 
 
-class Gate(Protocol):
-    """A decision taken inside the fact's transaction (quotas). Raising from ``count`` stores nothing.
+class StaleLineage(Exception):
+    """The cached lineage no longer matched the tree (a concurrent move, a missed invalidation): nothing was written,
+    ``FactWrite.context`` now holds the lineage read from the database; open the unit again."""
 
-    ``exclusive``: take the tree lock exclusively (no other writer in flight), e.g. to rebuild lost counters.
-    """
 
-    exclusive: bool
+class FactWrite:
+    """One fact's write unit (commit mode). See the module docstring for the sequence; ``record`` for the simplest
+    use. The attributes set by ``open`` (``record_id``, ``epoch``, ``rollups_written``) are valid inside its block."""
 
-    def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
-        """Named locks to take right after the tree lock, before the fact is written (``tenants.locks``)."""
-
-    def counts_first(self) -> bool:
-        """Whether ``count`` may run before the fact's rollups are written (then written right before ``COMMIT``,
-        so the hot rollup rows stay locked for the shortest time). Not when the decision reads the rollups."""
-
-    def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
-        """PostgreSQL: a data-modifying statement (``... RETURNING``) sent in the fact's round trip, run only if the
-        fact is inserted, which may read the new fact's id as ``(SELECT id FROM fact)``; ``None``: nothing."""
-
-    def count(
-        self,
-        valid: ValidEvent,
-        context: TenantContext,
-        record_id: int,
-        using: str,
-        with_fact_rows: int | None,
-        rollups_written: bool,
-        epoch: int,
+    def __init__(
+        self, event: UsageEvent, *, context: TenantContext | None = None, on_stored: StoredHook | None = None
     ) -> None:
-        """Runs instead of the plain counter increment: decide and count in one atomic step.
+        self.valid: ValidEvent = validate_event(event)
+        if context is None or context.tenant_id != self.valid.tenant_id:
+            context = get_context(self.valid.tenant_id)
+        self.context: TenantContext = context
+        self.on_stored = on_stored
+        self.using: str = metering_settings.DATABASE_ALIAS
+        self.record_id = 0
+        self.epoch = 0
+        self.rollups_written = False
+        self._counting: counters.DropIfCommitFails | None = None
 
-        ``with_fact_rows``: the rows ``with_fact``'s statement returned, or ``None`` if it was not run (it is only
-        on PostgreSQL), in which case ``count`` does that work itself. ``rollups_written``: whether the fact is
-        already in the rollups (not when ``counts_first`` let them be written after). ``epoch``: the tree's counter
-        epoch, read under the tree lock in the fact's statement."""
+    @contextmanager
+    def open(
+        self,
+        *,
+        exclusive: bool = False,
+        lock_names: Sequence[str] = (),
+        count: bool = True,
+        rollups_first: bool = False,
+    ) -> Iterator[FactWrite]:
+        """Write the fact in a transaction that commits when the block ends without an error (module docstring).
+
+        ``exclusive``: lock the tree exclusively. ``lock_names``: named locks taken right after the tree lock (for
+        ``write.context``: a ``StaleLineage`` retry may bring another root). ``count=False``: the block counts the
+        fact in the live counters itself (a quota decision) and calls ``counted()`` once it has; the unit then does
+        not. ``rollups_first``: write the rollups with the fact (a decision in the block sums them); otherwise they
+        are written last, before ``COMMIT`` (on SQLite always with the fact)."""
+        with ExitStack() as stack:
+            self._counting = stack.enter_context(counters.DropIfCommitFails(self.context.root.pk))
+            stack.enter_context(transaction.atomic(using=self.using))
+            rollups_last = not rollups_first and connections[self.using].vendor == "postgresql"
+            self._insert(exclusive, lock_names, not rollups_last)
+            yield self
+            if count:
+                add_to_counters(self.valid, [level.pk for level in self.context.lineage], self.using, self.epoch)
+                self._counting.counted()
+            elif not self._counting.is_counted():
+                raise RuntimeError("FactWrite.open(count=False): the block did not count the fact (counted())")
+            if rollups_last:
+                self._add_rollups()
+
+    def counted(self) -> None:
+        """The block's decision has counted the fact in the live counters: from here on, should the transaction not
+        commit, the tree's counters are retired."""
+        assert self._counting is not None, "counted() belongs inside open()"
+        self._counting.counted()
+
+    def _insert(self, exclusive: bool, lock_names: Sequence[str], with_rollups: bool) -> None:
+        valid, context, using = self.valid, self.context, self.using
+        _admit(valid, context, using)
+        lock_trees([context.root.pk], exclusive=exclusive, using=using)
+        for name in lock_names:
+            lock_name(name, using=using)
+        # Each statement has its own snapshot (READ COMMITTED): the path check in the insert sees every move
+        # committed before the tree lock was granted.
+        lineage_pks = [level.pk for level in context.lineage]
+        rows = _insert_fact(valid, context, lineage_pks, with_rollups, using)
+        if rows:
+            self.record_id, self.epoch = int(rows[0][0]), int(rows[0][1])
+            self.rollups_written = with_rollups
+            if self.on_stored is not None:
+                self.on_stored(valid, self.record_id, context)
+            # Sent only if the transaction commits (registered now, so it goes before the callbacks of the decision).
+            # robust: once the fact is committed, a failing receiver must not make the caller believe it was not (a
+            # retry without a transaction id would record it twice); the error is logged.
+            record_id = self.record_id
+            transaction.on_commit(
+                lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
+                using=using,
+                robust=True,
+            )
+            return
+        existing = (
+            UsageRecord.objects.using(using)
+            .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
+            .values_list("id", flat=True)
+            .first()
+        )
+        if existing is not None:
+            raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, existing)
+        # The path check saw a committed move: read the lineage from the database now; the raise rolls this
+        # transaction back, and the next open() locks and checks the new path.
+        self.context = get_context(valid.tenant_id, use_cache=False)
+        raise StaleLineage(valid.tenant_id)
+
+    def _add_rollups(self) -> None:
+        lineage_pks = [level.pk for level in self.context.lineage]
+        hour = floor_hour(self.valid.timestamp)
+        rollups.add(lineage_pks, self.valid.feature_name, hour, self.valid.units, using=self.using)
+        self.rollups_written = True
+
+
+STALE_RETRIES = 3  # a stale lineage is re-read from the database: a second one needs another concurrent move
+
+
+def record(event: UsageEvent, *, context: TenantContext | None = None, on_stored: StoredHook | None = None) -> int:
+    """Store ``event`` exactly once and count it at every level of its lineage, with no decision. Returns its id.
+
+    ``on_stored(valid_event, record_id, context)`` runs inside the fact's transaction."""
+    write = FactWrite(event, context=context, on_stored=on_stored)
+    for _ in range(STALE_RETRIES):
+        try:
+            with write.open():
+                pass
+            return write.record_id
+        except StaleLineage:
+            continue
+    raise StaleLineage(write.valid.tenant_id)
+
+
+def _insert_fact(
+    valid: ValidEvent, context: TenantContext, lineage_pks: list[int], with_rollups: bool, using: str
+) -> list[tuple[Any, ...]]:
+    """Insert the fact unless the tenant already has its transaction id or its path changed; ``[(id, epoch)]`` or
+    ``[]``. ``with_rollups`` (PostgreSQL: in the same statement; elsewhere right after): add it to the rollups."""
+    connection = connections[using]
+    insert, params = _insert_fact_sql(valid, context, using)
+    hour = floor_hour(valid.timestamp)
+    try:
+        with connection.cursor() as cursor:
+            if with_rollups and connection.vendor == "postgresql":
+                rollup_sql, rollup_params = rollups.add_for_inserted(
+                    "fact", lineage_pks, valid.feature_name, hour, valid.units, using=using
+                )
+                cursor.execute(
+                    f"WITH fact AS ({insert}), rolled AS ({rollup_sql}) SELECT id, epoch FROM fact",  # noqa: S608
+                    params + rollup_params,
+                )
+                return list(cursor.fetchall())
+            cursor.execute(insert, params)
+            rows = list(cursor.fetchall())
+    except DataError as error:
+        if rollups.out_of_range(error):
+            raise rollups.refusal(valid.feature_name) from None
+        raise
+    if rows and with_rollups:
+        rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
+    return rows
 
 
 # ---- the feature bound: METERING["MAX_FEATURES_PER_TREE"] ----
@@ -207,138 +347,6 @@ def _admit(valid: ValidEvent, context: TenantContext, using: str) -> None:
     admit_features([pair], using)
 
 
-def record(
-    event: UsageEvent,
-    *,
-    context: TenantContext | None = None,
-    on_stored: StoredHook | None = None,
-    gate: Gate | None = None,
-) -> int:
-    """Store ``event`` exactly once and count it at every level of its lineage. Returns the fact's id.
-
-    ``on_stored(valid_event, record_id, context)`` runs inside the fact's transaction (an adapter's outbox row is
-    written there, so it commits or rolls back with the fact). ``gate`` lets the quotas refuse the fact atomically.
-    """
-    valid = validate_event(event)
-    if context is None or context.tenant_id != valid.tenant_id:
-        context = get_context(valid.tenant_id)
-    try:
-        return _record(valid, context, on_stored, gate)
-    except _StaleLineage:
-        return _record(valid, get_context(valid.tenant_id, use_cache=False), on_stored, gate)
-
-
-def _record(valid: ValidEvent, context: TenantContext, on_stored: StoredHook | None, gate: Gate | None) -> int:
-    using = metering_settings.DATABASE_ALIAS
-    lineage_pks = [level.pk for level in context.lineage]
-    # On PostgreSQL, when the decision does not read the rollups: BEGIN, the locks and the fact in one round trip;
-    # the counters (Redis); the rollups and COMMIT in one round trip. The rollup rows every writer of the tree
-    # shares are then locked only while the server upserts and commits, never while this process works.
-    rollups_last = connections[using].vendor == "postgresql" and (gate is None or gate.counts_first())
-    with counters.DropIfCommitFails(lineage_pks[0]) as counting, roundtrip.atomic(using) as batch:
-        _admit(valid, context, using)
-        locks = [] if gate is None else gate.lock_names(valid, context)
-        extra = None if gate is None else gate.with_fact(using)
-        exclusive = bool(gate and gate.exclusive)
-        record_id, extra_rows, epoch = _write_fact(batch, valid, context, exclusive, locks, extra, not rollups_last)
-        if on_stored is not None:
-            on_stored(valid, record_id, context)
-        if gate is not None:
-            gate.count(valid, context, record_id, using, extra_rows, not rollups_last, epoch)
-        else:
-            count(valid, lineage_pks, using, epoch)
-        counting.counted()
-        # robust: once the fact is committed, a failing receiver must not make the caller believe it was not
-        # (a retry without a transaction id would record it twice); the error is logged.
-        transaction.on_commit(
-            lambda: usage_recorded.send(sender=UsageRecord, event=valid, record_id=record_id, context=context),
-            using=using,
-            robust=True,
-        )
-        if rollups_last:
-            hour = floor_hour(valid.timestamp)
-            rollup = rollups.add_statement(lineage_pks, valid.feature_name, hour, valid.units, using=using)
-            try:
-                batch.execute_last([rollup])
-            except DataError as error:
-                if rollups.out_of_range(error):
-                    raise rollups.refusal(valid.feature_name) from None
-                raise
-    return record_id
-
-
-def _write_fact(
-    batch: roundtrip.Batch,
-    valid: ValidEvent,
-    context: TenantContext,
-    exclusive: bool,
-    lock_names: list[str],
-    with_fact: tuple[str, list[Any]] | None,
-    with_rollups: bool = True,
-) -> tuple[int, int | None, int]:
-    """Lock the tree, insert the fact unless the tenant already has this transaction id (and only if the lineage is
-    current), add it to every level's rollups (unless ``with_rollups`` is false: PostgreSQL only, the caller adds
-    them). On PostgreSQL one round trip, ``with_fact`` included (its row count is returned with the fact's id and
-    the tree's counter epoch); elsewhere one statement at a time, ``with_fact`` left to its caller."""
-    extra_rows: int | None = None
-    epoch = 0
-    using = batch.using
-    connection = connections[using]
-    lineage_pks = [level.pk for level in context.lineage]
-    hour = floor_hour(valid.timestamp)
-    insert, params = _insert_fact_sql(valid, context, using)
-    if connection.vendor == "postgresql":
-        statements: list[roundtrip.Statement] = [tree_lock_statement(lineage_pks[0], exclusive=exclusive)]
-        statements += [name_lock_statement(name) for name in lock_names]
-        # Each statement has its own snapshot: the path check below sees every move committed before the lock.
-        rolled = ""
-        if with_rollups:
-            rollup_sql, rollup_params = rollups.add_for_inserted(
-                "fact", lineage_pks, valid.feature_name, hour, valid.units, using=using
-            )
-            rolled = f", rolled AS ({rollup_sql})"
-            params += rollup_params
-        extra_cte, extra_count = "", "NULL"
-        if with_fact is not None:
-            extra_cte, extra_count = f", extra AS ({with_fact[0]})", "(SELECT count(*) FROM extra)"
-            params += with_fact[1]
-        fact_and_rollups = (
-            f"WITH fact AS ({insert}){rolled}{extra_cte} "  # noqa: S608
-            f"SELECT fact.id, {extra_count}, fact.epoch FROM fact"
-        )
-        statements.append((fact_and_rollups, params))
-        try:
-            rows = batch.execute(statements)
-        except DataError as error:
-            if rollups.out_of_range(error):
-                raise rollups.refusal(valid.feature_name) from None
-            raise
-        record_id = int(rows[0][0]) if rows else None
-        if rows:
-            extra_rows = None if with_fact is None else int(rows[0][1])
-            epoch = int(rows[0][2])
-    else:
-        lock_trees([lineage_pks[0]], exclusive=exclusive, using=using)
-        for name in lock_names:
-            lock_name(name, using=using)
-        rows = batch.execute([(insert, params)])
-        record_id = int(rows[0][0]) if rows else None
-        if record_id is not None:
-            epoch = int(rows[0][1])
-            rollups.add(lineage_pks, valid.feature_name, hour, valid.units, using=using)
-    if record_id is not None:
-        return record_id, extra_rows, epoch
-    existing = (
-        UsageRecord.objects.using(using)
-        .filter(tenant_id=context.tenant.pk, transaction_id=valid.transaction_id)
-        .values_list("id", flat=True)
-        .first()
-    )
-    if existing is not None:
-        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, existing)
-    raise _StaleLineage()
-
-
 def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> tuple[str, list[Any]]:
     connection = connections[using]
     facts = connection.ops.quote_name(UsageRecord._meta.db_table)
@@ -368,7 +376,7 @@ def _insert_fact_sql(valid: ValidEvent, context: TenantContext, using: str) -> t
     return sql, params
 
 
-def count(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> None:
+def add_to_counters(valid: ValidEvent, lineage_pks: list[int], using: str, epoch: int) -> None:
     """Add the fact to the tree's live Redis counters (those that exist; see ``metering.counters``)."""
     if epoch == counters.NOT_OURS:
         # The tree's live counters are another owner's (``counters.counter_owner``), which cannot see this fact:

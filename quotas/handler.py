@@ -1,6 +1,10 @@
 """``QuotaPolicyHandler``: the brief's entry point. Consume, check, or reserve quota for one tenant context.
 
-Every path — decorator, middleware, DRF permission, reservations, the demo — ends in ``ledger.decide``.
+Every path — decorator, middleware, DRF permission, reservations, the demo — ends in ``ledger.decide``, which
+returns a ``Decision``. A fact is stored by driving metering's write unit (``metering.recorder.FactWrite``): open it
+(the fact is written), decide inside it, raise a refusal (everything rolls back) or mark it counted and let it
+commit. The retry protocol: ``NeedsExclusive`` (decide again with the tree locked exclusively) and ``StaleLineage``
+(the lineage was re-read: again with it), both in ``_attempt``.
 """
 
 from __future__ import annotations
@@ -18,23 +22,23 @@ from asgiref.sync import sync_to_async
 from django.core.cache import caches
 from django.db import connections, transaction
 
-from metering import counters, get_meter, roundtrip
+from metering import counters, get_meter
 from metering.adapters.database import DatabaseMeteringAdapter
 from metering.breaker import log_level
 from metering.conf import metering_settings
 from metering.events import (
     UsageEvent,
-    ValidEvent,
     quantity_to_units,
     units_to_quantity,
     utcnow,
     validate_feature_name,
     validate_recorded_feature,
 )
+from metering.recorder import FactWrite, StaleLineage
 from tenants import namespace
 from tenants.context import TenantContext
 from tenants.lineage import get_context
-from tenants.locks import lock_trees, name_lock_statement, tree_lock_statement
+from tenants.locks import lock_name, lock_trees
 from tenants.models import Tenant
 
 from . import ledger
@@ -89,8 +93,9 @@ class QuotaPolicyHandler:
             {} if metadata is None else metadata,
             transaction_id=transaction_id,
         )
-        gate = _FactGate(self, feature)
-        return self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
+        write = _meter().fact_write(event, context=self.context)  # validated here: bad input raises now
+        mode = _Mode()
+        return self._attempt(lambda: self._record(write, mode), mode)
 
     def check(self, feature: str, quantity: Decimal | int | str = 0, *, raise_exception: bool = False) -> Decision:
         """Would ``quantity`` fit at every level? Consumes nothing (entitlements)."""
@@ -109,14 +114,14 @@ class QuotaPolicyHandler:
                         epoch = counters.current_epoch(self.context.root.pk, using)
                         decision = self._decide(change, using, exclusive=exclusive, epoch=epoch)
                         transaction.set_rollback(True, using=using)  # a check writes nothing
-                    return decision
                 except NeedsExclusive:
                     exclusive = True
-                except QuotaExceeded as error:
-                    if raise_exception:
-                        self._rejected(error)
-                        raise
-                    return Decision(allowed=False, blocked=error)
+                    continue
+                if not decision.allowed and raise_exception:
+                    error = _blocked(decision)
+                    self._rejected(error)
+                    raise error
+                return decision
         finally:
             if counters.unreachable_since(started):
                 # A check rolls back, and with it any epoch bump for a Redis command that may still land: bump it
@@ -139,10 +144,9 @@ class QuotaPolicyHandler:
         units = quantity_to_units(estimate)
         ttl = validate_reservation_ttl(ttl)
         using = metering_settings.DATABASE_ALIAS
-        holder: dict[str, QuotaReservation] = {}
         mode = _Mode()
 
-        def attempt() -> None:
+        def attempt() -> QuotaReservation:
             now = utcnow()
             row = QuotaReservation(
                 tenant_id=self.context.tenant.pk,
@@ -153,22 +157,23 @@ class QuotaPolicyHandler:
                 state=QuotaReservation.State.ACTIVE,
                 created_at=now,
             )
-            # On PostgreSQL: BEGIN, the locks and the row in one round trip; the decision; COMMIT.
+            # The locks and the row; the decision (in Redis, or summed on the database); COMMIT.
             counting = counters.DropIfCommitFails(self.context.root.pk)
-            with counting, roundtrip.atomic(using) as batch:
-                row.pk, epoch = _insert_reservation(batch, self.context, row, mode.exclusive)
+            with counting, transaction.atomic(using=using):
+                row.pk, epoch = self._insert_reservation(row, mode.exclusive, outermost)
                 change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
                 decision = self._decide(change, using, exclusive=mode.exclusive, epoch=epoch)
+                if not decision.allowed:
+                    raise _blocked(decision)
                 counting.counted()
-                holder["row"] = row
                 self._after_commit(decision)
+            return row
 
-        try:
-            self._attempt(attempt, mode)
-        except _StaleContext:
-            self._context = get_context(self.context.tenant_id, use_cache=False)
-            self._attempt(attempt, mode)
-        return Reservation(self, holder["row"])
+        # Only in a transaction of its own may a reservation skip waiting for the disk (see ``_insert_reservation``);
+        # with AUTOCOMMIT off the transaction is the caller's, whatever ``atomic`` says.
+        connection = connections[using]
+        outermost = not connection.in_atomic_block and connection.get_autocommit()
+        return Reservation(self, self._attempt(attempt, mode))
 
     # ---- async twins ----
 
@@ -217,16 +222,19 @@ class QuotaPolicyHandler:
             return RuleSet(exempted, found.epoch, found.loaded_at)
         return found
 
-    def _attempt(self, run: Callable[[], Any], mode: _Mode) -> Decision:
+    def _attempt(self, run: Callable[[], T], mode: _Mode) -> T:
+        """``run`` (one transaction) until it neither asks to decide exclusively nor meets a stale lineage."""
         for _ in range(MAX_ATTEMPTS):
             started = time.monotonic()
             try:
-                run()
+                return run()
             except NeedsExclusive:
                 # Redis lost counters (or is unreachable): decide again with the tree locked exclusively, rebuilding
                 # them on the spot (or deciding on the database).
                 mode.exclusive = True
                 continue
+            except StaleLineage:
+                continue  # nothing was written; the lineage has been re-read from the database (``self.context``)
             except Exception as error:
                 if counters.unreachable_since(started):
                     # Redis failed in this attempt, and a command it did not answer may still land (a rebuild's SET
@@ -238,12 +246,94 @@ class QuotaPolicyHandler:
                     continue  # abandoned reservations were holding the room: decide again
                 self._rejected(error)
                 raise
-            if isinstance(mode, _FactGate):
-                assert mode.decision is not None
-                self._after_commit(mode.decision)
-                return mode.decision
-            return Decision(allowed=True)
         raise RuntimeError("quota counters could not be rebuilt")  # pragma: no cover
+
+    def _record(self, write: FactWrite, mode: _Mode, reservation: QuotaReservation | None = None) -> Decision:
+        """One attempt at storing ``write``'s fact and deciding on it, in the fact's transaction (metering's unit).
+
+        ``reservation``: the fact commits it (closes it, giving its estimate back, and is never refused)."""
+        # The unit re-checks this lineage under the tree lock (and re-reads a stale one before the next attempt).
+        self._context = write.context
+        valid, using = write.valid, write.using
+        # Redis decides from its counters; the database path and a rebuild (exclusive) sum the rollups, so the fact's
+        # rollups must be written before the decision.
+        rollups_first = ledger.use_redis() is None or mode.exclusive
+        names = ledger.lock_names(write.context, valid.feature_name)
+        with write.open(exclusive=mode.exclusive, lock_names=names, count=False, rollups_first=rollups_first) as fact:
+            if reservation is None:
+                change = Change(
+                    feature=valid.feature_name, check_units=valid.units, used_delta=valid.units, used_at=valid.timestamp
+                )
+            else:
+                closed = _close_with_fact(reservation, fact.record_id, using)
+                change = Change(
+                    feature=valid.feature_name,
+                    used_delta=valid.units,
+                    used_at=valid.timestamp,
+                    reserved_delta=-reservation.units if closed else 0,
+                    reserved_at=reservation.window_at if closed else None,
+                )
+            # Committing a reservation never blocks: the work is done and must be recorded.
+            decision = self._decide(
+                change,
+                using,
+                exclusive=mode.exclusive,
+                enforce=reservation is None,
+                used_written=fact.rollups_written,
+                epoch=fact.epoch,
+            )
+            if not decision.allowed:
+                raise _blocked(decision)  # the fact rolls back; Redis counted nothing
+            fact.counted()
+            self._after_commit(decision)
+        return decision
+
+    def _insert_reservation(self, row: QuotaReservation, exclusive: bool, outermost: bool) -> tuple[int, int]:
+        """Lock the tree (and on the database path the tree's decisions on the feature), insert ``row``; its id and
+        the tree's counter epoch (read in the same statement). A stale lineage inserts nothing: it is re-read and
+        ``StaleLineage`` raised (retried by ``_attempt``)."""
+        context = self.context
+        using = metering_settings.DATABASE_ALIAS
+        connection = connections[using]
+        table = connection.ops.quote_name(QuotaReservation._meta.db_table)
+        moment = connection.ops.adapt_datetimefield_value
+        tenants = connection.ops.quote_name(Tenant._meta.db_table)
+        epoch_sql, epoch_params = counters.epoch_subquery(context.root.pk, using)
+        # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was read with (as facts do): a stale
+        # lineage (a concurrent move, or a cache that missed its invalidation) inserts nothing.
+        insert = (
+            f"INSERT INTO {table} (tenant_id, feature, units, window_at, expires_at, state, created_at) "  # noqa: S608
+            f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
+            f"(SELECT 1 FROM {tenants} WHERE id = %s AND path = %s AND is_active) RETURNING id, {epoch_sql}"
+        )
+        params = [
+            row.tenant_id,
+            row.feature,
+            row.units,
+            moment(row.window_at),
+            moment(row.expires_at),
+            row.state,
+            moment(row.created_at),
+            context.tenant.pk,
+            context.path,
+            *epoch_params,
+        ]
+        with connection.cursor() as cursor:
+            if outermost and connection.vendor == "postgresql":
+                # A reservation is a hold, not a fact, so its transaction need not wait for the disk: a crash may
+                # forget the last ones (their units then stay counted in Redis until the counters expire or are
+                # rebuilt, an over-count; their commit records the fact all the same). Only when the transaction is
+                # ours: inside a caller's, facts may be written too, and they always wait.
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            lock_trees([context.root.pk], exclusive=exclusive, using=using)
+            for name in ledger.lock_names(context, row.feature):
+                lock_name(name, using=using)
+            cursor.execute(insert, params)
+            inserted = cursor.fetchall()
+        if not inserted:
+            self._context = get_context(context.tenant_id, use_cache=False)
+            raise StaleLineage(context.tenant_id)
+        return int(inserted[0][0]), int(inserted[0][1])
 
     def _rejected(self, error: QuotaExceeded) -> None:
         context = self.context
@@ -262,88 +352,6 @@ class _Mode:
 
     def __init__(self) -> None:
         self.exclusive = counters.recently_unreachable()
-
-
-class _FactGate(_Mode):
-    """The quota decision inside a fact's transaction (see ``metering.recorder.Gate``)."""
-
-    def __init__(self, handler: QuotaPolicyHandler, feature: str, reservation: QuotaReservation | None = None) -> None:
-        super().__init__()
-        self.handler = handler
-        self.feature = feature
-        self.reservation = reservation
-        self.decision: Decision | None = None
-
-    def lock_names(self, valid: ValidEvent, context: TenantContext) -> list[str]:
-        return ledger.lock_names(context, valid.feature_name)
-
-    def counts_first(self) -> bool:
-        # Redis decides from its counters; the database path and a rebuild (exclusive) read the rollups.
-        return ledger.use_redis() is not None and not self.exclusive
-
-    def with_fact(self, using: str) -> tuple[str, list[Any]] | None:
-        """Close the reservation with the fact, in the fact's round trip; only an active one gives its units back."""
-        if self.reservation is None:
-            return None
-        connection = connections[using]
-        table = connection.ops.quote_name(QuotaReservation._meta.db_table)
-        sql = (
-            f"UPDATE {table} SET state = %s, record_id = (SELECT id FROM fact), closed_at = %s "  # noqa: S608
-            f"WHERE id = %s AND tenant_id = %s AND window_at = %s AND state = %s AND EXISTS (SELECT 1 FROM fact) "
-            f"RETURNING id"
-        )
-        moment = connection.ops.adapt_datetimefield_value
-        row = self.reservation
-        return sql, [
-            QuotaReservation.State.COMMITTED,
-            moment(utcnow()),
-            row.pk,
-            row.tenant_id,
-            moment(row.window_at),
-            QuotaReservation.State.ACTIVE,
-        ]
-
-    def count(
-        self,
-        valid: ValidEvent,
-        context: TenantContext,
-        record_id: int,
-        using: str,
-        with_fact_rows: int | None,
-        rollups_written: bool,
-        epoch: int,
-    ) -> None:
-        # The recorder verified this lineage under the tree lock (it re-reads a stale one): decide with it.
-        self.handler._context = context
-        reservation = self.reservation
-        if reservation is None:
-            change = Change(
-                feature=valid.feature_name, check_units=valid.units, used_delta=valid.units, used_at=valid.timestamp
-            )
-        else:
-            closed = with_fact_rows
-            if closed is None:  # not done in the fact's round trip (not PostgreSQL): close it now
-                closed = (
-                    QuotaReservation.objects.using(using)
-                    .filter(pk=reservation.pk, state=QuotaReservation.State.ACTIVE)
-                    .update(state=QuotaReservation.State.COMMITTED, record_id=record_id, closed_at=utcnow())
-                )
-            change = Change(
-                feature=valid.feature_name,
-                used_delta=valid.units,
-                used_at=valid.timestamp,
-                reserved_delta=-reservation.units if closed else 0,
-                reserved_at=reservation.window_at if closed else None,
-            )
-        # Committing a reservation never blocks: the work is done and must be recorded.
-        self.decision = self.handler._decide(
-            change,
-            using,
-            exclusive=self.exclusive,
-            enforce=reservation is None,
-            used_written=rollups_written,
-            epoch=epoch,
-        )
 
 
 class Reservation:
@@ -377,8 +385,9 @@ class Reservation:
             {} if metadata is None else metadata,
             transaction_id,
         )
-        gate = _FactGate(handler, self.row.feature, reservation=self.row)
-        decision = handler._attempt(lambda: _meter().record_fact(event, context=handler.context, gate=gate), gate)
+        write = _meter().fact_write(event, context=handler.context)
+        mode = _Mode()
+        decision = handler._attempt(lambda: handler._record(write, mode, reservation=self.row), mode)
         self.closed = True
         return decision
 
@@ -422,63 +431,20 @@ def _release_abandoned(pending: asyncio.Future[Reservation]) -> None:
     release.add_done_callback(_abandoned.discard)
 
 
-def _insert_reservation(
-    batch: roundtrip.Batch, context: TenantContext, row: QuotaReservation, exclusive: bool
-) -> tuple[int, int]:
-    """Lock the tree (and on the database path the tree's decisions on the feature), insert ``row``; its id and the
-    tree's counter epoch (read in the same statement on PostgreSQL)."""
-    using = batch.using
-    connection = connections[using]
-    table = connection.ops.quote_name(QuotaReservation._meta.db_table)
-    moment = connection.ops.adapt_datetimefield_value
-    tenants = connection.ops.quote_name(Tenant._meta.db_table)
-    # The WHERE EXISTS re-checks, under the tree lock, the path the lineage was read with (as facts do): a stale
-    # lineage (a concurrent move, or a cache that missed its invalidation) inserts nothing.
-    insert = (
-        f"INSERT INTO {table} (tenant_id, feature, units, window_at, expires_at, state, created_at) "  # noqa: S608
-        f"SELECT %s, %s, %s, %s, %s, %s, %s WHERE EXISTS "
-        f"(SELECT 1 FROM {tenants} WHERE id = %s AND path = %s AND is_active) RETURNING id"
+def _close_with_fact(row: QuotaReservation, record_id: int, using: str) -> bool:
+    """Commit the reservation with its fact, in the fact's transaction; only an active one gives its units back."""
+    closed = (
+        QuotaReservation.objects.using(using)
+        .filter(pk=row.pk, tenant_id=row.tenant_id, state=QuotaReservation.State.ACTIVE)
+        .update(state=QuotaReservation.State.COMMITTED, record_id=record_id, closed_at=utcnow())
     )
-    params = [
-        row.tenant_id,
-        row.feature,
-        row.units,
-        moment(row.window_at),
-        moment(row.expires_at),
-        row.state,
-        moment(row.created_at),
-        context.tenant.pk,
-        context.path,
-    ]
-    names = ledger.lock_names(context, row.feature)
-    if connection.vendor != "postgresql":
-        lock_trees([context.root.pk], exclusive=exclusive, using=using)
-        inserted = batch.execute([(insert, params)])
-        if not inserted:
-            raise _StaleContext()
-        return int(inserted[0][0]), counters.current_epoch(context.root.pk, using)
-    epoch_sql, epoch_params = counters.epoch_subquery(context.root.pk, using)
-    insert = insert.replace("RETURNING id", f"RETURNING id, {epoch_sql}")
-    params += epoch_params
-    statements: list[roundtrip.Statement] = [
-        tree_lock_statement(context.root.pk, exclusive=exclusive),
-        *(name_lock_statement(name) for name in names),
-        (insert, params),
-    ]
-    if batch.outermost:
-        # A reservation is a hold, not a fact, so its transaction need not wait for the disk: a crash may forget the
-        # last ones (their units then stay counted in Redis until the counters expire or are rebuilt, an
-        # over-count; their commit records the fact all the same). Only when the transaction is ours: inside a
-        # caller's, facts may be written too, and they always wait.
-        statements.insert(0, ("SET LOCAL synchronous_commit TO OFF", []))
-    inserted = batch.execute(statements)
-    if not inserted:
-        raise _StaleContext()
-    return int(inserted[0][0]), int(inserted[0][1])
+    return bool(closed)
 
 
-class _StaleContext(Exception):
-    """The lineage a reservation was decided with no longer matches the tree: read it again and retry."""
+def _blocked(decision: Decision) -> QuotaExceeded:
+    """The refusal a decision returned, to raise (inside the transaction: what was written rolls back)."""
+    assert decision.blocked is not None, "a refused decision carries its QuotaExceeded"
+    return decision.blocked
 
 
 def _close(context: TenantContext, row: QuotaReservation, state: str) -> bool:

@@ -1,7 +1,9 @@
 """Where a quota is decided: one atomic check-and-count over every quota of every level of the lineage.
 
-A ``Change`` says what must fit (``check_units``) and what to count (usage and/or reserved units). The decision
-runs inside the fact's transaction, with the tree locked shared, as its last step:
+A ``Change`` says what must fit (``check_units``) and what to count (usage and/or reserved units). ``decide``
+*returns* a ``Decision``: admitted (and counted), or refused (``allowed=False``, ``blocked`` the ``QuotaExceeded``
+to raise, nothing counted). It runs inside the transaction that stores the change (``metering.recorder.FactWrite``
+for a fact, ``quotas.handler`` for a reservation), with the tree locked shared, after the change is written:
 
 - **Redis** (a django-redis cache): one Lua script (``lua/decide.lua``) reads the counters of every quota of every
   level; if any hard quota would be exceeded it changes nothing and says which; otherwise it adds to every live
@@ -18,8 +20,8 @@ runs inside the fact's transaction, with the tree locked shared, as its last ste
   PostgreSQL; an immediate transaction on SQLite), and each quota is summed from the rollups and open reservations,
   this change included.
 
-Either way a rejection raises ``QuotaExceeded`` inside the transaction, so the fact and every counter roll back:
-no level's usage grows.
+Either way the caller raises a refusal inside the transaction, so the fact (and, on the database path, its rollups)
+roll back: no level's usage grows.
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ def exceeded(rule: QuotaRule, used_units: int, requested_units: int, moment: dat
     )
 
 
+def refused(error: QuotaExceeded) -> Decision:
+    return Decision(allowed=False, blocked=error)
+
+
 def _status(rule: QuotaRule, before: int, after: int, moment: datetime) -> QuotaStatus:
     start, end = rule.window(moment)
     return QuotaStatus(
@@ -174,9 +180,11 @@ def decide(
     epoch: int = 0,
     exclusive: bool = False,
 ) -> Decision:
-    """Check ``change`` against every rule and count it. Raises ``QuotaExceeded`` (when ``enforce``),
-    ``NeedsRebuild`` or ``RedisUnavailable``. Call inside the transaction that stores the change, after taking
-    ``lock_names``, with ``rules`` read under ``epoch`` (``rules.ruleset``).
+    """Check ``change`` against every rule and count it; a refusal (only when ``enforce``) is returned as
+    ``Decision(allowed=False, blocked=QuotaExceeded(...))`` with nothing counted, for the caller to raise inside
+    the transaction. Raises ``NeedsRebuild`` or ``RedisUnavailable`` (decide again, exclusively). Call inside the
+    transaction that stores the change, after taking ``lock_names``, with ``rules`` read under ``epoch``
+    (``rules.ruleset``).
     ``used_written``: the change's usage is already in the rollups (the database path sums them). ``epoch``: the
     tree's counter epoch read under the tree lock; ``exclusive``: that lock is held exclusively."""
     if epoch == counters.NOT_OURS:
@@ -251,8 +259,7 @@ def _decide_redis(
         raise NeedsRebuild(rules, change)
     if status == 2:
         rule = rules[int(result[1]) - 1]
-        error = exceeded(rule, int(result[2]) + int(result[3]), change.check_units, moment)
-        raise error
+        return refused(exceeded(rule, int(result[2]) + int(result[3]), change.check_units, moment))
     statuses = []
     for index, rule in enumerate(rules):
         before_units = int(result[1 + 2 * index]) + int(result[2 + 2 * index])
@@ -290,7 +297,7 @@ def _decide_database(
             after += change.used_delta
         before_units = after - _delta_for(rule, change)
         if enforce and rule.hard and before_units + change.check_units > rule.limit_units:
-            raise exceeded(rule, before_units, change.check_units, moment)
+            return refused(exceeded(rule, before_units, change.check_units, moment))
         statuses.append(_status(rule, before_units, after, moment))
     return Decision(allowed=True, statuses=tuple(statuses))
 

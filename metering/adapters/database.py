@@ -17,16 +17,19 @@ class DatabaseMeteringAdapter:
     """Implements ``MeteringProtocol`` on the Django ORM (the brief's usage-record table).
 
     Subclasses add work to the fact's transaction by overriding ``on_stored`` (an outbox row, say); every path
-    that stores a fact, quota-enforced ones included, goes through ``record_fact``.
+    that stores a fact goes through ``record_fact`` or, quota-enforced ones, ``fact_write``.
     """
 
     on_stored: recorder.StoredHook | None = None
 
-    def record_fact(
-        self, event: UsageEvent, *, context: TenantContext | None = None, gate: recorder.Gate | None = None
-    ) -> int:
-        """Store the fact; returns its id. ``gate`` is the quota decision taken in the same transaction."""
-        return recorder.record(event, context=context, on_stored=self.on_stored, gate=gate)
+    def record_fact(self, event: UsageEvent, *, context: TenantContext | None = None) -> int:
+        """Store the fact (no decision); returns its id."""
+        return recorder.record(event, context=context, on_stored=self.on_stored)
+
+    def fact_write(self, event: UsageEvent, *, context: TenantContext | None = None) -> recorder.FactWrite:
+        """The fact's write unit with this adapter's ``on_stored``, for a caller that decides inside the fact's
+        transaction (``quotas.handler``): see ``metering.recorder``."""
+        return recorder.FactWrite(event, context=context, on_stored=self.on_stored)
 
     def record_usage_sync(self, event: UsageEvent) -> None:
         self.record_fact(event)

@@ -18,7 +18,7 @@ class OutboxMeteringAdapter(DatabaseMeteringAdapter):
 
     ``sink_class`` names the sink by dotted path (``"metering.delivery.sinks.lago.LagoSink"``; a project's own
     ``Sink`` subclass works the same, nothing to register); its rows in the outbox carry the class's short ``name``.
-    Every path that stores a fact (``record_fact``, quota-enforced ones included) runs ``on_stored`` inside the
+    Every path that stores a fact (``record_fact``, ``fact_write``: quota-enforced ones) runs ``on_stored`` inside the
     fact's transaction. The request thread only writes the outbox row; Celery workers deliver (``metering.tasks``).
     """
 

@@ -1,4 +1,4 @@
-"""The hot path's round trips: the fact's transaction in two database round trips, rules checked by token.
+"""The hot path's statements: the fact's transaction in its documented order, commit failures, rules by epoch.
 
 These run outside any test transaction (``transaction=True``), so the ``BEGIN`` and ``COMMIT`` are real.
 """
@@ -66,16 +66,60 @@ def commits_fail() -> Iterator[None]:
 
 
 @contextmanager
-def counting_statements() -> Iterator[list[str]]:
-    """Every query string the default connection sends (one per round trip; COMMIT is sent by the driver)."""
+def sent_in_order() -> Iterator[list[str]]:
+    """Every statement the default connection sends (``BEGIN`` and ``COMMIT`` are the driver's, not listed) and
+    every Redis command this process sends (as ``"redis <COMMAND>"``), in the order they went out."""
+    import redis.client
+
     sent: list[str] = []
 
     def spy(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
         sent.append(sql)
         return execute(sql, params, many, context)
 
-    with connection.execute_wrapper(spy):
-        yield sent
+    original = redis.client.Redis.execute_command
+
+    def command(self: Any, *args: Any, **options: Any) -> Any:
+        sent.append(f"redis {str(args[0]).upper()}")
+        return original(self, *args, **options)
+
+    redis.client.Redis.execute_command = command  # type: ignore[method-assign]
+    try:
+        with connection.execute_wrapper(spy):
+            yield sent
+    finally:
+        redis.client.Redis.execute_command = original  # type: ignore[method-assign]
+
+
+def kinds(sent: list[str]) -> list[str]:
+    """Each statement named by what it does, from the transaction's first (the lineage and rules are read before,
+    from the cache)."""
+    named = []
+    for sql in sent:
+        if sql.startswith("redis "):
+            named.append(sql)
+        elif "pg_advisory_xact_lock_shared" in sql:
+            named.append("tree lock")
+        elif "pg_advisory_xact_lock(" in sql:
+            named.append("lock")
+        elif sql.startswith('INSERT INTO "xaas_metering_usagerecord"'):
+            named.append("fact")
+        elif sql.startswith('WITH fact AS (INSERT INTO "xaas_metering_usagerecord"') and "rolled AS" in sql:
+            named.append("fact+rollups")
+        elif sql.startswith('INSERT INTO "xaas_metering_usagerollup"'):
+            named.append("rollups")
+        elif sql.startswith('UPDATE "xaas_quotas_quotareservation"'):
+            named.append("close reservation")
+        elif sql.startswith('INSERT INTO "xaas_quotas_quotareservation"'):
+            named.append("reservation")
+        elif sql.startswith("SET LOCAL synchronous_commit TO OFF"):
+            named.append("no disk wait")
+        elif sql.startswith(("SAVEPOINT", "RELEASE SAVEPOINT")):
+            continue
+        else:
+            named.append(sql.split()[0])
+    first = next((index for index, kind in enumerate(named) if kind in ("tree lock", "no disk wait")), 0)
+    return named[first:]
 
 
 def test_a_consumption_whose_commit_fails_is_neither_stored_nor_counted(backend):
@@ -121,50 +165,52 @@ def test_a_caller_transaction_rolled_back_takes_the_fact_and_its_rollups_with_it
     # (Live Redis counters keep the 5 until rebuilt: see "Over-count after an outer rollback" in the README.)
 
 
-def test_on_postgresql_a_fact_takes_two_round_trips_commit_included(on_postgres):
+def test_on_postgresql_a_fact_is_the_tree_lock_the_fact_and_its_rollups(on_postgres):
     tree(ORG)
-    record("k1", 1)  # warm: lineage cached
-    with counting_statements() as sent:
+    record("k1", 1)  # warm: lineage cached, the tree's feature known
+    with sent_in_order() as sent:
         record("k1", 2, metadata={"model": "m"})
-    assert len(sent) == 2, sent
-    assert sent[0].startswith("BEGIN; SELECT pg_advisory_xact_lock_shared")
-    # The shared rollup rows are written last, with the COMMIT: locked only while the server commits.
-    assert sent[1].startswith('INSERT INTO "xaas_metering_usagerollup"') and sent[1].endswith("; COMMIT")
+    assert [kind for kind in kinds(sent) if not kind.startswith("redis")] == ["tree lock", "fact", "rollups"], sent
     assert usage("org") == 3 and usage("k1") == 3
     assert UsageRecord.objects.get(units=2_000_000).metadata == {"model": "m"}
 
 
-def test_with_server_side_binding_the_statements_go_one_by_one(on_postgres, monkeypatch):
-    tree(ORG)
-    record("k1", 1)
-    monkeypatch.setitem(
-        connection.settings_dict, "OPTIONS", {**connection.settings_dict["OPTIONS"], "server_side_binding": True}
-    )
-    with counting_statements() as sent:
-        record("k1", 2)
-    assert [sql.split()[0] for sql in sent] == ["SELECT", "WITH", "INSERT"]  # psycopg sends BEGIN and COMMIT
-    assert usage("org") == 3 and usage("p1") == 3
-
-
-def test_on_postgresql_an_enforced_consumption_takes_two_round_trips(on_postgres, redis_cache):
+def test_an_enforced_consumption_upserts_the_shared_rollups_only_after_the_redis_decision(on_postgres, redis_cache):
+    """The rollup rows every writer of the tree shares are locked from their upsert to the COMMIT: never while this
+    process waits for Redis."""
     tree(ORG)
     limit("org", 100)
     QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # warm: lineage, rules and counters
-    with counting_statements() as sent:
+    with sent_in_order() as sent:
         QuotaPolicyHandler("k1").consume("llm_tokens", 2)
-    assert len(sent) == 2 and sent[1].endswith("; COMMIT"), sent
+    assert kinds(sent) == ["tree lock", "fact", "redis EVALSHA", "rollups"], sent
     reservation = QuotaPolicyHandler("k1").reserve("llm_tokens", 5)
-    with counting_statements() as sent:
+    with sent_in_order() as sent:
         QuotaPolicyHandler("k1").reserve("llm_tokens", 5).release()
-    assert sent[0].startswith("BEGIN; SET LOCAL synchronous_commit TO OFF; SELECT pg_advisory_xact_lock_shared")
-    with counting_statements() as sent:
-        reservation.commit(4)  # the reservation is closed in the fact's round trip
-    assert len(sent) == 2, sent
+    assert kinds(sent)[:4] == ["no disk wait", "tree lock", "reservation", "redis EVALSHA"], sent
+    with sent_in_order() as sent:
+        reservation.commit(4)  # the reservation is closed in the fact's transaction, before the decision
+    assert kinds(sent) == ["tree lock", "fact", "close reservation", "redis EVALSHA", "rollups"], sent
     assert usage("org") == 7
     assert QuotaReservation.objects.get(pk=reservation.row.pk).state == QuotaReservation.State.COMMITTED
 
 
-def test_a_duplicate_in_one_round_trip_writes_no_rollup(backend):
+def test_without_redis_the_decision_sums_rollups_written_with_the_fact(on_postgres):
+    tree(ORG)
+    limit("org", 5)
+    with override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}):
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+        with sent_in_order() as sent:
+            QuotaPolicyHandler("k1").consume("llm_tokens", 2)
+        # The tree's decisions on the feature are serialized by a named lock; the sums then include this fact.
+        assert kinds(sent)[:3] == ["tree lock", "lock", "fact+rollups"], sent
+        assert not [kind for kind in kinds(sent) if kind.startswith("redis")]
+        with pytest.raises(QuotaExceeded):
+            QuotaPolicyHandler("k2").consume("llm_tokens", 3)
+    assert usage("org") == 3 and UsageRecord.objects.count() == 2
+
+
+def test_a_duplicate_writes_no_rollup(backend):
     tree(ORG)
     record("k1", 2, transaction_id="once")
     with pytest.raises(DuplicateUsageEvent):
@@ -254,22 +300,6 @@ def test_a_failing_usage_recorded_receiver_does_not_fail_a_stored_fact(backend, 
     assert UsageRecord.objects.filter(transaction_id="kept").exists()
     assert usage("org") == 2
     assert "a receiver bug" in caplog.text
-
-
-def test_a_configured_isolation_level_is_not_dropped_by_the_folded_begin(on_postgres):
-    import psycopg
-
-    tree(ORG)
-    record("k1", 1)
-    raw = connection.connection
-    raw.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    try:
-        with counting_statements() as sent:
-            record("k1", 2)
-    finally:
-        raw.isolation_level = None
-    assert not sent[0].startswith("BEGIN")  # psycopg opened it, with the isolation level
-    assert usage("org") == 3
 
 
 def test_quotas_hold_exactly_when_redis_is_unreachable_mid_decision(backend):
