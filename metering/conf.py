@@ -61,6 +61,11 @@ DEFAULTS: dict[str, Any] = {
     "LOG_DEDUP_SECONDS": 3600,  # log mode: a transaction id is refused as a duplicate at once within this window
     "LOG_DRAIN_BATCH": 5000,  # stream entries one drain transaction persists
     "LOG_REFRESH_SECONDS": 1.0,  # log mode: how long a process trusts its cached lineage/epoch without the DB
+    # log mode: entries younger than this by Redis's clock wait (their AOF fsync); None: 0 under appendfsync always,
+    # else 2 s (README "Log mode durability")
+    "LOG_DRAIN_DELAY_SECONDS": None,
+    "LOG_DRAIN_IDLE_SECONDS": 0.2,  # metering_drain: the sleep when nothing was due
+    "LOG_DRAIN_TASK_BATCHES": 20,  # batches one drain_log task persists before handing over to a fresh task
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
@@ -11,6 +13,9 @@ from tenants.context import TenantContext
 
 from .. import appender, log, recorder, usage
 from ..events import UsageEvent, validate_event
+
+if TYPE_CHECKING:
+    from ..drain import StoredFact
 
 
 class DatabaseMeteringAdapter:
@@ -21,6 +26,8 @@ class DatabaseMeteringAdapter:
     """
 
     on_stored: recorder.StoredHook | None = None
+    # Log mode: the drainer's batch of inserted facts, inside the batch's transaction (``metering.drain``).
+    on_stored_many: Callable[[Sequence[StoredFact]], None] | None = None
 
     def record_fact(
         self, event: UsageEvent, *, context: TenantContext | None = None, gate: recorder.Gate | None = None

@@ -3,13 +3,17 @@ in the outbox inside its own transaction (a rolled-back fact is never sent, a co
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 from tenants.context import TenantContext
 
 from .. import outbox
 from ..events import ValidEvent
 from .database import DatabaseMeteringAdapter
+
+if TYPE_CHECKING:
+    from ..drain import StoredFact
 
 
 class OutboxMeteringAdapter(DatabaseMeteringAdapter):
@@ -23,3 +27,7 @@ class OutboxMeteringAdapter(DatabaseMeteringAdapter):
 
     def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:
         outbox.enqueue(self.sink, record_id)
+
+    def on_stored_many(self, facts: Sequence[StoredFact]) -> None:
+        """Log mode: the outbox rows of a drained batch, in one bulk insert inside the batch's transaction."""
+        outbox.enqueue_many(self.sink, [fact.record_id for fact in facts])
