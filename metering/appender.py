@@ -184,14 +184,23 @@ class Change:
 class Outcome:
     """The script's answer. ``admitted``: ``before`` holds (used, reserved) per limit before the write, ``entry_id``
     the appended entry ('' when nothing was appended). Refused: ``refused`` is the index of the limit (0-based) and
-    ``before`` its (used, reserved). ``retry``: the attempt changed nothing; retry with ``snapshot``."""
+    ``before`` its (used, reserved). Otherwise the attempt changed nothing and ``needs`` says what to repair before
+    the next one (``repair``): ``"stale"`` (Redis holds ``redis_epoch``), ``"state"`` (no state hash),
+    ``"counters"`` (the limits' counters are missing) or ``"claim"`` (no epoch of ours)."""
 
     admitted: bool = False
     entry_id: str = ""
     before: tuple[tuple[int, int], ...] = ()
     refused: int | None = None
-    retry: bool = False
+    needs: str = ""
+    redis_epoch: str = ""
     snapshot: Snapshot | None = None
+    feature: str = ""
+    limits: tuple[Limit, ...] = ()
+
+    @property
+    def retry(self) -> bool:
+        return bool(self.needs)
 
 
 def _redis() -> Any:
@@ -226,13 +235,14 @@ def attempt(
     """One script call: decide ``limits``, count ``change`` and append ``valid`` (when given) to the tree's stream.
 
     Raises ``DuplicateUsageEvent`` (the transaction id is in the window) and ``LogStoreUnavailable``. When the
-    answer is stale, state missing or counters missing, this repairs what it must (re-read, push, open the tree,
-    rebuild) and returns ``Outcome(retry=True, snapshot=...)``: the caller rebuilds its limits for that snapshot
-    (its rules may depend on the epoch) and calls again."""
+    answer is stale, state missing or counters missing, nothing changed: the caller calls ``repair`` (outside any
+    transaction of its own: a rebuild must not sum the caller's uncommitted rows) and attempts again with the
+    snapshot it returns, rebuilding its limits for it (its rules may depend on the epoch)."""
     redis = _redis()
     epoch = snap.epoch
+    pending = {"snapshot": snap, "feature": change.feature, "limits": tuple(limits)}
     if epoch == counters.NOT_OURS:
-        return Outcome(retry=True, snapshot=claim(snap))
+        return Outcome(needs="claim", **pending)  # type: ignore[arg-type]
     root = snap.root_pk
     lineage = [level.pk for level in snap.context.lineage]
     keys = [log.state_key(root), log.state_key(root), log.state_key(root), log.state_key(root)]
@@ -302,12 +312,28 @@ def attempt(
         assert valid is not None
         raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, entry_id=_text(answer[1]))
     if status == STALE:
-        return Outcome(retry=True, snapshot=refresh(snap, _text(answer[1])))
+        return Outcome(needs="stale", redis_epoch=_text(answer[1]), **pending)  # type: ignore[arg-type]
     if status == STATE_MISSING:
-        return Outcome(retry=True, snapshot=reopen(snap))
+        return Outcome(needs="state", **pending)  # type: ignore[arg-type]
     if status == COUNTERS_MISSING:
-        return Outcome(retry=True, snapshot=rebuild(snap, change.feature, limits))
+        return Outcome(needs="counters", **pending)  # type: ignore[arg-type]
     raise RuntimeError(f"log_append.lua answered {answer!r}")  # pragma: no cover
+
+
+def repair(outcome: Outcome) -> Snapshot:
+    """Do what an attempt that changed nothing needs (re-read and push the epoch, open the tree, rebuild counters,
+    claim the tree); returns the snapshot for the next attempt. Call outside the caller's own transaction."""
+    snap = outcome.snapshot
+    assert snap is not None
+    if outcome.needs == "stale":
+        return refresh(snap, outcome.redis_epoch)
+    if outcome.needs == "state":
+        return reopen(snap)
+    if outcome.needs == "counters":
+        return rebuild(snap, outcome.feature, outcome.limits)
+    if outcome.needs == "claim":
+        return claim(snap)
+    return snap
 
 
 def append(valid: ValidEvent, *, context: TenantContext | None = None) -> str:
@@ -320,8 +346,7 @@ def append(valid: ValidEvent, *, context: TenantContext | None = None) -> str:
         outcome = attempt(snap, change, valid=valid)
         if outcome.admitted:
             return outcome.entry_id
-        assert outcome.snapshot is not None
-        snap = outcome.snapshot
+        snap = repair(outcome)
     raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")
 
 

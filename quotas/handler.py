@@ -84,6 +84,8 @@ class QuotaPolicyHandler:
         units = quantity_to_units(quantity)
         if units == 0:
             return self.check(feature, 0, raise_exception=True)
+        if log.is_log_mode():
+            return _log_consume(self, feature, quantity, metadata, transaction_id)
         event = UsageEvent(
             self.context.tenant_id,
             feature,
@@ -92,8 +94,6 @@ class QuotaPolicyHandler:
             {} if metadata is None else metadata,
             transaction_id=transaction_id,
         )
-        if log.is_log_mode():
-            return _log_consume(self, event)
         gate = _FactGate(self, feature)
         return self._attempt(lambda: _meter().record_fact(event, context=self.context, gate=gate), gate)
 
@@ -619,11 +619,20 @@ def _log_decide(
             raise
         if isinstance(result, Decision):
             return result, snap
-        snap = result
+        snap = appender.repair(result)
     raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")
 
 
-def _log_consume(handler: QuotaPolicyHandler, event: UsageEvent) -> Decision:
+def _log_consume(
+    handler: QuotaPolicyHandler,
+    feature: str,
+    quantity: Decimal | int | str,
+    metadata: dict[str, Any] | None,
+    transaction_id: str | None,
+) -> Decision:
+    event = UsageEvent(
+        _log_tenant_id(handler), feature, quantity, utcnow(), {} if metadata is None else metadata, transaction_id
+    )
     valid = validate_event(event)
     snap = appender.snapshot(valid.tenant_id)
     appender.admit_feature(snap, valid.feature_name)
@@ -665,7 +674,7 @@ def _log_reserve(handler: QuotaPolicyHandler, feature: str, units: int, ttl: tim
             created_at=now,
         )
         change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
-        retry: appender.Snapshot | None = None
+        retry: appender.Outcome | None = None
         try:
             counting = counters.DropIfCommitFails(context.root.pk)
             with counting, roundtrip.atomic(using) as batch:
@@ -679,7 +688,8 @@ def _log_reserve(handler: QuotaPolicyHandler, feature: str, units: int, ttl: tim
                     retry = result
                     transaction.set_rollback(True, using=using)
         except _StaleContext:
-            retry = appender.snapshot(context.tenant_id, fresh=True)
+            snap = appender.snapshot(context.tenant_id, fresh=True)
+            continue
         except QuotaExceeded as error:
             if _expire_due(context):
                 continue
@@ -687,7 +697,7 @@ def _log_reserve(handler: QuotaPolicyHandler, feature: str, units: int, ttl: tim
             raise
         if retry is None:
             return Reservation(handler, row)
-        snap = retry
+        snap = appender.repair(retry)  # the row rolled back: a rebuild must not count it
     raise LogStoreUnavailable("the tree's log state kept changing; nothing was reserved")
 
 
@@ -702,7 +712,7 @@ def _log_commit(reservation: Reservation, event: UsageEvent) -> Decision:
     snap = appender.snapshot(valid.tenant_id)
     for _ in range(appender.MAX_ATTEMPTS):
         context = _log_adopt(handler, snap)
-        retry: appender.Snapshot | None = None
+        retry: appender.Outcome | None = None
         counting = counters.DropIfCommitFails(context.root.pk)
         with counting, transaction.atomic(using=using):
             lock_trees([context.root.pk], exclusive=False, using=using)
@@ -729,5 +739,5 @@ def _log_commit(reservation: Reservation, event: UsageEvent) -> Decision:
         if retry is None:
             assert isinstance(result, Decision)
             return result
-        snap = retry
+        snap = appender.repair(retry)  # the close rolled back: a rebuild must see the reservation still held
     raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")

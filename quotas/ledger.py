@@ -407,11 +407,12 @@ def decide_logged(
     enforce: bool = True,
     valid: ValidEvent | None = None,
     reservation: int | None = None,
-) -> Decision | appender.Snapshot:
+) -> Decision | appender.Outcome:
     """Decide ``change`` against ``rules`` (read under ``snap.epoch``), count it and append ``valid`` in one script
     call. Returns the ``Decision``; raises ``QuotaExceeded`` (nothing changed), ``DuplicateUsageEvent`` or
-    ``LogStoreUnavailable``; returns a ``Snapshot`` when the attempt changed nothing and must be made again with it
-    (stale epoch, counters rebuilt, tree reopened: the rules may differ under its epoch)."""
+    ``LogStoreUnavailable``; returns the ``Outcome`` when the attempt changed nothing: ``appender.repair`` it (outside
+    the caller's transaction), then decide again with the snapshot it returns (the rules may differ under its
+    epoch)."""
     outcome = appender.attempt(
         snap,
         appender.Change(
@@ -427,8 +428,7 @@ def decide_logged(
         reservation=reservation,
     )
     if outcome.retry:
-        assert outcome.snapshot is not None
-        return outcome.snapshot
+        return outcome
     moment = change.moment
     if outcome.refused is not None:
         used, reserved = outcome.before[0]
