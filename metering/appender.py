@@ -68,7 +68,7 @@ from .windows import Period, window
 
 logger = logging.getLogger("metering.appender")
 
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 16  # repairs in a row before a write gives up (LogStoreUnavailable): only under constant churn
 SNAPSHOTS_MAX = 100_000  # entries kept; beyond, the cache starts again
 
 # Answers of log_append.lua (its header says what follows each).
@@ -479,8 +479,9 @@ def rebuild_counters(
     using = metering_settings.DATABASE_ALIAS
     stream = log.stream_key(root_pk)
     try:
-        # Read before the cursor: the rebuild call refuses if an entry was deleted since (a drainer that committed
-        # after this transaction ended, were the call to land late), so its sum can never miss one.
+        # Read before the cursor: the rebuild call refuses if entries after the cursor were deleted since (by a
+        # drainer that committed after this transaction ended, were the call to land late), so its sum can never
+        # miss one.
         deleted = _max_deleted(redis, stream)
     except counters.RedisError as error:
         raise _unavailable(error) from None
