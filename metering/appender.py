@@ -436,7 +436,8 @@ def push_epoch(root_pk: int, epoch: int) -> int:
 
 def push_epochs(root_pks: Iterable[int]) -> None:
     """After a commit that bumped these trees' epochs: push what the database now holds (a fresh read, so a later
-    bump is never overwritten by this one's older value)."""
+    bump is never overwritten by this one's older value). This process forgets its snapshots at once."""
+    forget_snapshots()
     using = metering_settings.DATABASE_ALIAS
     for root_pk in sorted(set(root_pks)):
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -14,10 +16,11 @@ from metering.models import CounterEpoch, UsageRecord
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaLimit, QuotaReservation
+from tenants import namespace
 from tenants.exceptions import InactiveTenant
 from tenants.models import Tenant
 from tests.factories import tree, usage
-from tests.log_helpers import assert_facts_match_rollups, log_mode
+from tests.log_helpers import LOG_MODE, assert_facts_match_rollups, log_mode
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -296,3 +299,188 @@ def test_bad_input_is_refused_before_the_script(logged):
         QuotaPolicyHandler("k1").consume("llm_tokens", 1, transaction_id="has space")
     assert stream_entries(logged, "k1") == []
     assert not CounterEpoch.objects.exists() or QuotaLimit.objects.count() == 0
+
+
+# ---- staleness, pushes, flushes, moves, reads, signals ----
+
+
+def test_a_lost_push_is_healed_within_log_refresh_seconds(logged):
+    """Another process's cached snapshot (simulated: put back after the change) keeps writing while Redis still
+    says the old epoch, at most LOG_REFRESH_SECONDS; the first process that re-reads pushes the new one."""
+    from django.test import override_settings
+
+    tree(ORG)
+    root = pk("org")
+    with override_settings(METERING={**LOG_MODE, "LOG_REFRESH_SECONDS": 0.5}):
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # warm
+        cached = appender.snapshot("k1")
+        old = logged.hget(log.state_key(root), "epoch")
+        project = Tenant.objects.get(external_id="p1")
+        project.is_active = False
+        project.save()
+        assert logged.hget(log.state_key(root), "epoch") != old  # pushed on commit
+        logged.hset(log.state_key(root), "epoch", old)  # ... but say the push was lost
+        logged.delete(log.retired_key(root))
+        appender._snapshots[(namespace.current().hash, "k1")] = cached
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # within the bound: still written, as documented
+        time.sleep(0.55)
+        with pytest.raises(InactiveTenant):
+            QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+        QuotaPolicyHandler("k3").consume("llm_tokens", 1)  # its re-read finds Redis stale and pushes
+        assert logged.hget(log.state_key(root), "epoch") == str(counters.current_epoch(root, "default")).encode()
+        with pytest.raises(InactiveTenant):  # and a process with the old snapshot is now refused at once
+            appender._snapshots[(namespace.current().hash, "k1")] = cached
+            QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    assert len(stream_entries(logged, "k1")) == 3
+
+
+def test_a_late_push_of_an_older_epoch_is_refused(logged):
+    tree(ORG)
+    quota = limit("org", 100)
+    root = pk("org")
+    QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    older = counters.current_epoch(root, "default")
+    quota.limit = Decimal(50)
+    quota.save()
+    newer = counters.current_epoch(root, "default")
+    assert logged.hget(log.state_key(root), "epoch") == str(newer).encode()
+    assert appender.push_epoch(root, older) == 2  # retired: refused
+    assert logged.hget(log.state_key(root), "epoch") == str(newer).encode()
+
+
+def test_redis_flushed_with_undrained_entries_notes_the_gap_and_persists_no_more_than_the_limit(logged):
+    from metering.models import LogGap
+
+    tree(ORG)
+    limit("org", 6)
+    for _ in range(2):
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    drained()
+    for _ in range(2):
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # admitted, not drained: lost with the flush
+    logged.flushdb()
+    admitted = 0
+    for _ in range(10):
+        try:
+            QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+        except QuotaExceeded:
+            break
+        admitted += 1
+    assert admitted == 4  # the database knows 2: the rebuilt counters refuse nothing they should not
+    gap = LogGap.objects.get(root_id=pk("org"))
+    assert gap.after_entry != "0-0"
+    drained()
+    assert facts() == 6  # never more than the limit persisted
+
+
+def test_a_duplicate_outside_the_window_is_stored_once_and_given_back(logged):
+    tree(ORG)
+    limit("org", 10)
+    QuotaPolicyHandler("k1").consume("llm_tokens", 3, transaction_id="again")
+    drained()
+    root = pk("org")
+    logged.delete(log.dedup_key(root, pk("k1"), "again"))  # the window passed
+    QuotaPolicyHandler("k1").consume("llm_tokens", 3, transaction_id="again")  # admitted, counted at request time
+    assert QuotaPolicyHandler("k1").check("llm_tokens").statuses[0].used == 6
+    drained()
+    assert facts() == 3
+    assert QuotaPolicyHandler("k1").check("llm_tokens").statuses[0].used == 3  # given back by the drainer
+
+
+def test_get_usage_of_an_exact_window_includes_facts_not_drained_yet(logged):
+    from metering.windows import window
+
+    tree(ORG)
+    get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 2))
+    get_meter().record_usage_sync(UsageEvent("k3", "llm_tokens", 3))
+    month = window("month", datetime.now(UTC))
+    assert usage("org", "llm_tokens", *month) == 5  # rebuilt from the database + the stream
+    get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 1))
+    assert usage("org", "llm_tokens", *month) == 6  # the live counter
+    assert usage("p1", "llm_tokens", None, None) == 3
+    drained()
+    assert usage("org", "llm_tokens", *month) == 6
+
+
+def test_a_moved_tenant_is_written_with_its_new_lineage_at_once(logged):
+    from tenants.tree import move_tenant
+
+    tree(ORG)
+    limit("p2", 1)
+    QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # warm, under p1
+    move_tenant("k1", "p2")
+    with pytest.raises(QuotaExceeded):  # p2's limit applies at once (p2 has room for 1, k1 brings its 1)
+        QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    drained()
+    assert_facts_match_rollups()
+
+
+def test_thresholds_fire_once_and_quota_exceeded_is_sent(logged):
+    from quotas.signals import quota_exceeded, quota_threshold_reached
+
+    tree(ORG)
+    limit("org", 4, warning_thresholds=[50])
+    reached, exceeded = [], []
+
+    def on_reached(sender, context, status, threshold, **kwargs):
+        reached.append((status.tenant_id, threshold))
+
+    def on_exceeded(sender, context, error, **kwargs):
+        exceeded.append(error.tenant_id)
+
+    quota_threshold_reached.connect(on_reached)
+    quota_exceeded.connect(on_exceeded)
+    try:
+        for _ in range(5):
+            with contextlib.suppress(QuotaExceeded):
+                QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    finally:
+        quota_threshold_reached.disconnect(on_reached)
+        quota_exceeded.disconnect(on_exceeded)
+    assert reached == [("org", 50)]
+    assert exceeded == ["org"]
+
+
+# ---- over HTTP ----
+
+ENFORCEMENT_POINTS = ["/sync", "/class", "/drf-decorated", "/drf-permission", "/routed/by-name", "/metered/anything"]
+
+
+def test_every_enforcement_point_admits_then_answers_503_with_retry_after_when_redis_is_down(redis_server, settings):
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient, Client
+
+    from tests.identity_helpers import TRUSTED_HEADER
+    from tests.test_quota_http import ROUTES
+
+    settings.ROOT_URLCONF = "tests.quota_urls"
+    settings.METERING = {"QUOTA_ROUTES": ROUTES, **TRUSTED_HEADER, **LOG_MODE}
+    tree(ORG)
+    limit("org", 100, feature="api_calls")  # above what the bare header may see: never in the headers
+    limit("k1", 50, feature="api_calls")
+    headers = {"X-Tenant-ID": "k1"}
+    used = 0
+    for path in ENFORCEMENT_POINTS:
+        response = Client().get(path, headers=headers)
+        assert response.status_code == 200, (path, response.content[:300])
+        used += 3 if path.startswith("/metered/") else 1
+        assert response["RateLimit"].startswith(f'"k1/api_calls/month";r={50 - used};t='), path
+        assert response["RateLimit-Policy"].startswith('"k1/api_calls/month";q=50;w='), path
+    entries = len(stream_entries(counters.client(), "k1"))
+    assert entries == len(ENFORCEMENT_POINTS)
+    redis_server.stop()
+    for path in ENFORCEMENT_POINTS:
+        assert_503(Client().get(path, headers=headers), path)
+    assert_503(async_to_sync(AsyncClient().get)("/async", headers=headers), "/async")
+    redis_server.start()
+    import redis
+
+    raw = redis.Redis.from_url(redis_server.url)  # not through the breaker, still open for a moment
+    assert len(stream_entries(raw, "k1")) == entries  # nothing written while it was down
+
+
+def assert_503(response, what: str) -> None:
+    assert response.status_code == 503, (what, response.status_code, response.content[:300])
+    assert response["Content-Type"].startswith("application/json"), what
+    assert response.json()["error"]["code"] == "service_unavailable", what
+    assert int(response["Retry-After"]) > 0, what
