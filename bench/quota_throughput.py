@@ -849,10 +849,11 @@ def main() -> None:
         "time_split": breakdown,
         "profile_demo": profile,
     }
-    result["config"]["write_mode"] = args.write_mode
+    result["write_mode"] = args.write_mode
     if args.write_mode == "log":
-        result["drained"] = drain_everything()
-        print(f"\nlog mode: drained {result['drained']['facts']} facts in {result['drained']['seconds']} s (untimed)")
+        drained = drain_everything()
+        result["drained"] = drained
+        print(f"\nlog mode: drained {drained['facts']} facts in {drained['seconds']} s (untimed)")
     path = RESULTS_PATH if args.write_mode == "commit" else RESULTS_DIR / "quota_throughput_log.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {path.relative_to(REPO_ROOT)}")
