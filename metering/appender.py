@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connections, transaction
-from django.db.models.signals import post_save, pre_save
+from django.db import IntegrityError, connections, transaction
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from tenants import namespace
@@ -407,10 +408,13 @@ def claim(snap: Snapshot) -> Snapshot:
     """The tree has no epoch of ours (its first write, or another owner's counters: ``counters.counter_owner``):
     claim it with a bump in a transaction of its own (pushed on commit), then read it again."""
     using = metering_settings.DATABASE_ALIAS
-    with transaction.atomic(using=using):
-        lock_trees([snap.root_pk], exclusive=True, using=using)
-        if counters.current_epoch(snap.root_pk, using) == counters.NOT_OURS:
-            counters.bump_epochs([snap.root_pk], using)
+    try:
+        with transaction.atomic(using=using):
+            lock_trees([snap.root_pk], exclusive=True, using=using)
+            if counters.current_epoch(snap.root_pk, using) == counters.NOT_OURS:
+                counters.bump_epochs([snap.root_pk], using)
+    except IntegrityError:
+        pass  # the tree was deleted since the snapshot: the fresh read below says so (UnknownTenant)
     return snapshot(snap.context.tenant_id, fresh=True)
 
 
@@ -577,3 +581,24 @@ def _tenant_after(sender: type[Tenant], instance: Tenant, created: bool, **kwarg
         return
     root_pk = int(instance.path.strip("/").split("/")[0]) if instance.path else instance.pk
     counters.bump_epochs([root_pk], kwargs.get("using") or "default")
+
+
+@receiver(post_delete, sender=Tenant, dispatch_uid="xaas_metering_log_tenant_deleted")
+def _tenant_deleted(sender: type[Tenant], instance: Tenant, **kwargs: Any) -> None:
+    """A deleted tenant must not be written for from a cached snapshot either: a tenant below the root bumps its
+    tree's epoch; a deleted root (its epoch row goes with it) has a fresh random epoch pushed, which no process
+    holds, so every one of them re-reads (and finds no tenant)."""
+    if not log.is_log_mode() or not instance.path:
+        return
+    using = kwargs.get("using") or "default"
+    root_pk = int(instance.path.strip("/").split("/")[0])
+    if root_pk != instance.pk:
+        if Tenant.objects.using(using).filter(pk=root_pk).exists():
+            counters.bump_epochs([root_pk], using)
+        return
+
+    def retire() -> None:
+        forget_snapshots()
+        push_epoch(root_pk, secrets.randbits(62) + 1)
+
+    transaction.on_commit(retire, using=using)
