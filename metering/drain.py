@@ -39,7 +39,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,6 +94,7 @@ class DrainReport:
     skipped: int = 0  # trees held by another drainer
     waiting: int = 0  # entries left in streams, too young to be durable or beyond the bound of this run
     gaps: int = 0  # LogGap rows written
+    more: bool = False  # stopped by a bound (max_batches, budget, stop) while a full batch was just read
     seconds: float = 0.0
     unlisted: list[int] = field(default_factory=list)
 
@@ -102,6 +103,7 @@ class DrainReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds += other.seconds
         self.unlisted += other.unlisted
+        self.more = self.more or other.more
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,10 +312,12 @@ def drain_tree(
     delay: float | None = None,
     max_batches: int | None = None,
     wait: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DrainReport:
-    """Persist the tree's stream, one transaction per batch, until nothing durable is left (or ``max_batches``).
-    ``delay``: the durability delay (``drain_delay`` when ``None``). ``wait``: wait for another drainer's batch
-    instead of skipping the tree. Raises ``LogUnavailable`` without a django-redis metering cache."""
+    """Persist the tree's stream, one transaction per batch, until nothing durable is left (or ``max_batches``, or
+    ``should_stop()`` answers true between two batches). ``delay``: the durability delay (``drain_delay`` when
+    ``None``). ``wait``: wait for another drainer's batch instead of skipping the tree. Raises ``LogUnavailable``
+    without a django-redis metering cache or when Redis fails (the batch in flight is rolled back)."""
     using = _using(using)
     redis = _redis()
     started = time.monotonic()
@@ -322,11 +326,18 @@ def drain_tree(
     size = max(1, int(metering_settings.LOG_DRAIN_BATCH))
     looked = False
     reopened = 0
-    while max_batches is None or report.batches < max_batches:
+    again = False
+    while True:
+        if (max_batches is not None and report.batches >= max_batches) or (should_stop and should_stop()):
+            report.more = again
+            break
         try:
             batch, again = _drain_batch(redis, root_pk, using, delay, size, wait, report)
         except _Busy:
             batch, again = None, False
+        except counters.RedisError as error:
+            counters.note_unreachable()
+            raise LogUnavailable(f"Redis failed while draining tree {root_pk}: {type(error).__name__}") from error
         if batch is None:
             if not looked:
                 report.skipped += 1
@@ -341,7 +352,7 @@ def drain_tree(
         if not again:
             break
     report.trees += int(looked)
-    report.waiting += _waiting(redis, root_pk, using)
+    report.waiting += _waiting(redis, root_pk)
     report.seconds = time.monotonic() - started
     return report
 
@@ -659,7 +670,7 @@ def _adapter() -> Any:
 # ---- many trees ----
 
 
-def _waiting(redis: Any, root_pk: int, using: str) -> int:
+def _waiting(redis: Any, root_pk: int) -> int:
     """Entries in the tree's stream after the committed cursor (normally all of them: persisted ones are deleted)."""
     try:
         return int(redis.xlen(log.stream_key(root_pk)))
@@ -687,27 +698,41 @@ def drain(
     *,
     using: str | None = None,
     max_batches: int | None = None,
+    budget: int | None = None,
     delay: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DrainReport:
     """Drain every tree of the work list (``log.trees_key()``), in random order so parallel drainers spread; a tree
-    another drainer holds is skipped (``SKIP LOCKED``). ``max_trees``/``max_batches`` (per tree) bound the work.
-    The durability delay is read once per call. A tree whose stream is empty leaves the work list."""
+    another drainer holds is skipped (``SKIP LOCKED``). Bounds: ``max_trees``, ``max_batches`` per tree, ``budget``
+    batches in all, ``should_stop()`` (asked between batches); ``report.more`` says a bound cut work short. The
+    durability delay is read once per call. A tree whose stream is empty leaves the work list."""
     using = _using(using)
     redis = _redis()
     started = time.monotonic()
-    delay = drain_delay(redis) if delay is None else delay
-    roots = listed_trees(redis)
+    try:
+        delay = drain_delay(redis) if delay is None else delay
+        roots = listed_trees(redis)
+    except counters.RedisError as error:
+        counters.note_unreachable()
+        raise LogUnavailable(f"Redis failed before draining: {type(error).__name__}") from error
     random.shuffle(roots)
     report = DrainReport()
     for root_pk in roots[: max_trees if max_trees is not None else len(roots)]:
-        try:
-            tree = drain_tree(root_pk, using=using, delay=delay, max_batches=max_batches)
-        except _Busy:
-            report.skipped += 1
-            continue
+        left = None if budget is None else budget - report.batches
+        if (left is not None and left <= 0) or (should_stop and should_stop()):
+            report.more = True
+            break
+        bound = left if max_batches is None else max_batches if left is None else min(left, max_batches)
+        tree = drain_tree(root_pk, using=using, delay=delay, max_batches=bound, should_stop=should_stop)
         report.add(tree)
-        if tree.skipped == 0 and tree.waiting == 0 and _unlist(redis, root_pk):
-            report.unlisted.append(root_pk)
+        if tree.skipped == 0 and tree.waiting == 0 and not tree.more:
+            try:
+                if _unlist(redis, root_pk):
+                    report.unlisted.append(root_pk)
+            except counters.RedisError as error:  # still listed: looked at again next time
+                logger.warning("log mode: could not unlist tree %s (%s)", root_pk, type(error).__name__)
+    if max_trees is not None and len(roots) > max_trees:
+        report.more = True
     report.seconds = time.monotonic() - started
     return report
 
