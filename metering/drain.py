@@ -11,8 +11,9 @@ module persists the streams in batches, one database transaction per batch of up
 4. roll up only the inserted facts, each by its tenant's lineage *at drain time* (a move since admission is
    followed), one upsert per tenant x feature x hour (``rollups.add_many``); write the sinks' outbox rows
    (``on_stored_many`` of the adapter); advance the cursor; COMMIT;
-5. after the commit, delete exactly the persisted entries from the stream (``XDEL`` of their ids: never an entry
-   past the committed cursor) and send ``usage_recorded`` per inserted fact. **In log mode ``usage_recorded`` fires
+5. after the commit, delete the persisted entries from the stream (``XTRIM MINID`` just past the committed cursor:
+   every entry up to it, never one past it; leftovers of a drainer that died between its commit and its trim go
+   with the next trim) and send ``usage_recorded`` per inserted fact. **In log mode ``usage_recorded`` fires
    at drain time**, not when the request was admitted.
 
 Entries that do not become facts are given back to the live counters, which counted them at admission, so
@@ -300,6 +301,7 @@ def _after_open(redis: Any, root_pk: int, old_last: str, generation: str, epoch:
 @dataclass(slots=True)
 class _Batch:
     ids: list[str] = field(default_factory=list)
+    cursor: str = "0-0"  # the cursor's last entry at the end of the transaction
     facts: list[StoredFact] = field(default_factory=list)
     duplicates: int = 0
     dead: int = 0
@@ -352,7 +354,12 @@ def drain_tree(
         if not again:
             break
     report.trees += int(looked)
-    report.waiting += _waiting(redis, root_pk)
+    waiting = _waiting(redis, root_pk)
+    if waiting and batch is not None and not batch.ids and batch.cursor != "0-0":
+        # Leftovers of a drainer that died between its commit and its trim (already persisted: up to the cursor).
+        _trim(redis, root_pk, batch.cursor)
+        waiting = _waiting(redis, root_pk)
+    report.waiting += waiting
     report.seconds = time.monotonic() - started
     return report
 
@@ -375,12 +382,14 @@ def _drain_batch(
         cursor = _cursor(root_pk, using, skip_locked=not wait)
         if cursor is None:
             return None, False
+        batch.cursor = cursor.last_entry
         state = _state(redis, root_pk)
         if not cursor.generation or state.get("gen") != cursor.generation:
             if not state and not cursor.generation and _stream_last_id(redis, root_pk) is None:
                 return batch, False  # never opened: nothing to drain
             generation, epoch, old_last = _reopen(cursor, state, using, report)
             reopened = (generation, epoch, old_last, state.get("gen"))
+            batch.cursor = "0-0"  # the stream's entries are another generation's: none may be trimmed as persisted
         else:
             forward = _check_older(redis, cursor, using, report)
             if forward is None:
@@ -520,9 +529,10 @@ def _persist(
     cursor.facts += len(batch.facts)
     cursor.last_drained_at = timezone.now()
     cursor.save(using=using, update_fields=["last_entry", "facts", "last_drained_at"])
-    ids, facts, stream = list(batch.ids), list(batch.facts), log.stream_key(root_pk)
+    batch.cursor = cursor.last_entry
+    last, facts = cursor.last_entry, list(batch.facts)
     # After the outermost commit (a mover drains inside its own transaction): the entries go, the signal fires.
-    transaction.on_commit(lambda: _after_commit(redis, stream, ids, facts, using), using=using)
+    transaction.on_commit(lambda: _after_commit(redis, root_pk, last, facts, using), using=using)
 
 
 def _dead(
@@ -626,14 +636,21 @@ def _give_back(
     scripts.script(redis, "metering", "log_giveback")(keys=keys, args=args)
 
 
-def _after_commit(redis: Any, key: str, ids: list[str], facts: list[StoredFact], using: str) -> None:
-    try:
-        for start in range(0, len(ids), 1000):
-            redis.xdel(key, *ids[start : start + 1000])
-    except counters.RedisError as error:  # left in the stream: the cursor is past them, the next batch skips them
-        logger.warning("log mode: could not delete persisted entries from %s (%s)", key, type(error).__name__)
+def _after_commit(redis: Any, root_pk: int, last_entry: str, facts: list[StoredFact], using: str) -> None:
+    _trim(redis, root_pk, last_entry)
     if facts and usage_recorded.receivers:
         _send_recorded(facts, using)
+
+
+def _trim(redis: Any, root_pk: int, last_entry: str) -> None:
+    """Delete every entry up to ``last_entry`` (committed): ``XTRIM MINID`` keeps ids >= the one right after it."""
+    if last_entry == "0-0":
+        return
+    ms, seq = _id(last_entry)
+    try:
+        redis.execute_command("XTRIM", log.stream_key(root_pk), "MINID", f"{ms}-{seq + 1}")
+    except counters.RedisError as error:  # left in the stream: the cursor is past them, the next trim takes them
+        logger.warning("log mode: could not trim tree %s's stream (%s)", root_pk, type(error).__name__)
 
 
 def _send_recorded(facts: list[StoredFact], using: str) -> None:
