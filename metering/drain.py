@@ -11,8 +11,9 @@ module persists the streams in batches, one database transaction per batch of up
 4. roll up only the inserted facts, each by its tenant's lineage *at drain time* (a move since admission is
    followed), one upsert per tenant x feature x hour (``rollups.add_many``); write the sinks' outbox rows
    (``on_stored_many`` of the adapter); advance the cursor; COMMIT;
-5. after the commit, delete exactly the persisted entries from the stream (``XDEL`` of their ids: never an entry
-   past the committed cursor) and send ``usage_recorded`` per inserted fact. **In log mode ``usage_recorded`` fires
+5. after the commit, delete the persisted entries from the stream (``XTRIM MINID`` just past the committed cursor:
+   every entry up to it, never one past it; leftovers of a drainer that died between its commit and its trim go
+   with the next trim) and send ``usage_recorded`` per inserted fact. **In log mode ``usage_recorded`` fires
    at drain time**, not when the request was admitted.
 
 Entries that do not become facts are given back to the live counters, which counted them at admission, so
@@ -35,11 +36,13 @@ policy is read with ``CONFIG GET`` once per drain cycle (refused, as on managed 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,7 +68,9 @@ GIVEBACK_TTL_SECONDS = 86_400  # a failed batch is redone within minutes; a day 
 MAX_FEATURE_LENGTH = UsageRecord._meta.get_field("feature").max_length or 100
 MAX_TRANSACTION_ID_LENGTH = UsageRecord._meta.get_field("transaction_id").max_length or 128
 MAX_UNITS = 2**63 - 1  # the fact's column is a bigint
+STAGING = "xaas_drain_staging"  # PostgreSQL: the temporary table a batch's facts are COPYed into
 INSERT_CHUNK = 2000  # rows per INSERT (7 parameters each: under SQLite's 32,766 and PostgreSQL's 65,535)
+_staged: weakref.WeakSet[Any] = weakref.WeakSet()  # database connections whose session has the staging table
 OPEN_RECHECK = (0.01, 0.02, 0.05)  # seconds: another opener's state HSET follows its commit within milliseconds
 
 
@@ -94,6 +99,7 @@ class DrainReport:
     skipped: int = 0  # trees held by another drainer
     waiting: int = 0  # entries left in streams, too young to be durable or beyond the bound of this run
     gaps: int = 0  # LogGap rows written
+    more: bool = False  # stopped by a bound (max_batches, budget, stop) while a full batch was just read
     seconds: float = 0.0
     unlisted: list[int] = field(default_factory=list)
 
@@ -102,6 +108,7 @@ class DrainReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds += other.seconds
         self.unlisted += other.unlisted
+        self.more = self.more or other.more
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +132,12 @@ def _text(value: Any) -> str:
 def _id(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _next_id(value: str) -> str:
+    """The stream id right after ``value`` (sequence numbers end at 2**64 - 1)."""
+    ms, seq = _id(value)
+    return f"{ms + 1}-0" if seq == 2**64 - 1 else f"{ms}-{seq + 1}"
 
 
 # ---- the durability delay ----
@@ -151,23 +164,28 @@ def drain_delay(redis: Any) -> float:
     return 0.0 if fsync_policy(redis) == "always" else DEFAULT_DELAY_SECONDS
 
 
-def _cutoff(redis: Any, delay: float) -> str:
-    seconds, micros = redis.time()
-    return str(int(seconds) * 1000 + int(micros) // 1000 - int(delay * 1000))
-
-
 # ---- the cursor ----
 
 
 def _cursor(root_pk: int, using: str, *, skip_locked: bool) -> LogCursor | None:
     """The tree's cursor row, locked until the transaction ends (created when missing); ``None``: another drainer
-    holds it (only with ``skip_locked``)."""
+    holds it (only with ``skip_locked``), or the tree's root no longer exists (logged)."""
     rows = LogCursor.objects.using(using)
     found = rows.select_for_update(skip_locked=skip_locked).filter(root_id=root_pk).first()
-    if found is None:
-        LogCursor.objects.using(using).bulk_create([LogCursor(root_id=root_pk)], ignore_conflicts=True)
-        found = rows.select_for_update(skip_locked=skip_locked).filter(root_id=root_pk).first()
-    return found
+    if found is not None or (skip_locked and rows.filter(root_id=root_pk).exists()):
+        return found
+    if not Tenant.objects.using(using).filter(pk=root_pk).exists():
+        logger.error("log mode: tree %s has a stream but its root tenant no longer exists; left in Redis", root_pk)
+        return None
+    LogCursor.objects.using(using).bulk_create([LogCursor(root_id=root_pk)], ignore_conflicts=True)
+    return rows.select_for_update(skip_locked=skip_locked).filter(root_id=root_pk).first()
+
+
+def _pairs(fields: Any) -> dict[Any, Any]:
+    """XRANGE's fields from a script: a flat [name, value, ...] list (redis-py's own XRANGE gives a dict)."""
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def drain_locked(root_pk: int, *, using: str | None = None) -> str:
@@ -177,7 +195,8 @@ def drain_locked(root_pk: int, *, using: str | None = None) -> str:
     entries after it)."""
     using = _using(using)
     cursor = _cursor(root_pk, using, skip_locked=False)
-    assert cursor is not None
+    if cursor is None:
+        raise Tenant.DoesNotExist(f"tree {root_pk} does not exist")
     return cursor.last_entry
 
 
@@ -207,9 +226,8 @@ def _move_stream_past(redis: Any, root_pk: int, last_entry: str) -> None:
     if current is not None and _id(current) >= _id(last_entry):
         return
     if current is None:
-        ms, seq = _id(last_entry)
         # XADD of a placeholder trimmed at once (MAXLEN 0): the stream exists, empty, its last id past the cursor.
-        redis.execute_command("XADD", key, "MAXLEN", "0", f"{ms}-{seq + 1}", "_", "")
+        redis.execute_command("XADD", key, "MAXLEN", "0", _next_id(last_entry), "_", "")
     else:
         redis.execute_command("XSETID", key, last_entry)
 
@@ -235,7 +253,8 @@ def open_tree(root_pk: int, *, using: str | None = None) -> str:
     report = DrainReport()
     with transaction.atomic(using=using):
         cursor = _cursor(root_pk, using, skip_locked=False)
-        assert cursor is not None
+        if cursor is None:
+            raise Tenant.DoesNotExist(f"tree {root_pk} does not exist")
         state = _state(redis, root_pk)
         if not state and cursor.generation:
             for pause in OPEN_RECHECK:  # another opener committed first and is about to HSET its state
@@ -298,6 +317,8 @@ def _after_open(redis: Any, root_pk: int, old_last: str, generation: str, epoch:
 @dataclass(slots=True)
 class _Batch:
     ids: list[str] = field(default_factory=list)
+    cursor: str = "0-0"  # the cursor's last entry at the end of the transaction
+    after: int | None = None  # entries after this batch when it was read (None: not known)
     facts: list[StoredFact] = field(default_factory=list)
     duplicates: int = 0
     dead: int = 0
@@ -310,10 +331,12 @@ def drain_tree(
     delay: float | None = None,
     max_batches: int | None = None,
     wait: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DrainReport:
-    """Persist the tree's stream, one transaction per batch, until nothing durable is left (or ``max_batches``).
-    ``delay``: the durability delay (``drain_delay`` when ``None``). ``wait``: wait for another drainer's batch
-    instead of skipping the tree. Raises ``LogUnavailable`` without a django-redis metering cache."""
+    """Persist the tree's stream, one transaction per batch, until nothing durable is left (or ``max_batches``, or
+    ``should_stop()`` answers true between two batches). ``delay``: the durability delay (``drain_delay`` when
+    ``None``). ``wait``: wait for another drainer's batch instead of skipping the tree. Raises ``LogUnavailable``
+    without a django-redis metering cache or when Redis fails (the batch in flight is rolled back)."""
     using = _using(using)
     redis = _redis()
     started = time.monotonic()
@@ -322,11 +345,18 @@ def drain_tree(
     size = max(1, int(metering_settings.LOG_DRAIN_BATCH))
     looked = False
     reopened = 0
-    while max_batches is None or report.batches < max_batches:
+    again = False
+    while True:
+        if (max_batches is not None and report.batches >= max_batches) or (should_stop and should_stop()):
+            report.more = again
+            break
         try:
             batch, again = _drain_batch(redis, root_pk, using, delay, size, wait, report)
         except _Busy:
             batch, again = None, False
+        except counters.RedisError as error:
+            counters.note_unreachable()
+            raise LogUnavailable(f"Redis failed while draining tree {root_pk}: {type(error).__name__}") from error
         if batch is None:
             if not looked:
                 report.skipped += 1
@@ -341,7 +371,9 @@ def drain_tree(
         if not again:
             break
     report.trees += int(looked)
-    report.waiting += _waiting(redis, root_pk, using)
+    # Entries left when the last batch was read (leftovers up to the cursor were trimmed by that read).
+    waiting = batch.after if batch is not None and batch.after is not None else _waiting(redis, root_pk)
+    report.waiting += waiting
     report.seconds = time.monotonic() - started
     return report
 
@@ -354,30 +386,36 @@ def _drain_batch(
     batch = _Batch()
     reopened: tuple[str, int, str, str | None] | None = None
     forward: tuple[int, str] | None = None
+    # Only a cursor this transaction did not move is known to be committed (a mover drains inside its own).
+    trim = "0" if connections[using].in_atomic_block else "1"
     with transaction.atomic(using=using):
         # The tree lock shared first (before the cursor row, the order a mover takes them in): a move of a subtree
         # of this tree waits for the batch, and the batch reads lineages after any move committed before it.
         lock_trees([root_pk], exclusive=False, using=using)
-        if not Tenant.objects.using(using).filter(pk=root_pk).exists():
-            logger.error("log mode: tree %s has a stream but its root tenant no longer exists; left in Redis", root_pk)
-            return None, False
         cursor = _cursor(root_pk, using, skip_locked=not wait)
         if cursor is None:
             return None, False
-        state = _state(redis, root_pk)
+        batch.cursor = cursor.last_entry
+        # One round trip: the state hash, the stream's last-generated id, and the entries old enough to be durable.
+        gen, epoch_text, last, entries, length = scripts.script(redis, "metering", "log_read")(
+            keys=[log.stream_key(root_pk), log.state_key(root_pk)],
+            args=[cursor.last_entry, str(int(delay * 1000)), str(size), trim, cursor.generation],
+        )
+        batch.after = max(0, int(length) - len(entries)) if trim == "1" else None
+        state = {name: _text(value) for name, value in (("gen", gen), ("epoch", epoch_text)) if _text(value)}
+        stream_last = _text(last) or None
         if not cursor.generation or state.get("gen") != cursor.generation:
-            if not state and not cursor.generation and _stream_last_id(redis, root_pk) is None:
+            if not state and not cursor.generation and stream_last is None:
                 return batch, False  # never opened: nothing to drain
             generation, epoch, old_last = _reopen(cursor, state, using, report)
             reopened = (generation, epoch, old_last, state.get("gen"))
+            batch.cursor = "0-0"  # the stream's entries are another generation's: none may be trimmed as persisted
         else:
-            forward = _check_older(redis, cursor, using, report)
-            if forward is None:
-                entries = redis.xrange(
-                    log.stream_key(root_pk), f"({cursor.last_entry}", _cutoff(redis, delay), count=size
+            forward = _check_older(cursor, stream_last, using, report)
+            if forward is None and entries:
+                _persist(
+                    redis, cursor, state, [(entry_id, _pairs(fields)) for entry_id, fields in entries], using, batch
                 )
-                if entries:
-                    _persist(redis, cursor, state, entries, using, batch)
     if reopened is not None:
         _after_open(redis, root_pk, reopened[2], reopened[0], reopened[1], reopened[3])
         return batch, True  # drain again under the new generation
@@ -393,13 +431,12 @@ def _drain_batch(
     return batch, len(batch.ids) >= size
 
 
-def _check_older(redis: Any, cursor: LogCursor, using: str, report: DrainReport) -> tuple[int, str] | None:
+def _check_older(cursor: LogCursor, last: str | None, using: str, report: DrainReport) -> tuple[int, str] | None:
     """Redis came back with OLDER data (same generation, but the stream's last-generated id is below the cursor):
     note the gap, bump the epoch (counters built on the older data are retired). Returns (the new epoch, the cursor)
     to move the stream forward after the commit, or ``None`` when all is well."""
     if cursor.last_entry == "0-0":
         return None
-    last = _stream_last_id(redis, cursor.root_id)
     if last is not None and _id(last) >= _id(cursor.last_entry):
         return None
     note = (
@@ -509,9 +546,10 @@ def _persist(
     cursor.facts += len(batch.facts)
     cursor.last_drained_at = timezone.now()
     cursor.save(using=using, update_fields=["last_entry", "facts", "last_drained_at"])
-    ids, facts, stream = list(batch.ids), list(batch.facts), log.stream_key(root_pk)
+    batch.cursor = cursor.last_entry
+    last, facts = cursor.last_entry, list(batch.facts)
     # After the outermost commit (a mover drains inside its own transaction): the entries go, the signal fires.
-    transaction.on_commit(lambda: _after_commit(redis, stream, ids, facts, using), using=using)
+    transaction.on_commit(lambda: _after_commit(redis, root_pk, last, facts, using), using=using)
 
 
 def _dead(
@@ -557,37 +595,69 @@ class _Busy(Exception):
 
 
 def _insert_facts(entries: Sequence[log.Entry], using: str) -> dict[tuple[int, str], int]:
-    """One multi-row INSERT per chunk; returns {(tenant pk, transaction id): new fact id} of the rows inserted."""
+    """Insert the facts (the database skips those it has); returns {(tenant pk, transaction id): new fact id} of the
+    rows inserted. PostgreSQL: COPY and one INSERT ... SELECT; elsewhere multi-row VALUES."""
     if not entries:
         return {}
     connection = connections[using]
     table = connection.ops.quote_name(UsageRecord._meta.db_table)
-    metadata = UsageRecord._meta.get_field("metadata")
-    adapt = connection.ops.adapt_datetimefield_value
+    columns = "tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at"
+    conflict = "ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING id, tenant_id, transaction_id"
     inserted: dict[tuple[int, str], int] = {}
     with connection.cursor() as cursor:
-        for start in range(0, len(entries), INSERT_CHUNK):
-            part = entries[start : start + INSERT_CHUNK]
-            params: list[Any] = []
-            for entry in part:
-                params += [
-                    entry.tenant_pk,
-                    entry.feature,
-                    entry.units,
-                    adapt(entry.timestamp),
-                    entry.transaction_id,
-                    metadata.get_db_prep_save(entry.metadata, connection),
-                    adapt(entry.recorded_at),
-                ]
-            values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(part))
+        if connection.vendor == "postgresql":
+            # COPY into a session-local temporary table, then one INSERT ... SELECT that also empties it (a mover
+            # drains several batches in one transaction): measured twice as fast as one INSERT of unnest() arrays,
+            # which is itself several times faster than a multi-row VALUES of 35,000 placeholders.
+            raw = connection.connection
+            if raw not in _staged:
+                cursor.execute(
+                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (tenant_id bigint, feature varchar, "
+                    "units bigint, timestamp timestamptz, transaction_id varchar, metadata jsonb, "
+                    "recorded_at timestamptz) ON COMMIT DELETE ROWS"
+                )
+                # Known to exist on this server connection once created by a committed transaction.
+                transaction.on_commit(lambda: _staged.add(raw), using=using)
+            with cursor.cursor.copy(f"COPY {STAGING} FROM STDIN") as copy:
+                for entry in entries:
+                    copy.write_row(
+                        (
+                            entry.tenant_pk,
+                            entry.feature,
+                            entry.units,
+                            entry.timestamp,
+                            entry.transaction_id,
+                            json.dumps(entry.metadata, ensure_ascii=False),
+                            entry.recorded_at,
+                        )
+                    )
             cursor.execute(
-                f"INSERT INTO {table} (tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at) "  # noqa: S608
-                f"VALUES {values} ON CONFLICT (tenant_id, transaction_id) DO NOTHING "
-                f"RETURNING id, tenant_id, transaction_id",
-                params,
+                f"WITH staged AS (DELETE FROM {STAGING} RETURNING {columns}) "  # noqa: S608 (our names)
+                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged {conflict}"
             )
-            for record_id, tenant_pk, transaction_id in cursor.fetchall():
-                inserted[(int(tenant_pk), str(transaction_id))] = int(record_id)
+            rows = cursor.fetchall()
+        else:
+            metadata = UsageRecord._meta.get_field("metadata")
+            adapt = connection.ops.adapt_datetimefield_value
+            rows = []
+            for start in range(0, len(entries), INSERT_CHUNK):
+                part = entries[start : start + INSERT_CHUNK]
+                params: list[Any] = []
+                for entry in part:
+                    params += [
+                        entry.tenant_pk,
+                        entry.feature,
+                        entry.units,
+                        adapt(entry.timestamp),
+                        entry.transaction_id,
+                        metadata.get_db_prep_save(entry.metadata, connection),
+                        adapt(entry.recorded_at),
+                    ]
+                values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(part))
+                cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values} {conflict}", params)  # noqa: S608
+                rows += cursor.fetchall()
+    for record_id, tenant_pk, transaction_id in rows:
+        inserted[(int(tenant_pk), str(transaction_id))] = int(record_id)
     return inserted
 
 
@@ -615,14 +685,20 @@ def _give_back(
     scripts.script(redis, "metering", "log_giveback")(keys=keys, args=args)
 
 
-def _after_commit(redis: Any, key: str, ids: list[str], facts: list[StoredFact], using: str) -> None:
-    try:
-        for start in range(0, len(ids), 1000):
-            redis.xdel(key, *ids[start : start + 1000])
-    except counters.RedisError as error:  # left in the stream: the cursor is past them, the next batch skips them
-        logger.warning("log mode: could not delete persisted entries from %s (%s)", key, type(error).__name__)
+def _after_commit(redis: Any, root_pk: int, last_entry: str, facts: list[StoredFact], using: str) -> None:
+    _trim(redis, root_pk, last_entry)
     if facts and usage_recorded.receivers:
         _send_recorded(facts, using)
+
+
+def _trim(redis: Any, root_pk: int, last_entry: str) -> None:
+    """Delete every entry up to ``last_entry`` (committed): ``XTRIM MINID`` keeps ids >= the one right after it."""
+    if last_entry == "0-0":
+        return
+    try:
+        redis.execute_command("XTRIM", log.stream_key(root_pk), "MINID", _next_id(last_entry))
+    except counters.RedisError as error:  # left in the stream: the cursor is past them, the next trim takes them
+        logger.warning("log mode: could not trim tree %s's stream (%s)", root_pk, type(error).__name__)
 
 
 def _send_recorded(facts: list[StoredFact], using: str) -> None:
@@ -659,7 +735,7 @@ def _adapter() -> Any:
 # ---- many trees ----
 
 
-def _waiting(redis: Any, root_pk: int, using: str) -> int:
+def _waiting(redis: Any, root_pk: int) -> int:
     """Entries in the tree's stream after the committed cursor (normally all of them: persisted ones are deleted)."""
     try:
         return int(redis.xlen(log.stream_key(root_pk)))
@@ -673,10 +749,14 @@ def listed_trees(redis: Any) -> list[int]:
 
 def _unlist(redis: Any, root_pk: int) -> bool:
     """Off the work list if its stream is empty; SREM first, then the atomic check, then SADD back when entries
-    remain: a writer appending in between either lists the tree itself or is seen here. True when taken off."""
-    redis.srem(log.trees_key(), root_pk)
+    remain: a writer appending in between either lists the tree itself or is seen here. True when taken off.
+    SREM and the check go in one pipeline: Redis runs them in that order (other clients may come in between, as
+    they may between two round trips)."""
     keys = [log.stream_key(root_pk), log.listed_key(root_pk)]
-    if scripts.script(redis, "metering", "log_unlist")(keys=keys, args=[]):
+    pipe = redis.pipeline(transaction=False)
+    pipe.srem(log.trees_key(), root_pk)
+    scripts.script(redis, "metering", "log_unlist")(keys=keys, args=[], client=pipe)
+    if pipe.execute()[1]:
         redis.sadd(log.trees_key(), root_pk)
         return False
     return True
@@ -687,27 +767,41 @@ def drain(
     *,
     using: str | None = None,
     max_batches: int | None = None,
+    budget: int | None = None,
     delay: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DrainReport:
     """Drain every tree of the work list (``log.trees_key()``), in random order so parallel drainers spread; a tree
-    another drainer holds is skipped (``SKIP LOCKED``). ``max_trees``/``max_batches`` (per tree) bound the work.
-    The durability delay is read once per call. A tree whose stream is empty leaves the work list."""
+    another drainer holds is skipped (``SKIP LOCKED``). Bounds: ``max_trees``, ``max_batches`` per tree, ``budget``
+    batches in all, ``should_stop()`` (asked between batches); ``report.more`` says a bound cut work short. The
+    durability delay is read once per call. A tree whose stream is empty leaves the work list."""
     using = _using(using)
     redis = _redis()
     started = time.monotonic()
-    delay = drain_delay(redis) if delay is None else delay
-    roots = listed_trees(redis)
+    try:
+        delay = drain_delay(redis) if delay is None else delay
+        roots = listed_trees(redis)
+    except counters.RedisError as error:
+        counters.note_unreachable()
+        raise LogUnavailable(f"Redis failed before draining: {type(error).__name__}") from error
     random.shuffle(roots)
     report = DrainReport()
     for root_pk in roots[: max_trees if max_trees is not None else len(roots)]:
-        try:
-            tree = drain_tree(root_pk, using=using, delay=delay, max_batches=max_batches)
-        except _Busy:
-            report.skipped += 1
-            continue
+        left = None if budget is None else budget - report.batches
+        if (left is not None and left <= 0) or (should_stop and should_stop()):
+            report.more = True
+            break
+        bound = left if max_batches is None else max_batches if left is None else min(left, max_batches)
+        tree = drain_tree(root_pk, using=using, delay=delay, max_batches=bound, should_stop=should_stop)
         report.add(tree)
-        if tree.skipped == 0 and tree.waiting == 0 and _unlist(redis, root_pk):
-            report.unlisted.append(root_pk)
+        if tree.skipped == 0 and tree.waiting == 0 and not tree.more:
+            try:
+                if _unlist(redis, root_pk):
+                    report.unlisted.append(root_pk)
+            except counters.RedisError as error:  # still listed: looked at again next time
+                logger.warning("log mode: could not unlist tree %s (%s)", root_pk, type(error).__name__)
+    if max_trees is not None and len(roots) > max_trees:
+        report.more = True
     report.seconds = time.monotonic() - started
     return report
 

@@ -200,6 +200,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "metering.sweep_outbox",
         "schedule": float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
     },
+    # Log mode (METERING_WRITE_MODE=log): persist the Redis streams; a no-op in commit mode. A long-running
+    # `manage.py metering_drain` does the same with less latency.
+    "metering-drain-log": {
+        "task": "metering.drain_log",
+        "schedule": float(os.environ.get("METERING_DRAIN_SECONDS", "1")),
+    },
     "quotas-expire-reservations": {
         "task": "quotas.expire_reservations",
         "schedule": float(os.environ.get("QUOTAS_EXPIRY_SECONDS", "30")),
