@@ -483,13 +483,6 @@ def rebuild_counters(
     redis = _redis()
     using = metering_settings.DATABASE_ALIAS
     stream = log.stream_key(root_pk)
-    try:
-        # Read before the cursor: the rebuild call refuses if entries after the cursor were deleted since (by a
-        # drainer that committed after this transaction ended, were the call to land late), so its sum can never
-        # miss one.
-        deleted = _max_deleted(redis, stream)
-    except counters.RedisError as error:
-        raise _unavailable(error) from None
     ttl = int(metering_settings.COUNTER_TTL_SECONDS)
     with transaction.atomic(using=using):
         lock_trees([root_pk], exclusive=True, using=using)
@@ -497,7 +490,7 @@ def rebuild_counters(
         if counters.current_epoch(root_pk, using) != epoch:
             return STALE
         keys = [log.state_key(root_pk), stream]
-        args = [str(epoch), last_entry, str(ttl), deleted]
+        args = [str(epoch), last_entry, str(ttl), ""]
         expected = counters.expected_units
         for name, level_pk, level_path, kind, start, end in wanted:
             units = expected(kind, level_pk, level_path, feature, start, end, using)
@@ -510,6 +503,9 @@ def rebuild_counters(
                 "" if end is None else str(log.micros(end)),
             ]
         try:
+            # The deadline: this server's clock now plus the client's socket timeout (see log_rebuild.lua).
+            seconds, microseconds = redis.time()
+            args[3] = str(int(seconds) * 1_000_000 + int(microseconds) + int(_socket_timeout(redis) * 1_000_000))
             answer = scripts.script(redis, "metering", "log_rebuild")(keys=keys, args=args)
         except counters.RedisError as error:
             raise _unavailable(error) from None
@@ -521,15 +517,10 @@ def rebuild_counters(
     return ADMITTED
 
 
-def _max_deleted(redis: Any, stream: str) -> str:
-    """The stream's ``max-deleted-entry-id`` (Redis 7: every ``XDEL`` raises it), '' when there is no stream."""
-    try:
-        info = redis.xinfo_stream(stream)
-    except counters.RedisError as error:
-        if "no such key" in str(error).lower():
-            return ""
-        raise
-    return _text(info.get("max-deleted-entry-id", "0-0"))
+def _socket_timeout(redis: Any) -> float:
+    """The client's socket timeout (how long it waits for an answer before giving up); 1 s when it has none."""
+    timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+    return float(timeout) if timeout else 1.0
 
 
 def rebuild_one(root_pk: int, tenant_pk: int, feature: str, period: Period, start: datetime | None) -> int | None:

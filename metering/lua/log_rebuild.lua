@@ -5,39 +5,24 @@
 --
 -- KEYS: [1] the tree's state hash, [2] the tree's stream, then the counters to set (the tree's hash tag).
 -- ARGV: [1] the epoch the counters belong to, [2] the id of the last entry the database holds (LogCursor.last_entry,
---       read with the cursor row locked), [3] the counters' TTL in seconds, [4] the stream's max-deleted-entry-id read
---       before the cursor ('' : no stream then). Entries deleted from the stream after the cursor mean this call
---       landed after the caller's transaction ended, when a drainer had persisted and deleted more: its sums would
---       miss those, so it is refused unless every deleted id is at most the cursor (or nothing was deleted since),
---       then 5 values per counter: the database's
+--       read with the cursor row locked), [3] the counters' TTL in seconds, [4] a deadline in microseconds of this
+--       server's clock (TIME): the caller read the clock right before sending this call and added its socket
+--       timeout, so a call that runs by then runs while the caller still waits, i.e. still holds the cursor row
+--       and the tree lock. One that runs later (the server stalled, the caller gave up and released its locks: a
+--       drainer may since have persisted and trimmed entries its sums do not have) is refused, then 5 values per counter: the database's
 --       units (a decimal string); the level's tenant pk whose entries count ('' : none, e.g. reserved counters);
 --       the feature; the window's start and end as integer microseconds since 1970 ('' : open).
 -- Returns: {0}            the state hash is missing (open the tree first)
 --          {1, epoch}     the tree's epoch is another: counters of this epoch must not be created now
---          {3}            entries after the cursor were deleted: read again
+--          {3}            past the deadline: nothing set (read again)
 --          {2, set, entries}  done: how many counters were created (an existing one is newer: left alone), and how
 --                         many stream entries were read
 local state, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', state, 'epoch')
 if not epoch then return {0} end
 if epoch ~= ARGV[1] then return {1, epoch} end
-local info = redis.pcall('XINFO', 'STREAM', stream)
-local deleted = ''
-if type(info) == 'table' and not info.err then
-    for i = 1, #info, 2 do
-        if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
-    end
-end
-local function id_parts(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms or '0'), tonumber(seq or '0')
-end
-local function id_after(a, b)  -- stream id a > b
-    local ams, aseq = id_parts(a)
-    local bms, bseq = id_parts(b)
-    return ams > bms or (ams == bms and aseq > bseq)
-end
-if deleted ~= ARGV[4] and deleted ~= '' and id_after(deleted, ARGV[2]) then return {3} end
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[4]) then return {3} end
 local ttl = tonumber(ARGV[3])
 local counters = #KEYS - 2
 local totals, wanted = {}, {}
