@@ -484,3 +484,26 @@ def assert_503(response, what: str) -> None:
     assert response["Content-Type"].startswith("application/json"), what
     assert response.json()["error"]["code"] == "service_unavailable", what
     assert int(response["Retry-After"]) > 0, what
+
+
+def test_a_rebuild_call_that_runs_after_its_deadline_sets_nothing(logged):
+    """A rebuild whose call ran late (the server stalled past the caller's socket timeout, so the caller released
+    its locks and a drainer may have persisted and trimmed entries meanwhile) must not create a counter."""
+    from metering import scripts
+
+    tree(ORG)
+    QuotaPolicyHandler("k1").consume("llm_tokens", 1)
+    root = pk("org")
+    epoch = logged.hget(log.state_key(root), "epoch").decode()
+    name = f"{counters.tree_tag(root)}:e{epoch}:u:{root}:llm_tokens:total:all"
+    logged.delete(name)
+    args = [epoch, "0-0", "60", "0", "0", str(root), "llm_tokens", "", ""]  # deadline 0: long past
+    answer = scripts.script(logged, "metering", "log_rebuild")(
+        keys=[log.state_key(root), log.stream_key(root), name], args=args
+    )
+    assert answer == [3] and not logged.exists(name)
+    args[3] = str(10**18)  # far ahead: runs, the database's 0 plus the stream's entry
+    answer = scripts.script(logged, "metering", "log_rebuild")(
+        keys=[log.state_key(root), log.stream_key(root), name], args=args
+    )
+    assert answer[:2] == [2, 1] and logged.get(name) == b"1000000"
