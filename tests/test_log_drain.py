@@ -402,3 +402,32 @@ def test_an_hour_boundary_and_old_facts(logged):
     drain.drain()
     assert_facts_match_rollups()
     assert len({bucket for (_, _, bucket) in stored_rollups()}) == 2
+
+
+def test_the_fast_decoder_reads_what_the_codec_reads(logged):
+    tree(ORG)
+    moment = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    samples = [
+        log.Entry(7, "/1/7/", "f", 0, moment, "x", moment, 3),
+        log.Entry(7, "/1/7/", "fé:a", 10**18, moment, "tx/é", moment, -1, {"a": [1, "é"]}, 42),
+    ]
+    for sample in samples:
+        entry_id = logged.execute_command("XADD", "xaas-test-codec", "*", *sample.encode()).decode()
+        ((read_id, fields),) = logged.xrange("xaas-test-codec", entry_id, entry_id)
+        assert drain._fast_decode(read_id.decode(), fields) == log.Entry.decode(read_id, fields)
+    logged.delete("xaas-test-codec")
+
+
+def test_an_entry_that_is_not_utf8_is_a_dead_entry(logged):
+    tree(ORG)
+    root = pk("org")
+    good = log.Entry(pk("k1"), f"/{root}/{pk('p1')}/{pk('k1')}/", "f", 1, datetime.now(UTC), "ok", datetime.now(UTC), 0)
+    fields = good.encode()
+    fields[fields.index("x") + 1] = b"\xff\xfe"  # type: ignore[call-overload]
+    drain.open_tree(root)
+    entry_id = logged.execute_command("XADD", log.stream_key(root), "*", *fields).decode()
+    logged.sadd(log.trees_key(), root)
+    report = drain.drain()
+    assert report.dead == 1 and report.facts == 0
+    row = LogDeadEntry.objects.get(entry_id=entry_id)
+    assert row.fields["x"] == "\\xff\\xfe" and "UnicodeDecodeError" in row.reason
