@@ -164,6 +164,9 @@ METERING: dict[str, Any] = {
     # request.tenant from the API key (Authorization: Bearer; seed_demo prints one); X-Tenant-ID may only narrow
     # it to a tenant of the key's subtree. No key: no tenant (401 from the demo and every quota enforcement point).
     "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
+    # "commit" (each fact committed to the database before the view runs on) or "log" (one Redis call decides,
+    # counts and appends the fact to its tree's stream; metering_drain persists it): README "Write modes".
+    "WRITE_MODE": os.environ.get("METERING_WRITE_MODE", "commit"),
 }
 
 # The REST API (metering.api) sets these on its own views too; here they serve any other DRF view of the project.

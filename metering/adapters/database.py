@@ -11,8 +11,8 @@ from asgiref.sync import sync_to_async
 
 from tenants.context import TenantContext
 
-from .. import recorder, usage
-from ..events import UsageEvent
+from .. import appender, log, recorder, usage
+from ..events import UsageEvent, validate_event
 
 if TYPE_CHECKING:
     from ..drain import StoredFact
@@ -32,7 +32,13 @@ class DatabaseMeteringAdapter:
     def record_fact(
         self, event: UsageEvent, *, context: TenantContext | None = None, gate: recorder.Gate | None = None
     ) -> int:
-        """Store the fact; returns its id. ``gate`` is the quota decision taken in the same transaction."""
+        """Store the fact; returns its id. ``gate`` is the quota decision taken in the same transaction.
+
+        Log mode (``METERING["WRITE_MODE"] = "log"``): the fact is counted and appended to its tree's Redis stream
+        (``metering.appender``) and persisted by the drainer, ``on_stored`` included; returns 0 (no id yet)."""
+        if log.is_log_mode():
+            appender.append(validate_event(event), context=context)
+            return 0
         return recorder.record(event, context=context, on_stored=self.on_stored, gate=gate)
 
     def record_usage_sync(self, event: UsageEvent) -> None:
