@@ -431,3 +431,33 @@ def test_an_entry_that_is_not_utf8_is_a_dead_entry(logged):
     assert report.dead == 1 and report.facts == 0
     row = LogDeadEntry.objects.get(entry_id=entry_id)
     assert row.fields["x"] == "\\xff\\xfe" and "UnicodeDecodeError" in row.reason
+
+
+def test_end_to_end_through_the_writer_facts_rollups_counters_outbox(redis_cache):
+    """The real log-mode writer (metering.appender through get_meter()) and the drainer: a transaction id reused
+    after the de-duplication window is admitted, counted, then stored once and given back."""
+    import time as clock
+
+    from metering import UsageEvent, get_meter
+    from metering.usage import get_usage
+
+    tree(ORG)
+    with log_mode(LOG_DEDUP_SECONDS=1, **{"ADAPTER": "metering.adapters.webhook.WebhookMeteringAdapter"}):
+        meter = get_meter()
+        for tenant, quantity, tx in [("k1", 2, "a"), ("k2", 3, "b"), ("k3", 5, "c")]:
+            meter.record_usage_sync(UsageEvent(tenant, "llm_tokens", quantity, transaction_id=tx))
+        start, end = window("month", datetime.now(UTC))
+        assert get_usage("org", "llm_tokens", start, end) == 10  # the live counter, facts not drained yet
+        drain.drain()
+        clock.sleep(1.2)  # past the Redis de-duplication window
+        meter.record_usage_sync(UsageEvent("k1", "llm_tokens", 7, transaction_id="a"))
+        assert get_usage("org", "llm_tokens", start, end) == 17  # admitted and counted at request time
+        report = drain.drain()
+        assert (report.facts, report.duplicates) == (0, 1)
+        for tenant, expected in [("org", 10), ("p1", 5), ("k1", 2), ("p2", 5)]:
+            assert get_usage(tenant, "llm_tokens", start, end) == expected  # given back: counters == facts
+    assert UsageRecord.objects.count() == 3
+    assert sorted(UsageOutbox.objects.values_list("record_id", flat=True)) == sorted(
+        UsageRecord.objects.values_list("id", flat=True)
+    )
+    assert_facts_match_rollups()
