@@ -402,3 +402,62 @@ def test_an_hour_boundary_and_old_facts(logged):
     drain.drain()
     assert_facts_match_rollups()
     assert len({bucket for (_, _, bucket) in stored_rollups()}) == 2
+
+
+def test_the_fast_decoder_reads_what_the_codec_reads(logged):
+    tree(ORG)
+    moment = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    samples = [
+        log.Entry(7, "/1/7/", "f", 0, moment, "x", moment, 3),
+        log.Entry(7, "/1/7/", "fé:a", 10**18, moment, "tx/é", moment, -1, {"a": [1, "é"]}, 42),
+    ]
+    for sample in samples:
+        entry_id = logged.execute_command("XADD", "xaas-test-codec", "*", *sample.encode()).decode()
+        ((read_id, fields),) = logged.xrange("xaas-test-codec", entry_id, entry_id)
+        assert drain._fast_decode(read_id.decode(), fields) == log.Entry.decode(read_id, fields)
+    logged.delete("xaas-test-codec")
+
+
+def test_an_entry_that_is_not_utf8_is_a_dead_entry(logged):
+    tree(ORG)
+    root = pk("org")
+    good = log.Entry(pk("k1"), f"/{root}/{pk('p1')}/{pk('k1')}/", "f", 1, datetime.now(UTC), "ok", datetime.now(UTC), 0)
+    fields = good.encode()
+    fields[fields.index("x") + 1] = b"\xff\xfe"  # type: ignore[call-overload]
+    drain.open_tree(root)
+    entry_id = logged.execute_command("XADD", log.stream_key(root), "*", *fields).decode()
+    logged.sadd(log.trees_key(), root)
+    report = drain.drain()
+    assert report.dead == 1 and report.facts == 0
+    row = LogDeadEntry.objects.get(entry_id=entry_id)
+    assert row.fields["x"] == "\\xff\\xfe" and "UnicodeDecodeError" in row.reason
+
+
+def test_end_to_end_through_the_writer_facts_rollups_counters_outbox(redis_cache):
+    """The real log-mode writer (metering.appender through get_meter()) and the drainer: a transaction id reused
+    after the de-duplication window is admitted, counted, then stored once and given back."""
+    import time as clock
+
+    from metering import UsageEvent, get_meter
+    from metering.usage import get_usage
+
+    tree(ORG)
+    with log_mode(LOG_DEDUP_SECONDS=1, **{"ADAPTER": "metering.adapters.webhook.WebhookMeteringAdapter"}):
+        meter = get_meter()
+        for tenant, quantity, tx in [("k1", 2, "a"), ("k2", 3, "b"), ("k3", 5, "c")]:
+            meter.record_usage_sync(UsageEvent(tenant, "llm_tokens", quantity, transaction_id=tx))
+        start, end = window("month", datetime.now(UTC))
+        assert get_usage("org", "llm_tokens", start, end) == 10  # the live counter, facts not drained yet
+        drain.drain()
+        clock.sleep(1.2)  # past the Redis de-duplication window
+        meter.record_usage_sync(UsageEvent("k1", "llm_tokens", 7, transaction_id="a"))
+        assert get_usage("org", "llm_tokens", start, end) == 17  # admitted and counted at request time
+        report = drain.drain()
+        assert (report.facts, report.duplicates) == (0, 1)
+        for tenant, expected in [("org", 10), ("p1", 5), ("k1", 2), ("p2", 5)]:
+            assert get_usage(tenant, "llm_tokens", start, end) == expected  # given back: counters == facts
+    assert UsageRecord.objects.count() == 3
+    assert sorted(UsageOutbox.objects.values_list("record_id", flat=True)) == sorted(
+        UsageRecord.objects.values_list("id", flat=True)
+    )
+    assert_facts_match_rollups()
