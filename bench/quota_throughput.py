@@ -3,7 +3,12 @@
 Usage (PostgreSQL and Redis required; the database is created if missing, then migrated)::
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/xaas_bench REDIS_URL=redis://127.0.0.1:6379/12 \
-        .venv/bin/python bench/quota_throughput.py [--rounds 5] [--requests 300] [--warmup 50] [--profile 300]
+        .venv/bin/python bench/quota_throughput.py [--rounds 5] [--requests 300] [--warmup 50] [--profile 300] \
+        [--write-mode commit|log]
+
+``--write-mode log`` (``METERING_WRITE_MODE=log``): the enforcement points append to the tree's Redis stream in one
+script call instead of committing a fact (README "Write modes"); the stream is drained after the timed part, untimed,
+and the facts persisted are reported. Results then go to ``bench/results/quota_throughput_log.json``.
 
 Requests are driven in-process and sequentially by one ``django.test.Client`` (no server, no network between
 client and Django; PostgreSQL and Redis are real), acting for ``qbench-key`` through an API key (the default
@@ -130,7 +135,14 @@ def parse_args() -> argparse.Namespace:
         help="act through X-Tenant-ID alone (header_resolver + TRUST_TENANT_HEADER, a gateway you control) instead "
         "of the default: an API key of the key tenant (Authorization: Bearer, one key lookup per request)",
     )
+    parser.add_argument(
+        "--write-mode",
+        choices=["commit", "log"],
+        default=os.environ.get("METERING_WRITE_MODE", "commit"),
+        help='METERING["WRITE_MODE"] (default: $METERING_WRITE_MODE or commit)',
+    )
     args = parser.parse_args()
+    os.environ["METERING_WRITE_MODE"] = args.write_mode  # read by project.settings at setup
     if args.rounds < 1 or args.requests < 1 or args.warmup < 0 or args.count_requests < 1 or args.profile < 0:
         parser.error("--rounds, --requests and --count-requests must be positive; --warmup, --profile >= 0")
     return args
@@ -772,6 +784,7 @@ def main() -> None:
     )
     client = make_client(args.trusted_header)
     print(f"identity: {'X-Tenant-ID (trusted header)' if args.trusted_header else 'API key (Bearer)'}")
+    print(f"write mode: {args.write_mode}")
     check_answers(client)
     if args.warmup:
         for variant in VARIANTS:
@@ -836,8 +849,28 @@ def main() -> None:
         "time_split": breakdown,
         "profile_demo": profile,
     }
-    RESULTS_PATH.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"\nwrote {RESULTS_PATH.relative_to(REPO_ROOT)}")
+    result["write_mode"] = args.write_mode
+    if args.write_mode == "log":
+        drained = drain_everything()
+        result["drained"] = drained
+        print(f"\nlog mode: drained {drained['facts']} facts in {drained['seconds']} s (untimed)")
+    path = RESULTS_PATH if args.write_mode == "commit" else RESULTS_DIR / "quota_throughput_log.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nwrote {path.relative_to(REPO_ROOT)}")
+
+
+def drain_everything() -> dict[str, Any]:
+    """Log mode: persist every stream (no durability delay: nothing is crashed here), after the timed part."""
+    from metering import drain
+
+    started = time.monotonic()
+    facts = 0
+    while True:
+        report = drain.drain(delay=0)
+        facts += report.facts
+        if report.entries == 0:
+            break
+    return {"facts": facts, "seconds": round(time.monotonic() - started, 2)}
 
 
 if __name__ == "__main__":

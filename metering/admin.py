@@ -19,7 +19,7 @@ from tenants.models import Tenant
 
 from .charts import build_chart, daily_usage, number
 from .events import utcnow
-from .models import SinkState, UsageOutbox, UsageRecord, UsageRollup
+from .models import LogCursor, LogDeadEntry, LogGap, SinkState, UsageOutbox, UsageRecord, UsageRollup
 from .usage import usage_by_tenant_and_feature
 
 
@@ -270,3 +270,34 @@ class SinkStateAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
 
         resumed = [state.sink for state in queryset if resume(state.sink)]
         self.message_user(request, f"Resumed: {', '.join(resumed) or 'nothing was blocked'}.", messages.SUCCESS)
+
+
+# ---- log mode (metering.drain): read-only, for operators; none of it belongs to one tenant's scope ----
+
+
+@admin.register(LogCursor)
+class LogCursorAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
+    list_display = ("root", "generation", "last_entry", "facts", "last_drained_at")
+    list_select_related = ("root",)
+    search_fields = ("root__external_id",)
+
+
+@admin.register(LogGap)
+class LogGapAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
+    """Redis lost (part of) a tree's log: facts admitted after ``after_entry`` and not persisted may be missing."""
+
+    list_display = ("root", "detected_at", "generation", "after_entry", "last_drained_at")
+    list_select_related = ("root",)
+    readonly_fields = ("root", "generation", "after_entry", "last_drained_at", "detected_at", "note")
+    search_fields = ("root__external_id",)
+    date_hierarchy = "detected_at"
+
+
+@admin.register(LogDeadEntry)
+class LogDeadEntryAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
+    """Stream entries that could not become facts, kept with their raw fields."""
+
+    list_display = ("root", "detected_at", "entry_id", "reason")
+    list_select_related = ("root",)
+    readonly_fields = ("root", "generation", "entry_id", "fields", "reason", "detected_at")
+    search_fields = ("root__external_id", "entry_id")

@@ -8,4 +8,4 @@ class MeteringConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, rollups  # noqa: F401  (registers checks and the subtree-move receiver)
+        from . import appender, checks, rollups  # noqa: F401  (registers checks, the move and tenant-change receivers)

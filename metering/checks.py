@@ -257,3 +257,89 @@ def _behind_breaker(options: dict[str, Any]) -> bool:
     return (isinstance(pool_class, type) and issubclass(pool_class, BreakerConnectionPool)) or (
         isinstance(connection_class, type) and issubclass(connection_class, BreakerMixin)
     )
+
+
+@register()
+def check_log_mode(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``WRITE_MODE = "log"``: durability is Redis's, so Redis must be django-redis and persist with AOF."""
+    if not isinstance(getattr(settings, "METERING", {}), dict) or metering_settings.WRITE_MODE != "log":
+        return []
+    alias = metering_settings.CACHE_ALIAS
+    config = getattr(settings, "CACHES", {}).get(alias)
+    if not isinstance(config, dict) or not str(config.get("BACKEND", "")).startswith("django_redis."):
+        return [
+            Error(
+                f"METERING['WRITE_MODE'] is 'log' but the metering cache {alias!r} is not django-redis: log mode "
+                "keeps admitted facts in Redis streams until the drainer persists them.",
+                hint="Point CACHES[METERING['CACHE_ALIAS']] at a Redis with AOF (django_redis.cache.RedisCache), or "
+                "use WRITE_MODE 'commit'.",
+                id="xaas_metering.E040",
+            )
+        ]
+    return _redis_persistence(config)
+
+
+def _redis_persistence(config: dict[str, Any]) -> list[CheckMessage]:
+    """Ask the server for its persistence settings, with a client of its own (short timeouts, outside the circuit
+    breaker, so a Redis that is down at check time costs one second and a warning, never a crash)."""
+    import redis
+
+    location = config.get("LOCATION")
+    url = str(location[0] if isinstance(location, list | tuple) and location else location or "")
+    options = config.get("OPTIONS") or {}
+    try:
+        client = redis.Redis.from_url(
+            url, socket_timeout=1.0, socket_connect_timeout=1.0, password=options.get("PASSWORD") or None
+        )
+        try:
+            client.ping()
+            try:
+                found = {
+                    str(k, "utf-8") if isinstance(k, bytes) else str(k): v
+                    for k, v in client.config_get("append*").items()
+                }
+            except redis.ResponseError:
+                return [
+                    Warning(
+                        "Log mode: Redis refused CONFIG GET, so its persistence (appendonly, appendfsync) cannot be "
+                        "verified.",
+                        hint="Make sure the server runs with appendonly yes (appendfsync everysec or always); see the "
+                        "README, 'Log mode durability'.",
+                        id="xaas_metering.W041",
+                    )
+                ]
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError) as error:
+        return [
+            Warning(
+                f"Log mode: Redis could not be asked for its persistence settings ({type(error).__name__}).",
+                hint="Check that Redis is up and runs with appendonly yes.",
+                id="xaas_metering.W042",
+            )
+        ]
+
+    def value(name: str) -> str:
+        raw = found.get(name, "")
+        return (raw.decode() if isinstance(raw, bytes) else str(raw)).lower()
+
+    if value("appendonly") != "yes":
+        return [
+            Error(
+                "Log mode: the Redis server reports appendonly no: admitted facts not yet drained are lost when it "
+                "restarts.",
+                hint="Run Redis with appendonly yes (appendfsync everysec or always); see the README, 'Log mode "
+                "durability'.",
+                id="xaas_metering.E041",
+            )
+        ]
+    if value("appendfsync") == "no":
+        return [
+            Warning(
+                "Log mode: the Redis server runs with appendfsync no: a crash of its host loses the admitted facts "
+                "the OS had not yet flushed (often ~30 s).",
+                hint="Use appendfsync everysec (up to ~1 s lost) or always (nothing lost).",
+                id="xaas_metering.W040",
+            )
+        ]
+    return []

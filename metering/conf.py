@@ -64,6 +64,11 @@ DEFAULTS: dict[str, Any] = {
     # PostgreSQL: each (tenant, feature, hour) is split over this many writer rows (1 to 99), so concurrent writers
     # of one tree do not queue on one row; the fold_rollups beat task merges hours that are over (metering.rollups).
     "ROLLUP_SLOTS": 16,
+    # log mode: entries younger than this by Redis's clock wait (their AOF fsync); None: 0 under appendfsync always,
+    # else 2 s (README "Log mode durability")
+    "LOG_DRAIN_DELAY_SECONDS": None,
+    "LOG_DRAIN_IDLE_SECONDS": 0.2,  # metering_drain: the sleep when nothing was due
+    "LOG_DRAIN_TASK_BATCHES": 20,  # batches one drain_log task persists before handing over to a fresh task
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

@@ -188,9 +188,22 @@ def bump_epochs(root_pks: Iterable[int], using: str) -> None:
     """Retire the trees' counters as of this transaction's commit: after it, every decision rebuilds them.
 
     Call inside the transaction of the write Redis did not see (it commits or rolls back with it)."""
+    root_pks = sorted(set(root_pks))
     with connections[using].cursor() as cursor:
-        for root_pk in sorted(set(root_pks)):
+        for root_pk in root_pks:
             cursor.execute(*bump_epoch_statement(root_pk, using))
+    if root_pks and _log_mode():
+        # Log mode: writers validate their cached epoch against Redis's state of the tree, so the new one must reach
+        # it on commit (``metering.appender``).
+        from . import appender
+
+        transaction.on_commit(lambda: appender.push_epochs(root_pks), using=using)
+
+
+def _log_mode() -> bool:
+    from . import log
+
+    return log.is_log_mode()
 
 
 def read(
@@ -227,7 +240,17 @@ def rebuild(
     end: datetime | None,
 ) -> int:
     """Set the counter from the committed rollups, with the tree locked exclusively (no writer in flight), under the
-    epoch read with that lock held."""
+    epoch read with that lock held. Log mode: the rollups lag the stream, so ``appender.rebuild_one`` adds the
+    entries not drained yet."""
+    if _log_mode():
+        from . import appender
+
+        rebuilt = appender.rebuild_one(root_pk, tenant_pk, feature, period, start)
+        return (
+            rollups.sum_units(tenant_pk, feature, start, end, using=metering_settings.DATABASE_ALIAS)
+            if rebuilt is None
+            else rebuilt
+        )
     using = metering_settings.DATABASE_ALIAS
     failed: RedisError | None = None
     with transaction.atomic(using=using):
@@ -354,6 +377,13 @@ _expected: dict[str, ExpectedUnits] = {
         tenant_pk, feature, start, end, using=using
     )
 }
+
+
+def expected_units(
+    kind: str, tenant_pk: int, path: str, feature: str, start: datetime | None, end: datetime | None, using: str
+) -> int:
+    """What a counter of ``kind`` should hold according to the database (usage: the rollups; others: their app's)."""
+    return _expected[kind](tenant_pk, path, feature, start, end, using)
 
 
 def register_kind(kind: str, expected: ExpectedUnits) -> None:

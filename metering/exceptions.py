@@ -19,6 +19,7 @@ __all__ = [
     "InvalidTimestamp",
     "InvalidTransactionId",
     "InvalidUsageEvent",
+    "LogStoreUnavailable",
     "MeteringError",
     "TenantError",
     "TimestampOutOfRange",
@@ -143,11 +144,15 @@ class DuplicateUsageEvent(MeteringError):
 
     code = "duplicate"
 
-    def __init__(self, tenant_id: str, transaction_id: str, record_id: int | None = None) -> None:
+    def __init__(
+        self, tenant_id: str, transaction_id: str, record_id: int | None = None, *, entry_id: str | None = None
+    ) -> None:
         super().__init__(f"tenant {tenant_id!r} already recorded transaction_id {transaction_id!r}")
         self.tenant_id = tenant_id
         self.transaction_id = transaction_id
         self.record_id = record_id
+        # Log mode: the stream entry holding the first one (not drained yet, so no ``record_id``).
+        self.entry_id = entry_id
 
 
 class UsageTotalOutOfRange(InvalidQuantity):
@@ -156,3 +161,16 @@ class UsageTotalOutOfRange(InvalidQuantity):
     passes 10**38 - 1, see ``metering.rollups``). Refused, for this fact only; nothing was stored."""
 
     code = "usage_total_out_of_range"
+
+
+try:  # a store error: the HTTP layer (``tenants.unavailable``) answers it with a JSON 503 and ``Retry-After``
+    from redis.exceptions import ConnectionError as _RedisConnectionError
+except ImportError:  # pragma: no cover (django-redis depends on redis)
+    _RedisConnectionError = ConnectionError  # type: ignore[assignment,misc]
+
+
+class LogStoreUnavailable(MeteringError, _RedisConnectionError):
+    """Log mode (``METERING["WRITE_MODE"] = "log"``): Redis is unreachable, hung or not configured, so the write
+    cannot be decided exactly; nothing was written. Over HTTP a JSON 503 with ``Retry-After``."""
+
+    code = "service_unavailable"

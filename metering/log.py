@@ -13,6 +13,8 @@ Keys of tree ``R`` (``<tag>`` = ``counters.tree_tag(R)``):
   ``epoch`` (the tree's counter epoch as Redis knows it; a script called with another epoch answers "stale").
   Missing: Redis lost the tree's log state (new server, flush): the tree is reopened (``LogGap`` if entries may be
   lost) and its counters are rebuilt.
+- ``<tag>:retired`` — a set of the tree's epochs that Redis's state held and no longer does (``metering.appender``:
+  a late push of an older epoch is refused, so counters that missed later writes never come back).
 - ``<tag>:tx:<tenant pk>:<transaction id>`` — the de-duplication window (``LOG_DEDUP_SECONDS``); value: the id of
   the stream entry that holds the fact.
 - The counters are ``metering.counters``' keys, unchanged.
@@ -48,6 +50,10 @@ def state_key(root_pk: int) -> str:
 
 def listed_key(root_pk: int) -> str:
     return f"{counters.tree_tag(root_pk)}:{LISTED}"
+
+
+def retired_key(root_pk: int) -> str:
+    return f"{counters.tree_tag(root_pk)}:retired"
 
 
 def dedup_key(root_pk: int, tenant_pk: int, transaction_id: str) -> str:

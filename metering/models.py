@@ -237,3 +237,26 @@ class LogGap(models.Model):
 
     def __str__(self) -> str:
         return f"tree {self.root_id}: after {self.after_entry} of {self.generation}"
+
+
+class LogDeadEntry(models.Model):
+    """Log mode: a stream entry that cannot become a fact (undecodable, invalid, or its tenant no longer exists).
+    Kept here for the operator, with the entry's raw fields, so it never blocks its stream and is never dropped
+    silently; its units were given back to the live counters (they were counted when it was admitted)."""
+
+    root = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    generation = models.CharField(max_length=32)
+    entry_id = models.CharField(max_length=40)
+    fields = models.JSONField(default=dict, blank=True, help_text="The entry's fields as they were in the stream.")
+    reason = models.TextField()
+    detected_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "log dead entry"
+        verbose_name_plural = "log dead entries"
+        constraints = [
+            models.UniqueConstraint(fields=["root", "generation", "entry_id"], name="xaas_log_dead_entry_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"tree {self.root_id}: {self.entry_id} ({self.reason})"

@@ -37,7 +37,7 @@ from django.dispatch import receiver
 
 from tenants.locks import lock_name, lock_trees
 from tenants.models import Tenant
-from tenants.signals import subtree_moved
+from tenants.signals import subtree_moved, subtree_moving
 
 from .conf import metering_settings
 from .exceptions import UsageTotalOutOfRange
@@ -289,6 +289,18 @@ FROM total CROSS JOIN LATERAL (
 ) AS part
 WHERE total.units <> 0 OR total.events <> 0
 """
+
+
+@receiver(subtree_moving, dispatch_uid="xaas_metering_drain_before_move")
+def drain_before_move(sender: type[Tenant], tenant: Tenant, root_pks: set[int], **kwargs: Any) -> None:
+    """Log mode: persist the trees' streams before the paths change (``metering.drain.drain_for_move``): their
+    undrained facts are then rolled up by the lineage they were admitted under, and moved with the rollups below."""
+    from . import log
+
+    if log.is_log_mode():
+        from .drain import drain_for_move
+
+        drain_for_move(root_pks, using=kwargs.get("using", "default"))
 
 
 @receiver(subtree_moved, dispatch_uid="xaas_metering_move_rollups")

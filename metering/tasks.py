@@ -1,5 +1,6 @@
 """Celery tasks of the outbox: ``flush_outbox`` (queued after commit once BATCH_SIZE facts are due) and
-``sweep_outbox`` (beat, every few seconds: stragglers, due retries, facts whose tenant got a Lago subscription).
+``sweep_outbox`` (beat, every few seconds: stragglers, due retries, facts whose tenant got a Lago subscription);
+and of log mode: ``drain_log`` (beat, every second: persist the Redis streams, ``metering.drain``).
 
 Both are idempotent (claims are leased, marks are conditional), so they are acknowledged late: a worker killed
 mid-task has its message redelivered, and its claimed batch becomes due again when the lease runs out.
@@ -79,3 +80,21 @@ def _follow_up(report: deliver.FlushReport) -> None:
                 enqueue_flush(report.sink, countdown=report.retry_in)
     except Exception as error:  # the sweep covers it
         logger.warning("could not queue a follow-up flush (%s)", type(error).__name__)
+
+
+@shared_task(name="metering.drain_log", acks_late=True, ignore_result=True)
+def drain_log() -> dict[str, Any]:
+    """Log mode: persist up to ``LOG_DRAIN_TASK_BATCHES`` batches of the streams, then hand over to a fresh task
+    while full batches remain (entries still inside the durability delay wait for the next beat). Idempotent: a
+    worker killed mid-batch committed nothing, and the next run redoes the batch."""
+    from . import drain, log
+
+    if not log.is_log_mode():
+        return {"mode": log.mode()}
+    report = drain.drain(budget=max(1, int(metering_settings.LOG_DRAIN_TASK_BATCHES)))
+    if report.more and not drain_log.app.conf.task_always_eager:
+        try:
+            drain_log.apply_async(retry=False, **_options())
+        except Exception as error:  # the beat runs it again anyway
+            logger.warning("could not queue a follow-up drain (%s)", type(error).__name__)
+    return report.as_dict()

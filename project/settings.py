@@ -164,6 +164,9 @@ METERING: dict[str, Any] = {
     # request.tenant from the API key (Authorization: Bearer; seed_demo prints one); X-Tenant-ID may only narrow
     # it to a tenant of the key's subtree. No key: no tenant (401 from the demo and every quota enforcement point).
     "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
+    # "commit" (each fact committed to the database before the view runs on) or "log" (one Redis call decides,
+    # counts and appends the fact to its tree's stream; metering_drain persists it): README "Write modes".
+    "WRITE_MODE": os.environ.get("METERING_WRITE_MODE", "commit"),
 }
 
 # The REST API (metering.api) sets these on its own views too; here they serve any other DRF view of the project.
@@ -201,6 +204,12 @@ CELERY_BEAT_SCHEDULE = {
     "metering-fold-rollups": {
         "task": "metering.fold_rollups",
         "schedule": float(os.environ.get("METERING_FOLD_SECONDS", "300")),
+    },
+    # Log mode (METERING_WRITE_MODE=log): persist the Redis streams; a no-op in commit mode. A long-running
+    # `manage.py metering_drain` does the same with less latency.
+    "metering-drain-log": {
+        "task": "metering.drain_log",
+        "schedule": float(os.environ.get("METERING_DRAIN_SECONDS", "1")),
     },
     "quotas-expire-reservations": {
         "task": "quotas.expire_reservations",

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
@@ -22,18 +23,21 @@ from asgiref.sync import sync_to_async
 from django.core.cache import caches
 from django.db import connections, transaction
 
-from metering import counters, get_meter
+from metering import appender, counters, get_meter, log
 from metering.adapters.database import DatabaseMeteringAdapter
 from metering.breaker import log_level
 from metering.conf import metering_settings
 from metering.events import (
     UsageEvent,
+    ValidEvent,
     quantity_to_units,
     units_to_quantity,
     utcnow,
+    validate_event,
     validate_feature_name,
     validate_recorded_feature,
 )
+from metering.exceptions import LogStoreUnavailable
 from metering.recorder import FactWrite, StaleLineage
 from tenants import namespace
 from tenants.context import TenantContext
@@ -85,6 +89,8 @@ class QuotaPolicyHandler:
         units = quantity_to_units(quantity)
         if units == 0:
             return self.check(feature, 0, raise_exception=True)
+        if log.is_log_mode():
+            return _log_consume(self, feature, quantity, metadata, transaction_id)
         event = UsageEvent(
             self.context.tenant_id,
             feature,
@@ -101,6 +107,8 @@ class QuotaPolicyHandler:
         """Would ``quantity`` fit at every level? Consumes nothing (entitlements)."""
         feature = validate_feature_name(feature)
         units = quantity_to_units(quantity)
+        if log.is_log_mode():
+            return _log_check(self, feature, units, raise_exception)
         change = Change(feature=feature, check_units=units, used_at=utcnow())
         using = metering_settings.DATABASE_ALIAS
         exclusive = counters.recently_unreachable()
@@ -143,6 +151,8 @@ class QuotaPolicyHandler:
         feature = validate_recorded_feature(feature)  # a reservation for a feature never recordable: refused now
         units = quantity_to_units(estimate)
         ttl = validate_reservation_ttl(ttl)
+        if log.is_log_mode():
+            return _log_reserve(self, feature, units, ttl)
         using = metering_settings.DATABASE_ALIAS
         mode = _Mode()
 
@@ -385,6 +395,10 @@ class Reservation:
             {} if metadata is None else metadata,
             transaction_id,
         )
+        if log.is_log_mode():
+            decision = _log_commit(self, event)
+            self.closed = True
+            return decision
         write = _meter().fact_write(event, context=handler.context)
         mode = _Mode()
         decision = handler._attempt(lambda: handler._record(write, mode, reservation=self.row), mode)
@@ -519,3 +533,178 @@ def _send_thresholds(context: TenantContext, decision: Decision) -> None:
                 quota_threshold_reached.send(
                     sender=QuotaPolicyHandler, context=context, status=status, threshold=percent
                 )
+
+
+# ---- log mode (``METERING["WRITE_MODE"] = "log"``, ``metering.appender``): one Redis round trip per admitted fact ----
+#
+# The entry points above dispatch here first. The lineage and epoch come from the appender's per-process snapshot
+# (validated by the script on every call), the rules from ``rules.ruleset`` under that epoch: a warm process sends
+# no SQL for an admitted ``consume`` or a ``check``. Reservations stay database rows (their transaction and the
+# tree lock shared, as in commit mode), decided and counted by the same script; release and expiry are unchanged.
+
+
+def _log_tenant_id(handler: QuotaPolicyHandler) -> str:
+    current = handler._context
+    return current.tenant_id if isinstance(current, TenantContext) else current
+
+
+def _log_adopt(handler: QuotaPolicyHandler, snap: appender.Snapshot) -> TenantContext:
+    """Act with the snapshot's lineage, keeping what the caller may see (``visible_from``, by level)."""
+    current = handler._context
+    context = snap.context
+    if isinstance(current, TenantContext) and current.visible_from:
+        visible_pk = current.lineage[current.visible_from].pk
+        if any(level.pk == visible_pk for level in context.lineage):
+            context = context.seen_from(visible_pk)
+        else:  # moved away from the credential's level: show only the tenant's own
+            context = replace(context, visible_from=len(context.lineage) - 1)
+    handler._context = context
+    return context
+
+
+def _log_decide(
+    handler: QuotaPolicyHandler,
+    change: Change,
+    *,
+    enforce: bool = True,
+    valid: ValidEvent | None = None,
+    reservation: int | None = None,
+    snap: appender.Snapshot | None = None,
+) -> tuple[Decision, appender.Snapshot]:
+    """Decide (and count, and append) until the script answers; refusals send ``quota_exceeded`` as in commit mode
+    (after expiring the tree's abandoned reservations, which may have been holding the room)."""
+    snap = snap or appender.snapshot(_log_tenant_id(handler))
+    for _ in range(appender.MAX_ATTEMPTS):
+        context = _log_adopt(handler, snap)
+        rules = handler._ruleset(change.feature, snap.epoch).rules
+        try:
+            result = ledger.decide_logged(snap, rules, change, enforce=enforce, valid=valid, reservation=reservation)
+        except QuotaExceeded as error:
+            if _expire_due(context):
+                continue
+            handler._rejected(error)
+            raise
+        if isinstance(result, Decision):
+            return result, snap
+        snap = appender.repair(result)
+    raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")
+
+
+def _log_consume(
+    handler: QuotaPolicyHandler,
+    feature: str,
+    quantity: Decimal | int | str,
+    metadata: dict[str, Any] | None,
+    transaction_id: str | None,
+) -> Decision:
+    event = UsageEvent(
+        _log_tenant_id(handler), feature, quantity, utcnow(), {} if metadata is None else metadata, transaction_id
+    )
+    valid = validate_event(event)
+    snap = appender.snapshot(valid.tenant_id)
+    appender.admit_feature(snap, valid.feature_name)
+    change = Change(
+        feature=valid.feature_name, check_units=valid.units, used_delta=valid.units, used_at=valid.timestamp
+    )
+    decision, snap = _log_decide(handler, change, valid=valid, snap=snap)
+    _send_thresholds(snap.context, decision)
+    return decision
+
+
+def _log_check(handler: QuotaPolicyHandler, feature: str, units: int, raise_exception: bool) -> Decision:
+    change = Change(feature=feature, check_units=units, used_at=utcnow())
+    try:
+        decision, _ = _log_decide(handler, change)
+    except QuotaExceeded as error:
+        if raise_exception:
+            raise
+        return Decision(allowed=False, blocked=error)
+    return decision
+
+
+def _log_reserve(handler: QuotaPolicyHandler, feature: str, units: int, ttl: timedelta) -> Reservation:
+    """The reservation row in a transaction holding the tree lock shared (a rebuild, exclusive, waits for it), the
+    decision and the reserved counters in the script, inside it; should the COMMIT fail, the counters are retired
+    (``DropIfCommitFails``)."""
+    using = metering_settings.DATABASE_ALIAS
+    snap = appender.snapshot(_log_tenant_id(handler))
+    for _ in range(appender.MAX_ATTEMPTS):
+        context = _log_adopt(handler, snap)
+        now = utcnow()
+        row = QuotaReservation(
+            tenant_id=context.tenant.pk,
+            feature=feature,
+            units=units,
+            window_at=now,
+            expires_at=now + ttl,
+            state=QuotaReservation.State.ACTIVE,
+            created_at=now,
+        )
+        change = Change(feature=feature, check_units=units, reserved_delta=units, reserved_at=now)
+        retry: appender.Outcome | None = None
+        try:
+            counting = counters.DropIfCommitFails(context.root.pk)
+            with counting, transaction.atomic(using=using):
+                row.pk, _ = handler._insert_reservation(row, False, outermost=False)
+                rules = handler._ruleset(feature, snap.epoch).rules
+                result = ledger.decide_logged(snap, rules, change)
+                if isinstance(result, Decision):
+                    counting.counted()
+                    handler._after_commit(result)
+                else:
+                    retry = result
+                    transaction.set_rollback(True, using=using)
+        except StaleLineage:
+            snap = appender.snapshot(context.tenant_id, fresh=True)
+            continue
+        except QuotaExceeded as error:
+            if _expire_due(context):
+                continue
+            handler._rejected(error)
+            raise
+        if retry is None:
+            return Reservation(handler, row)
+        snap = appender.repair(retry)  # the row rolled back: a rebuild must not count it
+    raise LogStoreUnavailable("the tree's log state kept changing; nothing was reserved")
+
+
+def _log_commit(reservation: Reservation, event: UsageEvent) -> Decision:
+    """Close the reservation row and append the fact in one transaction (the tree lock shared): the fact carries the
+    reservation's pk (``Entry.reservation``), the estimate leaves the reserved counters in the same script call.
+    Never refused. ``record_id`` of the row stays empty (the fact is in the database only once drained)."""
+    handler = reservation.handler
+    row = reservation.row
+    valid = validate_event(event)
+    using = metering_settings.DATABASE_ALIAS
+    snap = appender.snapshot(valid.tenant_id)
+    for _ in range(appender.MAX_ATTEMPTS):
+        context = _log_adopt(handler, snap)
+        retry: appender.Outcome | None = None
+        counting = counters.DropIfCommitFails(context.root.pk)
+        with counting, transaction.atomic(using=using):
+            lock_trees([context.root.pk], exclusive=False, using=using)
+            closed = (
+                QuotaReservation.objects.using(using)
+                .filter(pk=row.pk, state=QuotaReservation.State.ACTIVE)
+                .update(state=QuotaReservation.State.COMMITTED, closed_at=utcnow())
+            )
+            change = Change(
+                feature=valid.feature_name,
+                used_delta=valid.units,
+                used_at=valid.timestamp,
+                reserved_delta=-row.units if closed else 0,
+                reserved_at=row.window_at if closed else None,
+            )
+            rules = handler._ruleset(valid.feature_name, snap.epoch).rules
+            result = ledger.decide_logged(snap, rules, change, enforce=False, valid=valid, reservation=row.pk)
+            if isinstance(result, Decision):
+                counting.counted()
+                handler._after_commit(result)
+            else:
+                retry = result
+                transaction.set_rollback(True, using=using)
+        if retry is None:
+            assert isinstance(result, Decision)
+            return result
+        snap = appender.repair(retry)  # the close rolled back: a rebuild must see the reservation still held
+    raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")

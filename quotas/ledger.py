@@ -34,9 +34,9 @@ from typing import Any
 
 from django.db import transaction
 
-from metering import counters, rollups, scripts
+from metering import appender, counters, rollups, scripts
 from metering.conf import metering_settings
-from metering.events import units_to_quantity
+from metering.events import ValidEvent, units_to_quantity
 from metering.windows import Period
 from tenants.context import TenantContext
 from tenants.locks import lock_trees
@@ -386,3 +386,61 @@ def rebuild(
         for key, value in values.items():
             pipe.set(key, str(value), ex=ttl, nx=True)  # one that exists was rebuilt and counted since: newer
         pipe.execute()
+
+
+# ---- log mode (``METERING["WRITE_MODE"] = "log"``): the same decision, inside the append's one Redis call ----
+
+
+def log_limits(rules: Sequence[QuotaRule], change: Change, *, enforce: bool = True) -> list[appender.Limit]:
+    """The rules as the generic limits ``metering.appender`` checks (a soft rule, or ``enforce=False``: counted and
+    reported, never blocking)."""
+    moment = change.moment
+    limits = []
+    for rule in rules:
+        start, end = rule.window(moment)
+        limits.append(
+            appender.Limit(
+                rule.level.pk, rule.level_path, rule.period, start, end, rule.limit_units, rule.hard and enforce
+            )
+        )
+    return limits
+
+
+def decide_logged(
+    snap: appender.Snapshot,
+    rules: Sequence[QuotaRule],
+    change: Change,
+    *,
+    enforce: bool = True,
+    valid: ValidEvent | None = None,
+    reservation: int | None = None,
+) -> Decision | appender.Outcome:
+    """Decide ``change`` against ``rules`` (read under ``snap.epoch``), count it and append ``valid`` in one script
+    call. Returns the ``Decision``; raises ``QuotaExceeded`` (nothing changed), ``DuplicateUsageEvent`` or
+    ``LogStoreUnavailable``; returns the ``Outcome`` when the attempt changed nothing: ``appender.repair`` it (outside
+    the caller's transaction), then decide again with the snapshot it returns (the rules may differ under its
+    epoch)."""
+    outcome = appender.attempt(
+        snap,
+        appender.Change(
+            feature=change.feature,
+            check_units=change.check_units,
+            used_delta=change.used_delta,
+            used_at=change.used_at,
+            reserved_delta=change.reserved_delta,
+            reserved_at=change.reserved_at,
+        ),
+        log_limits(rules, change, enforce=enforce),
+        valid=valid,
+        reservation=reservation,
+    )
+    if outcome.retry:
+        return outcome
+    moment = change.moment
+    if outcome.refused is not None:
+        used, reserved = outcome.before[0]
+        raise exceeded(rules[outcome.refused], used + reserved, change.check_units, moment)
+    statuses = []
+    for rule, (used, reserved) in zip(rules, outcome.before, strict=True):
+        statuses.append(_status(rule, used + reserved, used + reserved + _delta_for(rule, change), moment))
+    return Decision(allowed=True, statuses=tuple(statuses))

@@ -13,6 +13,9 @@ from .models import Tenant
 # Sent inside the moving transaction, with both trees locked exclusively:
 # tenant, old_ancestor_pks, new_ancestor_pks (root first, excluding the tenant), root_pks.
 subtree_moved = Signal()
+# Sent inside the moving transaction with both trees locked exclusively, before any path changes: tenant (its path
+# still the old one), root_pks. Lets listeners settle work that depends on the old lineage first.
+subtree_moving = Signal()
 
 
 @receiver(post_save, sender=Tenant, dispatch_uid="xaas_tenants_invalidate_on_save")

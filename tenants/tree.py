@@ -17,7 +17,7 @@ from .conf import tenant_settings
 from .exceptions import TreeError, UnknownTenant
 from .locks import lock_trees
 from .models import Tenant
-from .signals import subtree_moved
+from .signals import subtree_moved, subtree_moving
 
 
 def get_tenant(tenant_id: str) -> Tenant:
@@ -105,6 +105,7 @@ def relocate(tenant: Tenant, old_path: str) -> None:
     old_ancestors = [int(pk) for pk in old_path.strip("/").split("/")[:-1]]
     new_ancestors = [int(pk) for pk in new_path.strip("/").split("/")[:-1]]
     depth_delta = new_path.count("/") - old_path.count("/")
+    subtree_moving.send(sender=Tenant, tenant=tenant, root_pks={old_root, new_root})
     Tenant.objects.filter(path__startswith=old_path).update(
         path=Concat(Value(new_path), Substr("path", len(old_path) + 1)),
         depth=F("depth") + depth_delta,

@@ -30,8 +30,10 @@ def _fresh_caches() -> Iterator[None]:
 
 
 def _clear_caches() -> None:
+    from metering.appender import forget_snapshots
     from quotas.rules import forget_local
 
+    forget_snapshots()  # log mode's lineage snapshots describe rows of the previous test's database
     forget_local()  # rule caches in this process are checked against Redis tokens, which another test may reuse
     for cache in caches.all():
         # A test may point a cache at a server that is down on purpose.

@@ -7,9 +7,12 @@ import random
 from typing import Any
 
 
-def hammer(database: dict[str, Any], redis_url: str | None, seed: int, requests: int) -> dict[str, int]:
+def hammer(
+    database: dict[str, Any], redis_url: str | None, seed: int, requests: int, write_mode: str = "commit"
+) -> dict[str, int]:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     os.environ.pop("REDIS_URL", None)
+    os.environ["METERING_WRITE_MODE"] = write_mode
     if redis_url:
         os.environ["REDIS_URL"] = redis_url
     import django
@@ -37,3 +40,32 @@ def hammer(database: dict[str, Any], redis_url: str | None, seed: int, requests:
 
     connections.close_all()
     return admitted
+
+
+def drainer(database: dict[str, Any], redis_url: str, stop: Any) -> int:
+    """Log mode: drain every tree's stream until ``stop`` is set, then once more until nothing is left (in the
+    workers' own configuration, so the same Redis namespace). Returns the facts persisted."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    os.environ["REDIS_URL"] = redis_url
+    os.environ["METERING_WRITE_MODE"] = "log"
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    settings.DATABASES["default"].update(NAME=database["NAME"])
+    settings.METERING["LOG_DRAIN_DELAY_SECONDS"] = 0
+    from django.db import connections
+
+    from metering import drain
+
+    persisted = 0
+    while not stop.wait(0.02):
+        persisted += drain.drain().facts
+    while True:
+        report = drain.drain()
+        persisted += report.facts
+        if report.entries == 0 and not drain.pending()["entries"]:
+            break
+    connections.close_all()
+    return persisted

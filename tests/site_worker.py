@@ -97,6 +97,13 @@ def _audit(root_id: str, tenant_id: str, feature: str) -> dict[str, Any]:
     from tenants.models import Tenant
 
     using = metering_settings.DATABASE_ALIAS
+    from metering import log
+
+    if log.is_log_mode():  # the facts are in the database once drained
+        from metering import drain
+
+        while drain.drain(delay=0).entries:
+            pass
     root = Tenant.objects.get(external_id=root_id)
     tenant = Tenant.objects.get(external_id=tenant_id)
     facts = UsageRecord.objects.filter(tenant__path__startswith=tenant.path, feature=feature).aggregate(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 
 from tenants.context import TenantContext
 
-from .. import recorder, usage
-from ..events import UsageEvent
+from .. import appender, log, recorder, usage
+from ..events import UsageEvent, validate_event
+
+if TYPE_CHECKING:
+    from ..drain import StoredFact
 
 
 class DatabaseMeteringAdapter:
@@ -21,9 +26,17 @@ class DatabaseMeteringAdapter:
     """
 
     on_stored: recorder.StoredHook | None = None
+    # Log mode: the drainer's batch of inserted facts, inside the batch's transaction (``metering.drain``).
+    on_stored_many: Callable[[Sequence[StoredFact]], None] | None = None
 
     def record_fact(self, event: UsageEvent, *, context: TenantContext | None = None) -> int:
-        """Store the fact (no decision); returns its id."""
+        """Store the fact (no decision); returns its id.
+
+        Log mode (``METERING["WRITE_MODE"] = "log"``): the fact is counted and appended to its tree's Redis stream
+        (``metering.appender``) and persisted by the drainer, ``on_stored`` included; returns 0 (no id yet)."""
+        if log.is_log_mode():
+            appender.append(validate_event(event), context=context)
+            return 0
         return recorder.record(event, context=context, on_stored=self.on_stored)
 
     def fact_write(self, event: UsageEvent, *, context: TenantContext | None = None) -> recorder.FactWrite:

@@ -3,7 +3,8 @@ in the outbox inside its own transaction (a rolled-back fact is never sent, a co
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 from tenants.context import TenantContext
 
@@ -11,6 +12,9 @@ from ..delivery import outbox
 from ..delivery.sinks.base import sink_class_at
 from ..events import ValidEvent
 from .database import DatabaseMeteringAdapter
+
+if TYPE_CHECKING:
+    from ..drain import StoredFact
 
 
 class OutboxMeteringAdapter(DatabaseMeteringAdapter):
@@ -31,3 +35,7 @@ class OutboxMeteringAdapter(DatabaseMeteringAdapter):
 
     def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:
         outbox.enqueue(self.sink_name, record_id)
+
+    def on_stored_many(self, facts: Sequence[StoredFact]) -> None:
+        """Log mode: the outbox rows of a drained batch, in one bulk insert inside the batch's transaction."""
+        outbox.enqueue_many(self.sink_name, [fact.record_id for fact in facts])

@@ -17,7 +17,7 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -57,6 +57,17 @@ def enqueue(sink: str, record_id: int) -> None:
     """Queue fact ``record_id`` for ``sink``. Call it inside the fact's transaction (the recorder's ``on_stored``)."""
     using = _using()
     UsageOutbox.objects.using(using).create(record_id=record_id, sink=sink, next_attempt_at=timezone.now())
+    transaction.on_commit(lambda: trigger_flush(sink), using=using)
+
+
+def enqueue_many(sink: str, record_ids: Sequence[int]) -> None:
+    """``enqueue`` for a batch of facts (the log-mode drainer's): one bulk insert, one trigger after commit."""
+    if not record_ids:
+        return
+    using = _using()
+    now = timezone.now()
+    rows = [UsageOutbox(record_id=record_id, sink=sink, next_attempt_at=now) for record_id in record_ids]
+    UsageOutbox.objects.using(using).bulk_create(rows, batch_size=1000)
     transaction.on_commit(lambda: trigger_flush(sink), using=using)
 
 

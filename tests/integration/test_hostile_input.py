@@ -37,6 +37,7 @@ from quotas.exceptions import MAX_RESERVATION_TTL, InvalidReservationTtl
 from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaReservation
 from tenants.exceptions import InvalidTenantId, UnknownTenant
+from tenants.models import Tenant
 from tenants.tree import create_tenant
 from tests.factories import any_backdate, nested, tree
 from tests.quota_helpers import limit
@@ -518,3 +519,36 @@ def test_odd_but_valid_offsets_are_stored_and_queried_in_utc(forest):
     end = datetime(2026, 2, 1, 0, 0, 0, 1, tzinfo=odd)
     assert get_meter().get_usage_sync("org", "llm_tokens", start, end) == 3
     assert get_meter().get_usage_sync("org", "llm_tokens", None, end) == 3
+
+
+def test_hostile_values_in_log_mode_append_and_count_nothing(forest, redis_cache):
+    # Log mode (metering.appender): every entry point validates before its one script call, so a bad value appends
+    # nothing to the tree's stream and moves no counter.
+    from metering import appender, log
+    from tests.log_helpers import log_mode
+
+    appender.forget_snapshots()
+    with log_mode():
+        handler = QuotaPolicyHandler("k1")
+        handler.consume("llm_tokens", 1)  # the tree's log and counters exist from here on
+        stream = log.stream_key(Tenant.objects.get(external_id="org").pk)
+        for entry in ("record_usage_sync", "record_usage", "handler.consume", "handler.check", "handler.reserve"):
+            fields, call = ENTRY_POINTS[entry]
+            for field in fields:
+                for value in BAD_VALUES[field]:
+                    before = (stored(), redis_cache.xlen(stream))
+                    with pytest.raises(ERRORS[field]):
+                        call({**VALID, field: value})
+                    assert (stored(), redis_cache.xlen(stream)) == before, (entry, field, value)
+        reservation = handler.reserve("llm_tokens", 1)
+        fields, call = ENTRY_POINTS["reservation.commit"]
+        for field in fields:
+            for value in BAD_VALUES[field]:
+                with pytest.raises(ERRORS[field]):
+                    call({**VALID, field: value, "reservation": reservation})
+        assert not reservation.closed and QuotaReservation.objects.get().state == "active"
+        assert redis_cache.xlen(stream) == 1
+        handler.consume("llm_tokens", 2)
+        assert handler.check("llm_tokens", 996).allowed and not handler.check("llm_tokens", 997).allowed  # 1 held
+        assert get_meter().get_usage_sync("org", "llm_tokens", None, None) == 3
+    appender.forget_snapshots()

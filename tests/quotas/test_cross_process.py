@@ -2,11 +2,13 @@
 
 Process A keeps deciding (a ``tests.site_worker`` that stays alive, caches warm); process B changes the limit with
 ``quota set``, toggles exempt, deactivates and reactivates a level, moves a tenant. On the embedded default (a SQLite
-file and LocMemCache, a cache no other process sees) and on a shared Redis cache.
+file and LocMemCache, a cache no other process sees), on a shared Redis cache, and in log mode (A's lineage and
+epoch live in its memory, validated by its one script call per decision).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,23 +16,30 @@ import pytest
 
 from tests import services
 from tests.conftest import require
+from tests.faults import RedisServer
 from tests.metering.test_redis_namespace import Site, migrate, site_env
 
 
-@pytest.fixture(params=["locmem", "redis"])
+@pytest.fixture(params=["locmem", "redis", "redis-log"])
 def two_processes(request, tmp_path: Path) -> Iterator[tuple[Site, Site]]:
     redis_url = None
-    if request.param == "redis":
-        require("redis")
-        redis_url = services.url("redis")
-    env = site_env(tmp_path, "site", None, redis_url)  # one SQLite file for both processes
-    migrate(env)
-    changer, decider = Site(env), Site(env)
-    try:
-        yield decider, changer
-    finally:
-        decider.close()
-        changer.close()
+    with contextlib.ExitStack() as stack:
+        if request.param == "redis":
+            require("redis")
+            redis_url = services.url("redis")
+        elif request.param == "redis-log":
+            # Log mode needs AOF (system check xaas_metering.E041): a redis-server of the test's own.
+            redis_url = stack.enter_context(RedisServer(appendonly=True)).url
+        env = site_env(tmp_path, "site", None, redis_url)  # one SQLite file for both processes
+        if request.param == "redis-log":
+            env["METERING_WRITE_MODE"] = "log"  # the decider's lineage and epoch are cached, validated by the script
+        migrate(env)
+        changer, decider = Site(env), Site(env)
+        try:
+            yield decider, changer
+        finally:
+            decider.close()
+            changer.close()
 
 
 def consume(site: Site, tenant_id: str = "k1") -> dict:

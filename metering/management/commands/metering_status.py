@@ -1,15 +1,23 @@
-"""``manage.py metering_status``: the delivery backlog, its oldest fact, dead letters, held facts and blocks."""
+"""``manage.py metering_status``: the delivery backlog, its oldest fact, dead letters, held facts and blocks; in log
+mode also the drain lag (entries not yet persisted per tree and in all), log gaps and dead stream entries."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from metering import counters, drain, log
 from metering.delivery import outbox
 from metering.delivery.sinks.base import configured_sink_name
+from metering.models import LogCursor, LogDeadEntry, LogGap
+from tenants.models import Tenant
+
+GAP_ALERT_HOURS = 24  # --check alerts on log gaps and dead entries this recent (the rows stay for the record)
+SHOWN = 10
 
 
 class Command(BaseCommand):
@@ -26,15 +34,90 @@ class Command(BaseCommand):
         configured = configured_sink_name()
         names = sorted(set(outbox.sinks_in_use()) | ({configured} if configured else set()))
         statuses = [outbox.status(name, now=now) for name in names]
+        drained = self._log_status(now)
         if options["json"]:
-            payload = {"configured_sink": configured, "sinks": [status.as_dict(now) for status in statuses]}
-            self.stdout.write(json.dumps(payload, indent=2))
+            payload: dict[str, Any] = {
+                "configured_sink": configured,
+                "sinks": [status.as_dict(now) for status in statuses],
+            }
+            if drained is not None:
+                payload["log"] = drained
+            self.stdout.write(json.dumps(payload, indent=2, default=str))
         else:
             self.stdout.write(f"configured sink: {configured or 'none (database adapter)'}")
             for status in statuses:
                 self._describe(status, configured, now)
-        if options["check"] and any(status.alerts for status in statuses):
+            if drained is not None:
+                self._describe_log(drained)
+        log_alerts = bool(drained and drained["alerts"])
+        if options["check"] and (any(status.alerts for status in statuses) or log_alerts):
             raise CommandError("delivery needs attention", returncode=2)
+
+    def _log_status(self, now: Any) -> dict[str, Any] | None:
+        """Log mode's drain lag, gaps and dead entries (``None`` outside log mode with nothing logged ever)."""
+        if not log.is_log_mode() and not LogCursor.objects.exists():
+            return None
+        recent = now - timedelta(hours=GAP_ALERT_HOURS)
+        gaps = list(LogGap.objects.select_related("root").order_by("-detected_at")[:SHOWN])
+        dead = list(LogDeadEntry.objects.select_related("root").order_by("-detected_at")[:SHOWN])
+        result: dict[str, Any] = {
+            "gaps": LogGap.objects.count(),
+            "dead_entries": LogDeadEntry.objects.count(),
+            "recent_gaps": [
+                {
+                    "tenant_id": gap.root.external_id,
+                    "detected_at": gap.detected_at.isoformat(),
+                    "generation": gap.generation,
+                    "after_entry": gap.after_entry,
+                    "last_drained_at": gap.last_drained_at.isoformat() if gap.last_drained_at else None,
+                    "note": gap.note,
+                }
+                for gap in gaps
+            ],
+            "recent_dead_entries": [
+                {"tenant_id": row.root.external_id, "entry_id": row.entry_id, "reason": row.reason} for row in dead
+            ],
+            "alerts": [],
+        }
+        try:
+            totals = drain.pending()
+            names = dict(
+                Tenant.objects.filter(pk__in=[t["root_pk"] for t in totals["trees"]]).values_list("pk", "external_id")
+            )
+            for tree in totals["trees"]:
+                tree["tenant_id"] = names.get(tree["root_pk"], f"#{tree['root_pk']}")
+            result.update(pending=totals["entries"], oldest_pending_age_seconds=totals["oldest_age_seconds"])
+            result["trees"] = totals["trees"]
+        except (drain.LogUnavailable, counters.RedisError) as error:
+            result.update(pending=None, oldest_pending_age_seconds=None, trees=[])
+            result["alerts"].append(f"Redis unavailable, drain lag unknown: {type(error).__name__}")
+        if any(gap.detected_at >= recent for gap in gaps):
+            result["alerts"].append(f"log gaps detected in the last {GAP_ALERT_HOURS} hours: facts may be missing")
+        if any(row.detected_at >= recent for row in dead):
+            result["alerts"].append(f"dead stream entries in the last {GAP_ALERT_HOURS} hours")
+        return result
+
+    def _describe_log(self, data: dict[str, Any]) -> None:
+        self.stdout.write("\nlog mode drain")
+        age = data["oldest_pending_age_seconds"]
+        pending = "unknown" if data["pending"] is None else data["pending"]
+        self.stdout.write(
+            f"  pending entries {pending}, oldest {'-' if age is None else f'{age:.1f}s'} ago; "
+            f"log gaps {data['gaps']}, dead entries {data['dead_entries']}"
+        )
+        for tree in data["trees"]:
+            tree_age = tree["oldest_age_seconds"]
+            shown = "-" if tree_age is None else f"{tree_age:.1f}s"
+            self.stdout.write(f"  tree {tree['tenant_id']}: {tree['entries']} pending, oldest {shown} ago")
+        for gap in data["recent_gaps"]:
+            self.stdout.write(
+                f"  GAP {gap['tenant_id']} detected {gap['detected_at']}: after entry {gap['after_entry']} of "
+                f"{gap['generation']} (drained until {gap['last_drained_at'] or 'never'})"
+            )
+        for row in data["recent_dead_entries"]:
+            self.stdout.write(f"  dead entry {row['tenant_id']} {row['entry_id']}: {row['reason']}")
+        for alert in data["alerts"]:
+            self.stdout.write(f"  ALERT: {alert}")
 
     def _describe(self, status: outbox.SinkStatus, configured: str | None, now: Any) -> None:
         data = status.as_dict(now)
