@@ -10,7 +10,8 @@ from typing import Any
 def hammer(
     database: dict[str, Any], redis_url: str | None, seed: int, requests: int, write_mode: str = "commit"
 ) -> dict[str, int]:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    # The example site's settings: they read METERING_WRITE_MODE and REDIS_URL (the suite's own do not).
+    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
     os.environ.pop("REDIS_URL", None)
     os.environ["METERING_WRITE_MODE"] = write_mode
     if redis_url:
@@ -45,7 +46,8 @@ def hammer(
 def drainer(database: dict[str, Any], redis_url: str, stop: Any) -> int:
     """Log mode: drain every tree's stream until ``stop`` is set, then once more until nothing is left (in the
     workers' own configuration, so the same Redis namespace). Returns the facts persisted."""
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    # The example site's settings: they read METERING_WRITE_MODE and REDIS_URL (the suite's own do not).
+    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
     os.environ["REDIS_URL"] = redis_url
     os.environ["METERING_WRITE_MODE"] = "log"
     import django

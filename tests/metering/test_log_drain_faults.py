@@ -31,7 +31,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 pytest_plugins = ["tests.lago_fixtures"]
 
 ORG = {"org": None, "p1": "org", "p2": "org", "k1": "p1", "k2": "p1", "k3": "p2"}
-ROOT_DIR = Path(__file__).resolve().parent.parent
+ROOT_DIR = Path(__file__).resolve().parent.parent.parent
 WEBHOOK = {"ADAPTER": "metering.adapters.webhook.WebhookMeteringAdapter", "SINK_URL": "http://127.0.0.1:9/usage"}
 
 
@@ -285,7 +285,9 @@ def test_the_celery_task_drains_a_bounded_amount_per_run(logged, private_queue):
 
 
 def test_the_beat_schedules_the_drain():
-    assert settings.CELERY_BEAT_SCHEDULE["metering-drain-log"]["task"] == "metering.drain_log"
+    from project import settings as example_settings  # the beat schedule is the example project's
+
+    assert example_settings.CELERY_BEAT_SCHEDULE["metering-drain-log"]["task"] == "metering.drain_log"
 
 
 def test_status_shows_lag_and_gaps(logged):
