@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from django.db import connection, transaction
 
-from metering import counters
+from metering import counters, rollups
 from metering.events import UsageEvent
 from metering.exceptions import UsageTotalOutOfRange
 from metering.models import UsageRecord, UsageRollup
@@ -74,18 +74,20 @@ def test_bad_input_is_refused_before_the_unit_opens(backend):
     assert not UsageRecord.objects.exists()
 
 
-def test_a_fact_refused_by_the_rollups_range_after_redis_counted_it_is_not_counted(on_postgres, redis_cache):
+def test_a_fact_refused_by_the_rollups_range_after_redis_counted_it_is_not_counted(on_postgres, redis_cache, settings):
     """Redis admits and counts, then the rollups written last overflow: the fact rolls back and the counters that
     counted it are retired, so the quota is decided on exactly what is stored."""
+    settings.METERING = {**settings.METERING, "ROLLUP_SLOTS": 1}  # every write of the test in the same slot row
     tree(ORG)
     limit("org", 10)
     QuotaPolicyHandler("k1").consume("llm_tokens", 1)  # the counters exist, at 1
     root = get_context("k1").root.pk
     epoch = counters.current_epoch(root, "default")
-    # k1's hour (only k1's row: the organization's stays small, so the quota is not what refuses) one unit from full.
+    # k1's hour (only k1's rows: the organization's stay small, so the quota is not what refuses) one unit from
+    # full in every slot row a writer may use (``rollups.SLOT_UNITS``; one writer slot with ROLLUP_SLOTS 1).
     UsageRollup.objects.filter(
         tenant=Tenant.objects.get(external_id="k1"), bucket=floor_hour(datetime.now(UTC))
-    ).update(units=10**38 - 1)
+    ).update(units=rollups.SLOT_UNITS - 1)
     with pytest.raises(UsageTotalOutOfRange):
         QuotaPolicyHandler("k1").consume("llm_tokens", 4)
     assert UsageRecord.objects.count() == 1
