@@ -198,3 +198,19 @@ def test_a_consume_rolled_back_by_the_callers_transaction_stores_no_fact(logged)
         raise _Boom
     drain.drain()
     assert not UsageRecord.objects.filter(transaction_id="rolled-back").exists()
+
+
+def test_add_many_refuses_a_batch_sum_past_sqlite_range_by_name(db):
+    """SQLite: a batch whose own sum for one hour passes 2**63 - 1 is ``UsageTotalOutOfRange`` (was the driver's
+    ``OverflowError``), and nothing is written."""
+    from metering import rollups
+    from metering.exceptions import UsageTotalOutOfRange
+    from metering.models import UsageRollup
+
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL's bound is a numeric column, tested with the rollup slots")
+    tree({"org": None})
+    hour = datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(UsageTotalOutOfRange):
+        rollups.add_many([(pk("org"), "f", hour, 2**62, 1), (pk("org"), "f", hour, 2**62, 1)])
+    assert not UsageRollup.objects.exists()
