@@ -214,3 +214,21 @@ def test_add_many_refuses_a_batch_sum_past_sqlite_range_by_name(db):
     with pytest.raises(UsageTotalOutOfRange):
         rollups.add_many([(pk("org"), "f", hour, 2**62, 1), (pk("org"), "f", hour, 2**62, 1)])
     assert not UsageRollup.objects.exists()
+
+
+@pytest.mark.parametrize("seconds", [0, -5, 0.5])
+def test_a_dedup_window_redis_cannot_set_is_refused_before_anything_is_written(redis_cache, seconds):
+    """``LOG_DEDUP_SECONDS`` of 0 (or below one second) made the script's ``SET ... EX`` fail *after* it had counted
+    and appended the fact: the caller got a 503 "nothing was written" while the fact was stored and counted, and a
+    retry without a transaction id stored it twice. Now: check E005, and ``ImproperlyConfigured`` before any write."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from metering.checks import check_metering_settings
+
+    tree({"org": None, "k1": "org"})
+    with log_mode(LOG_DEDUP_SECONDS=seconds):
+        assert "xaas_metering.E005" in {message.id for message in check_metering_settings()}
+        with pytest.raises(ImproperlyConfigured):
+            get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 1, transaction_id="w-1"))
+    root = pk("org")
+    assert not redis_cache.exists(log.stream_key(root)) or redis_cache.xlen(log.stream_key(root)) == 0
