@@ -31,7 +31,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 pytest_plugins = ["tests.lago_fixtures"]
 
 ORG = {"org": None, "p1": "org", "p2": "org", "k1": "p1", "k2": "p1", "k3": "p2"}
-ROOT_DIR = Path(__file__).resolve().parent.parent
+ROOT_DIR = Path(__file__).resolve().parent.parent.parent  # the repository (tests/metering/ -> ../..)
 WEBHOOK = {"ADAPTER": "metering.adapters.webhook.WebhookMeteringAdapter", "SINK_URL": "http://127.0.0.1:9/usage"}
 
 
