@@ -88,13 +88,15 @@ def expected_rollups() -> dict[tuple[int, str, datetime], tuple[int, int]]:
 
 
 def stored_rollups() -> dict[tuple[int, str, datetime], tuple[int, int]]:
-    return {
-        (tenant, feature, bucket): (units, events)
-        for tenant, feature, bucket, units, events in UsageRollup.objects.values_list(
-            "tenant_id", "feature", "bucket", "units", "events"
-        )
-        if (units, events) != (0, 0)
-    }
+    """Every hour's rollup as a reader sees it: the sum of its slot rows (PostgreSQL spreads writers over slots)."""
+    totals: dict[tuple[int, str, datetime], list[int]] = defaultdict(lambda: [0, 0])
+    for tenant, feature, bucket, units, events in UsageRollup.objects.values_list(
+        "tenant_id", "feature", "bucket", "units", "events"
+    ):
+        total = totals[(tenant, feature, bucket)]
+        total[0] += int(units)
+        total[1] += events
+    return {key: (units, events) for key, (units, events) in totals.items() if (units, events) != (0, 0)}
 
 
 def assert_facts_match_rollups() -> None:
