@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, connections, transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
@@ -217,6 +218,15 @@ def _unavailable(error: BaseException) -> LogStoreUnavailable:
     return LogStoreUnavailable(f"Redis is unavailable ({type(error).__name__}); nothing was written")
 
 
+def dedup_seconds() -> int:
+    """``LOG_DEDUP_SECONDS``, checked before any write: the script sets the window's key *after* counting and
+    appending, so a value Redis refuses (below one second) would fail the call half-way (check E005)."""
+    value = metering_settings.LOG_DEDUP_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ImproperlyConfigured(f"METERING['LOG_DEDUP_SECONDS'] must be a positive integer, got {value!r}")
+    return value
+
+
 def counter_keys(snap: Snapshot, feature: str, limit: Limit, epoch: int) -> tuple[str, str]:
     root = snap.root_pk
     return (
@@ -247,7 +257,7 @@ def attempt(
     root = snap.root_pk
     lineage = [level.pk for level in snap.context.lineage]
     keys = [log.state_key(root), log.state_key(root), log.state_key(root), log.state_key(root)]
-    args: list[str] = [str(epoch), str(int(metering_settings.LOG_DEDUP_SECONDS))]
+    args: list[str] = [str(epoch), str(dedup_seconds())]
     limit_keys: list[str] = []
     limit_args: list[str] = []
     for limit in limits:

@@ -67,6 +67,7 @@ def check_metering_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
         "FUTURE_TOLERANCE_SECONDS",
         "COUNTER_TTL_SECONDS",
         "MAX_FEATURE_NAME_LENGTH",
+        "LOG_DEDUP_SECONDS",
     ):
         value = getattr(metering_settings, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -312,13 +312,15 @@ def forget_trees(root_pks: Iterable[int]) -> None:
 
 
 def drop_trees(root_pks: Iterable[int]) -> None:
-    """Forget every counter of these trees (after a move, or a write Redis did not see)."""
+    """Forget every counter of these trees (after a move, or a write Redis did not see); log mode's keys stay."""
     redis = client()
     if redis is None:
         return
     try:
         for root_pk in root_pks:
-            batch = list(redis.scan_iter(match=f"{tree_tag(root_pk)}:*", count=1000))
+            # Counter keys only (``key``: ``<tag>:e<epoch>:...``): log mode's stream, state, de-duplication and
+            # give-back keys share the tag, and deleting them would lose admitted facts not drained yet.
+            batch = list(redis.scan_iter(match=f"{tree_tag(root_pk)}:e*", count=1000))
             for offset in range(0, len(batch), 500):
                 redis.delete(*batch[offset : offset + 500])
     except RedisError as error:

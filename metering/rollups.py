@@ -165,6 +165,11 @@ def add_many(rows: Iterable[tuple[int, str, datetime, int, int]], *, using: str 
     table = _table(UsageRollup, using)
     slot = _slot_sql(using)
     ordered = sorted(totals.items(), key=lambda item: (item[0][0], item[0][1], item[0][2]))
+    if guarded:
+        # A batch's own sum past 64 bits cannot even be sent to SQLite (the driver raises OverflowError).
+        for (_, feature, _), (units, _) in ordered:
+            if units > SQLITE_MAX_UNITS:
+                raise refusal(feature)
     with connection.cursor() as cursor:
         for start in range(0, len(ordered), chunk):
             part = ordered[start : start + chunk]
