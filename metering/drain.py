@@ -607,6 +607,17 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
             fact = StoredFact(record_id, entry.tenant_pk, tuple(paths[entry.tenant_pk]), entry)
             tree.facts.append(fact)
             facts.append(fact)
+    moved = {
+        root
+        for fact in facts
+        if list(fact.lineage_pks) != fact.entry.lineage_pks
+        for root in (fact.lineage_pks[0], fact.entry.lineage_pks[0])
+    }
+    if moved:
+        # Admitted under a lineage that changed while it waited (a move): the counters that counted it are the old
+        # lineage's, and the new tree's may have been rebuilt without it. Retire both trees' counters as of this
+        # commit (pushed on commit): they are rebuilt from the database, which now holds it under its new lineage.
+        counters.bump_epochs(moved, using)
     rollups.add_many(
         (
             (level, fact.entry.feature, floor_hour(fact.entry.timestamp), fact.entry.units, 1)

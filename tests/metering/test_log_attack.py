@@ -137,12 +137,6 @@ def test_hostile_metadata_and_transaction_ids_are_stored_exactly(logged):
     assert_facts_match_rollups()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an entry appended while a move is in flight (old lineage, old epoch: the new one is pushed on commit) is "
-    "drained into the new tree's facts but counted only in the old tree's counters; the new tree's counters, "
-    "rebuilt before that drain, never see it: its quotas can be overshot",
-)
 def test_a_fact_appended_during_a_move_counts_against_the_new_trees_quota(logged):
     from quotas.exceptions import QuotaExceeded
     from quotas.handler import QuotaPolicyHandler
