@@ -532,7 +532,8 @@ def _check_older(cursor: LogCursor, last: str | None, using: str, report: DrainR
 
 def _fast_decode(entry_id: str, values: dict[Any, Any]) -> log.Entry:
     """``log.Entry.decode`` for a reply of bytes, without a text copy of every field first (the drainer's hottest
-    Python: ~40% less time per entry). Same fields, same conversions (``tests/test_log_drain.py`` compares them)."""
+    Python: ~40% less time per entry). Same fields, same conversions (``tests/metering/test_log_drain.py``
+    compares them)."""
     metadata = values.get(b"m")
     reservation = values.get(b"rv")
     return log.Entry(
