@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "tenants",
     "metering",
     "quotas",
+    "project",  # the example project: seed_demo and its templates (never in the wheel)
 ]
 
 MIDDLEWARE = [

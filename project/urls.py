@@ -4,6 +4,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 from django.urls import include, path, re_path
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -40,7 +41,14 @@ def json_errors(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
 
 READ = ["get", "head"]
 
+
+def landing(request: HttpRequest) -> HttpResponse:
+    """``/``: what the demo is and where to click (also the admin's "View site" link)."""
+    return render(request, "landing.html", {"base_url": request.build_absolute_uri("/").rstrip("/")})
+
+
 urlpatterns = [
+    path("", landing, name="landing"),
     path("admin/", admin.site.urls),
     path("demo/completions", demo.completions, name="demo-completions"),
     path("demo/completions-async", demo.completions_async, name="demo-completions-async"),

@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "tenants",
     "metering",
     "quotas",
+    "project",  # the example project: seed_demo and its templates (never in the wheel)
 ]
 
 MIDDLEWARE = [
@@ -62,7 +63,7 @@ ROOT_URLCONF = "project.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "templates"],  # the example project's overrides, as in project.settings
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

@@ -321,10 +321,13 @@ def test_reconcile_drops_the_redis_counters_built_from_bad_rollups(redis_cache, 
 
 
 def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
+    from project.management.commands import seed_demo
+
     monkeypatch.setenv("DEMO_ADMIN_PASSWORD", "demo-password-1")
     first = run("seed_demo")
+    facts = len(seed_demo.TODAY) + seed_demo.HISTORY_DAYS * len(seed_demo.HISTORY)
     counts = (Tenant.objects.count(), UsageRecord.objects.count(), get_user_model().objects.count())
-    assert counts == (9, 5, 2)  # the superuser and the tenant-scoped administrator of acme-chat
+    assert counts == (9, facts, 2)  # the superuser and the tenant-scoped administrator of acme-chat
     assert get_context("acme-search-key-2").lineage_ids == ("acme", "acme-search", "acme-search-key-2")
     assert get_context("internal-batch").exempt
     assert "http://127.0.0.1:8000/admin/" in first
@@ -334,17 +337,58 @@ def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
     demo_key = re.search(r"/demo/completions -H 'Authorization: Bearer (xk_\w+)'", first)
     assert demo_key is not None and authenticate_key(demo_key.group(1)).tenant.external_id == "acme-chat"
     assert '{"prompt": "hello metered world"}' in first
+    assert f"usage events: {facts} recorded, 0 already there" in first
+    assert f"quotas: {len(seed_demo.QUOTAS)} created" in first
 
     monkeypatch.delenv("DEMO_ADMIN_PASSWORD")
-    second = run("seed_demo")
+    second = run("seed_demo", "--port", "8123")
     assert (Tenant.objects.count(), UsageRecord.objects.count(), get_user_model().objects.count()) == counts
     assert "tenants: 0 created" in second
-    assert "usage events: 0 recorded" in second
-    password = next(line for line in second.splitlines() if line.startswith("password: ")).split()[1]
-    assert len(password) >= 12
+    assert f"usage events: 0 recorded, {facts} already there" in second
+    assert "quotas: 0 created" in second
+    assert "http://127.0.0.1:8123/admin/" in second and ":8000" not in second
+    # An existing user is never changed: the first run's password still logs in, no new one is printed.
+    assert "password: (unchanged" in second
     admin = get_user_model().objects.get(username="admin")
-    assert admin.is_superuser and admin.is_staff and admin.check_password(password)
-    assert json.loads(run("usage", "acme", "--json", "--period", "total"))["llm_tokens"] == "2750"
+    assert admin.is_superuser and admin.is_staff and admin.check_password("demo-password-1")
+    assert get_user_model().objects.get(username="chat-admin").check_password("demo-password-1")
+
+
+@pytest.mark.django_db
+def test_seed_demo_never_changes_an_existing_user():
+    user = get_user_model().objects.create_user("admin", password="mine-0123456789", is_staff=False)
+    out = run("seed_demo")
+    user.refresh_from_db()
+    assert user.check_password("mine-0123456789") and not user.is_superuser and not user.is_staff
+    assert "password: (unchanged" in out
+
+
+@pytest.mark.django_db
+def test_seed_demo_quotas_show_every_state_and_refuse_within_a_few_requests():
+    from django.test import Client
+
+    from quotas.models import QuotaLimit
+
+    out = run("seed_demo")
+    key = re.search(r"API key of acme-chat \(shown once\): (\S+)", out).group(1)
+    enforcements = set(QuotaLimit.objects.values_list("enforcement", flat=True))
+    assert enforcements == {"hard", "soft"}
+    assert QuotaLimit.objects.filter(tenant__exempt=True).exists()  # an exempt subtree with a (passed) limit
+    headers = {"Authorization": f"Bearer {key}", "X-Tenant-ID": "acme-chat-key-1"}
+    codes = [
+        Client()
+        .post("/demo/completions", {"prompt": "hello metered world"}, content_type="application/json", headers=headers)
+        .status_code
+        for _ in range(6)
+    ]
+    assert codes == [200, 200, 200, 200, 429, 429]  # the printed loop (5 calls) ends on a 429
+    # The exempt subtree is over its daily limit (5,000 of 4,000) and still admitted; acme-search's soft limit is
+    # passed and warns only.
+    from quotas.handler import QuotaPolicyHandler
+
+    assert QuotaPolicyHandler(get_context("internal-batch")).check("llm_tokens", 100).allowed
+    soft = QuotaPolicyHandler(get_context("acme-search-key-1")).check("llm_tokens", 100)
+    assert soft.allowed and any(not status.hard and status.remaining <= 0 for status in soft.statuses)
 
 
 @pytest.mark.django_db
