@@ -344,3 +344,47 @@ def _redis_persistence(config: dict[str, Any]) -> list[CheckMessage]:
             )
         ]
     return []
+
+
+def _scheduled_tasks() -> set[str]:
+    """The task names of the beat schedule, from Django's ``CELERY_BEAT_SCHEDULE`` and the current Celery app (a
+    host project's ``celery.py`` may set ``app.conf.beat_schedule`` instead)."""
+    schedules: list[Any] = [getattr(settings, "CELERY_BEAT_SCHEDULE", None)]
+    try:
+        from celery import current_app
+
+        schedules.append(current_app.conf.beat_schedule)
+    except Exception:  # noqa: S110 - a check must not fail on a Celery app it cannot read
+        pass
+    tasks: set[str] = set()
+    for schedule in schedules:
+        if isinstance(schedule, dict):
+            tasks.update(str(entry.get("task")) for entry in schedule.values() if isinstance(entry, dict))
+    return tasks
+
+
+@register()
+def check_outbox_sweep(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A sink with an outbox and nothing that sweeps it: facts of a batch below BATCH_SIZE and due retries are never
+    sent (a flush is queued only when BATCH_SIZE facts are due)."""
+    if not isinstance(getattr(settings, "METERING", {}), dict):
+        return []
+    from .delivery.sinks.base import SinkNotConfigured, configured_sink_class
+    from .schedule import SWEEP_TASK
+
+    try:
+        sink_class = configured_sink_class()
+    except SinkNotConfigured:
+        return []  # xaas_metering.E050 says why
+    if sink_class is None or SWEEP_TASK in _scheduled_tasks():
+        return []
+    return [
+        Warning(
+            f"The {sink_class.name} sink is configured but no Celery beat entry runs {SWEEP_TASK!r}: facts of a batch "
+            "smaller than METERING['BATCH_SIZE'] and retries that are due are never delivered.",
+            hint="Add the stack's schedule: `from quotas.schedule import beat_schedule; CELERY_BEAT_SCHEDULE = "
+            "beat_schedule()` (README 'Celery in your project'). If another scheduler runs it (django-celery-beat, "
+            "cron calling `manage.py metering_flush`), silence this check.",
+            id="xaas_metering.W050",
+        )
+    ]

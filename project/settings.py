@@ -13,6 +13,8 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from quotas.schedule import beat_schedule
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -195,28 +197,14 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 CELERY_TASK_ALWAYS_EAGER = "CELERY_BROKER_URL" not in os.environ
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = None
-# The outbox sweep: delivers stragglers below BATCH_SIZE and retries that are due (run one beat scheduler).
-CELERY_BEAT_SCHEDULE = {
-    "metering-sweep-outbox": {
-        "task": "metering.sweep_outbox",
-        "schedule": float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
-    },
-    # Rollup slots of hours that are over merge into one row per hour (metering.rollups.fold).
-    "metering-fold-rollups": {
-        "task": "metering.fold_rollups",
-        "schedule": float(os.environ.get("METERING_FOLD_SECONDS", "300")),
-    },
-    # Log mode (METERING_WRITE_MODE=log): persist the Redis streams; a no-op in commit mode. A long-running
-    # `manage.py metering_drain` does the same with less latency.
-    "metering-drain-log": {
-        "task": "metering.drain_log",
-        "schedule": float(os.environ.get("METERING_DRAIN_SECONDS", "1")),
-    },
-    "quotas-expire-reservations": {
-        "task": "quotas.expire_reservations",
-        "schedule": float(os.environ.get("QUOTAS_EXPIRY_SECONDS", "30")),
-    },
-}
+# The periodic tasks of the three apps (outbox sweep, rollup folding, log drain, reservation expiry): run one beat
+# scheduler per site. A host project does the same (README "Celery in your project").
+CELERY_BEAT_SCHEDULE = beat_schedule(
+    sweep_seconds=float(os.environ.get("METERING_SWEEP_SECONDS", "5")),
+    fold_seconds=float(os.environ.get("METERING_FOLD_SECONDS", "300")),
+    drain_seconds=float(os.environ.get("METERING_DRAIN_SECONDS", "1")),
+    expiry_seconds=float(os.environ.get("QUOTAS_EXPIRY_SECONDS", "30")),
+)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -22,6 +22,8 @@ from typing import Any
 
 import dj_database_url
 
+from quotas.schedule import beat_schedule
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -159,6 +161,8 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 CELERY_TASK_ALWAYS_EAGER = "CELERY_BROKER_URL" not in os.environ
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = None
+# As the example project: the three apps' periodic tasks (quotas.schedule; check xaas_metering.W050 looks for it).
+CELERY_BEAT_SCHEDULE = beat_schedule()
 
 AUTH_PASSWORD_VALIDATORS = [{"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"}]
 

@@ -62,6 +62,15 @@ class Command(BaseCommand):
         )
         if show:
             self.stdout.write("")
+        # What this flush did is not all the outbox holds: facts held or dead before it stay so. Say both.
+        after = outbox.status(sink.name)
+        held, dead = after.counts.get(outbox.HELD, 0), after.counts.get(outbox.DEAD, 0)
+        if held or dead:
+            self.stdout.write(
+                f"{sink.name} outbox: {held} held in all"
+                f"{' (no subscription yet: --release-held once they have one)' if held else ''}, {dead} dead in all"
+                f"{' (metering_status lists them; --resend-dead)' if dead else ''}"
+            )
         self.stdout.write(
             f"{sink.name}: {report.delivered} delivered ({report.already_present} already there) in {report.requests} "
             f"requests, {report.dead} dead, {report.held} held, {report.retrying} to retry"
