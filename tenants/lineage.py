@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.cache import BaseCache, caches
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
@@ -79,6 +80,11 @@ def get_context(tenant_id: str, *, require_active: bool = True, use_cache: bool 
         inactive = next(level.tenant_id for level in context.lineage if not level.is_active)
         raise InactiveTenant(f"tenant {tenant_id!r} is inactive (deactivated at {inactive!r})")
     return context
+
+
+async def aget_context(tenant_id: str, *, require_active: bool = True, use_cache: bool = True) -> TenantContext:
+    """``get_context`` for async code (the database and cache calls run in a worker thread, as Django's ORM needs)."""
+    return await sync_to_async(get_context)(tenant_id, require_active=require_active, use_cache=use_cache)
 
 
 def _cache_call(method: str, *args: Any) -> Any:

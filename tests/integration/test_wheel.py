@@ -24,6 +24,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.doc_snippets import run_by
+
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = {"django", "djangorestframework", "django-redis", "celery", "psycopg", "httpx", "drf-spectacular"}
 NOT_AT_RUNTIME = {"pytest", "pytest-django", "dj-database-url", "hypothesis", "gunicorn", "playwright"}
@@ -93,17 +95,18 @@ def test_the_wheel_holds_the_three_apps_and_nothing_else(wheel: Path):
     assert not runtime & NOT_AT_RUNTIME
 
 
-def _closure(requirements: list[Requirement]) -> dict[str, importlib.metadata.Distribution]:
-    """The installed distributions the wheel needs at run time, with their own requirements and extras."""
+def _closure(requirements: list[Requirement], extras: tuple[str, ...]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions the wheel (with ``extras``) needs at run time, with their own requirements."""
     found: dict[str, importlib.metadata.Distribution] = {}
-    todo = [(req, "") for req in requirements]
+    todo = [(req, "") for req in requirements if req.marker is None or req.marker.evaluate(_marker_env(""))]
+    todo += [(req, extra) for req in requirements for extra in extras if req.marker and "extra" in str(req.marker)]
     while todo:
         req, extra = todo.pop()
         if req.marker is not None and not req.marker.evaluate(_marker_env(extra)):
             continue
         name = canonicalize_name(req.name)
-        extras = set(req.extras)
-        if name in found and not extras:
+        wanted_extras = set(req.extras)
+        if name in found and not wanted_extras:
             continue
         distribution = importlib.metadata.distribution(name)
         found[name] = distribution
@@ -112,13 +115,13 @@ def _closure(requirements: list[Requirement]) -> dict[str, importlib.metadata.Di
             if child.marker is None or child.marker.evaluate(_marker_env("")):
                 todo.append((child, ""))
             else:
-                todo.extend((child, wanted) for wanted in extras if child.marker.evaluate(_marker_env(wanted)))
+                todo.extend((child, wanted) for wanted in wanted_extras if child.marker.evaluate(_marker_env(wanted)))
     return found
 
 
-def _link_dependencies(requirements: list[Requirement], target: Path) -> set[str]:
+def _link_dependencies(requirements: list[Requirement], target: Path, extras: tuple[str, ...]) -> set[str]:
     target.mkdir()
-    for distribution in _closure(requirements).values():
+    for distribution in _closure(requirements, extras).values():
         base = Path(str(distribution.locate_file("")))
         for top in {Path(str(file)).parts[0] for file in distribution.files or []}:
             if top in {"..", "__pycache__"} or top.endswith(".pth"):
@@ -142,7 +145,8 @@ def host(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
         metadata = email.message_from_string(
             archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
         )
-    linked = _link_dependencies(_requirements(metadata), base / "deps")
+    # The install the docs give: the wheel with the `swagger` extra (docs/api.md serves Swagger UI locally).
+    linked = _link_dependencies(_requirements(metadata), base / "deps", extras=("swagger",))
     assert "pytest_django" not in linked and "dj_database_url" not in linked
     site_packages = Path(
         _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=base).strip()
@@ -157,13 +161,14 @@ def host(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
     site = base / "site"
     site.mkdir()
     _run(python, "-m", "django", "startproject", "hostsite", site, cwd=base, env=env)
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Install into an existing project") :]
-    install = re.search(r"```python\n(.*?)```", section, re.S)
-    assert install is not None
+    # The docs' settings and urls snippets, as written, in the order of the docs (tests/doc_snippets.py).
     settings_file = site / "hostsite" / "settings.py"
     settings_file.write_text(
-        settings_file.read_text() + "\n# The README's install section, as written:\n" + install.group(1)
+        settings_file.read_text() + "".join(f"\n# {s.file}:{s.line}\n{s.code}" for s in run_by("host-settings"))
+    )
+    urls_file = site / "hostsite" / "urls.py"
+    urls_file.write_text(
+        urls_file.read_text() + "".join(f"\n# {s.file}:{s.line}\n{s.code}" for s in run_by("host-urls"))
     )
     (site / "hostsite" / "views.py").write_text(
         "from django.http import JsonResponse\n"
@@ -199,6 +204,14 @@ def test_a_fresh_startproject_with_the_readme_install_answers_429(host: tuple[Pa
     )
     shell = _run(python, "manage.py", "shell", "-v", "0", "-c", script, cwd=site, env=env)
     assert shell.strip().splitlines()[-1] == "[200, 200, 429]"
+    # The API and its docs as docs/api.md mounts them (Swagger UI's assets from the sidecar, served locally).
+    pages = (
+        "from django.test import Client\n"
+        "client = Client(HTTP_HOST='localhost')\n"
+        "print([client.get(path).status_code for path in ('/api/schema/', '/api/docs/', '/api/v1/usage')])\n"
+    )
+    shell = _run(python, "manage.py", "shell", "-v", "0", "-c", pages, cwd=site, env=env)
+    assert shell.strip().splitlines()[-1] == "[200, 200, 401]"
     # The example project and the test tools are not in the host's environment.
     probe = "import importlib.util as u; print([u.find_spec(m) is None for m in ('project', 'pytest_django')])"
     assert _run(python, "-c", probe, cwd=site.parent, env=env).strip() == "[True, True]"
