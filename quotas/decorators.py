@@ -15,6 +15,7 @@ database (or Redis, with no fallback left) is down, a 503 JSON answer with ``Ret
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from decimal import Decimal
@@ -94,10 +95,9 @@ def settle_for_request(request: HttpRequest, reservation: Reservation, response:
 
 
 def _give_back(reservation: Reservation) -> None:
-    try:
+    # A store that is down: the reservation expires on its own (quotas.expire_reservations), its quota comes back then.
+    with contextlib.suppress(*STORE_ERRORS):
         reservation.release()
-    except STORE_ERRORS:
-        pass  # expires on its own (quotas.expire_reservations): the quota comes back then
 
 
 def enforce_quota(feature: str, quantity: QuantitySpec = 1, *, refund_on_error: bool = False) -> Callable[[View], View]:

@@ -9,7 +9,8 @@ from asgiref.sync import async_to_sync
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.test import RequestFactory
 
-from quotas import QuotaPolicyHandler, enforce_quota
+from quotas.decorators import enforce_quota
+from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaReservation
 from tenants.lineage import get_context
 from tests.factories import tree, usage
