@@ -1,9 +1,11 @@
 """Flushing the outbox: claim a batch, send it, mark every fact by what the sink answered, repeat.
 
 Exactly-once in effect rests on two things: a fact leaves ``pending`` only on the sink's word (stored, already
-stored, or refused for its own content), and every resend carries the same idempotency key (and, for Lago, the same
-subscription and timestamp). A batch whose answer was lost is simply sent again; Lago then names the events it
-already holds (``value_already_exist``) and those are marked delivered while the rest is resent.
+stored, or refused for its own content), and every resend is the same bytes (the body frozen on the outbox row at
+the first claim). A batch whose answer was lost is simply sent again; Lago then names the events whose id it already
+holds (``value_already_exist``): each is checked against the event Lago holds (``Sink.confirm``) before it counts
+as delivered, and the rest is resent. No request carries two events with the same key (``Sink.batch_key``), and a
+batch answered 5xx again and again is split (``SINK_BISECT_AFTER``); lost connections never split anything.
 """
 
 from __future__ import annotations
