@@ -31,10 +31,11 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 NUMERIC = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 DECIMAL_STRING = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
@@ -303,6 +304,8 @@ class FakeLago(FakeServer):
         self.dedupe = dedupe
         self.refuse_codes = dict(refuse_codes or {})
         self.crash_on = crash_on  # a batch holding an event with this property answers 500 (a poison event)
+        # external_subscription_id -> the subscription GET /api/v1/subscriptions/{id} answers (``started_at``...)
+        self.subscriptions: dict[str, dict[str, Any]] = {}
         self._reset_store()
 
     def _reset_store(self) -> None:
@@ -343,7 +346,10 @@ class FakeLago(FakeServer):
                 stored = len(self.store)
             return 200, {}, {"stored": stored, "double_billed": self.double_billed()}
         single = method == "GET" and route.startswith("/api/v1/events/") and route.count("/") == 4
-        if not single and (method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch")):
+        listing = method == "GET" and route == "/api/v1/events"
+        subscription = method == "GET" and route.startswith("/api/v1/subscriptions/") and route.count("/") == 4
+        known = single or listing or subscription
+        if not known and (method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch")):
             return 404, {}, {"status": 404, "error": "Not Found", "code": "resource_not_found"}
         authorization = headers.get("Authorization") or ""
         scheme, _, key = authorization.partition(" ")
@@ -352,6 +358,13 @@ class FakeLago(FakeServer):
             return 401, {}, {"status": 401, "error": "Unauthorized"}
         if single:
             return self._show(unquote(route.rsplit("/", 1)[1]))
+        if listing:
+            return self._index(parse_qs(path.partition("?")[2]))
+        if subscription:
+            found = self.subscriptions.get(unquote(route.rsplit("/", 1)[1]))
+            if found is None:
+                return 404, {}, {"status": 404, "error": "Not Found", "code": "subscription_not_found"}
+            return 200, {}, {"subscription": dict(found)}
         if role != "write":
             return 403, {}, {"status": 403, "error": "Forbidden", "code": "write_permission_denied"}
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip()
@@ -370,8 +383,54 @@ class FakeLago(FakeServer):
         with self.lock:
             for event in self.store.values():
                 if event["transaction_id"] == transaction_id:
-                    return 200, {}, {"event": dict(event)}
+                    return 200, {}, {"event": self._serialize(event)}
         return 404, {}, {"status": 404, "error": "Not Found", "code": "event_not_found"}
+
+    def _index(self, query: dict[str, list[str]]) -> tuple[int, dict[str, str], Any]:
+        """``EventsController#index`` -> ``EventsQuery``: filters ``code``, ``external_subscription_id``,
+        ``timestamp_from``/``timestamp_to`` (ISO 8601, inclusive), ordered by timestamp desc then transaction_id,
+        paginated (``page``, ``per_page``, default 100) with ``meta`` as ``Pagination#pagination_metadata``."""
+
+        def one(name: str) -> str | None:
+            return query.get(name, [None])[0]
+
+        low, high = (one(name) for name in ("timestamp_from", "timestamp_to"))
+        bounds = [datetime.fromisoformat(value).timestamp() if value else None for value in (low, high)]
+        with self.lock:
+            found = [
+                event
+                for event in self.store.values()
+                if (one("code") is None or event["code"] == one("code"))
+                and (
+                    one("external_subscription_id") is None
+                    or event["external_subscription_id"] == one("external_subscription_id")
+                )
+                and (bounds[0] is None or self._instant(event) >= bounds[0])
+                and (bounds[1] is None or self._instant(event) <= bounds[1])
+            ]
+        found.sort(key=lambda event: event["transaction_id"])
+        found.sort(key=self._instant, reverse=True)
+        per_page = max(1, int(one("per_page") or 100))
+        page = max(1, int(one("page") or 1))
+        total_pages = (len(found) + per_page - 1) // per_page
+        chunk = found[(page - 1) * per_page : page * per_page]
+        meta = {
+            "current_page": page if found else 0,
+            "next_page": page + 1 if page < total_pages else None,
+            "prev_page": page - 1 if page > 1 and found else None,
+            "total_pages": total_pages,
+            "total_count": len(found),
+        }
+        return 200, {}, {"events": [self._serialize(event) for event in chunk], "meta": meta}
+
+    def _instant(self, event: dict[str, Any]) -> float:
+        seconds = self._seconds(event["timestamp"])
+        return float(seconds) if seconds is not None else 0.0
+
+    def _serialize(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``V1::EventSerializer``: the timestamp as ISO 8601 with milliseconds."""
+        moment = datetime.fromtimestamp(self._instant(event), tz=UTC)
+        return {**event, "timestamp": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
 
     def _single(self, event: Any) -> tuple[int, dict[str, str], Any]:
         status, extra, payload = self._batch([event])

@@ -29,10 +29,10 @@ else dead-letters that event; the rest is sent again at once (a batch is all-or-
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 from django.core.checks import CheckMessage, Warning
 
@@ -45,6 +45,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MILLISECOND = Decimal("0.001")
 BATCH_PATH = "/api/v1/events/batch"
 EVENT_PATH = "/api/v1/events/"
+LIST_PATH = "/api/v1/events"
+SUBSCRIPTION_PATH = "/api/v1/subscriptions/"
 
 
 def schema_value(value: Any) -> str | int | float | None:
@@ -167,6 +169,55 @@ class LagoSink(Sink):
             f"Lago holds transaction_id {event['transaction_id']!r} for another event (differs in "
             f"{', '.join(differences)}: {json.dumps(theirs, sort_keys=True, ensure_ascii=False)[:300]})",
         )
+
+    def list_events(self, subscription: str, code: str, first: date, last: date) -> list[dict[str, Any]]:
+        """Every event Lago holds for ``subscription`` and ``code`` with a timestamp in days ``first``..``last``
+        (UTC, inclusive): ``GET /api/v1/events`` (lago-api ``EventsController#index``), all pages."""
+        from ..reconcile_lago import LagoUnavailable
+
+        events: list[dict[str, Any]] = []
+        page: int | None = 1
+        while page is not None:
+            query = urlencode(
+                {
+                    "external_subscription_id": subscription,
+                    "code": code,
+                    "timestamp_from": f"{first.isoformat()}T00:00:00.000Z",
+                    "timestamp_to": f"{last.isoformat()}T23:59:59.999Z",
+                    "per_page": 100,
+                    "page": page,
+                }
+            )
+            url, _ = self.endpoint(f"{LIST_PATH}?{query}")
+            response = self.get(url, {"Authorization": f"Bearer {self.secret}", "Accept": "application/json"})
+            if isinstance(response, SendResult):
+                raise LagoUnavailable(f"listing {subscription} {code}: {response.error}")
+            if response.status_code != 200:
+                raise LagoUnavailable(f"listing {subscription} {code}: {response.status_code} {self.excerpt(response)}")
+            try:
+                payload = response.json()
+                events.extend(payload["events"])
+                next_page = payload.get("meta", {}).get("next_page")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise LagoUnavailable(f"listing {subscription} {code}: unreadable answer") from None
+            page = int(next_page) if next_page and int(next_page) > page else None
+        return events
+
+    def subscription_boundaries(self, subscription: str) -> tuple[datetime | None, datetime | None] | None:
+        """(started_at, terminated_at) of a Lago subscription (``GET /api/v1/subscriptions/{external_id}``), or
+        ``None`` when Lago does not describe it."""
+        url, _ = self.endpoint(SUBSCRIPTION_PATH + quote(subscription, safe=""))
+        response = self.get(url, {"Authorization": f"Bearer {self.secret}", "Accept": "application/json"})
+        if isinstance(response, SendResult) or response.status_code != 200:
+            return None
+        try:
+            found = response.json()["subscription"]
+            return tuple(  # type: ignore[return-value]
+                datetime.fromisoformat(str(found[name]).replace("Z", "+00:00")) if found.get(name) else None
+                for name in ("started_at", "terminated_at")
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def send(self, events: list[dict[str, Any]]) -> SendResult:
         headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
