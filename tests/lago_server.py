@@ -395,7 +395,7 @@ class FakeLago(FakeServer):
             return query.get(name, [None])[0]
 
         low, high = (one(name) for name in ("timestamp_from", "timestamp_to"))
-        bounds = [datetime.fromisoformat(value).timestamp() if value else None for value in (low, high)]
+        bounds = [round(datetime.fromisoformat(value).timestamp() * 1000) if value else None for value in (low, high)]
         with self.lock:
             found = [
                 event
@@ -405,8 +405,8 @@ class FakeLago(FakeServer):
                     one("external_subscription_id") is None
                     or event["external_subscription_id"] == one("external_subscription_id")
                 )
-                and (bounds[0] is None or self._instant(event) >= bounds[0])
-                and (bounds[1] is None or self._instant(event) <= bounds[1])
+                and (bounds[0] is None or round(self._instant(event) * 1000) >= bounds[0])
+                and (bounds[1] is None or round(self._instant(event) * 1000) <= bounds[1])
             ]
         found.sort(key=lambda event: event["transaction_id"])
         found.sort(key=self._instant, reverse=True)

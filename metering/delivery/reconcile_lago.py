@@ -12,12 +12,11 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..conf import metering_settings
 from ..models import UsageOutbox
-from .sinks.lago import LagoSink, same_properties
+from .sinks.lago import LagoSink, lago_instant, same_properties
 
 EARLIEST = datetime.min.replace(tzinfo=UTC)  # an unreadable timestamp (never sent by this plugin)
 
@@ -63,18 +62,7 @@ class Reconciliation:
 
 
 def _instant(value: Any) -> datetime | None:
-    """A Lago timestamp (Unix seconds, number or text, or ISO 8601) as an aware datetime."""
-    if value is None:
-        return None
-    try:
-        return datetime.fromtimestamp(float(Decimal(str(value))), tz=UTC)
-    except (InvalidOperation, ValueError, OverflowError):
-        pass
-    try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return lago_instant(value)
 
 
 def reconcile(since: date | None = None, until: date | None = None, sink: LagoSink | None = None) -> Reconciliation:
@@ -109,7 +97,9 @@ def reconcile(since: date | None = None, until: date | None = None, sink: LagoSi
         }
         first, last = min(moments.values()).date(), max(moments.values()).date()
         held: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for event in sink.list_events(subscription, code, first, last):
+        start = datetime.combine(first, time.min, tzinfo=UTC)
+        end = datetime.combine(last, time.max, tzinfo=UTC)
+        for event in sink.list_events(subscription, code, start, end):
             held[str(event.get("transaction_id"))].append(event)
         if subscription not in boundaries:
             boundaries[subscription] = sink.subscription_boundaries(subscription)

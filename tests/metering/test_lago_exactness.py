@@ -217,3 +217,32 @@ def test_the_untried_rest_of_a_failed_claim_counts_no_attempt(lago_settings, org
     assert attempts == {"key1": 1, "other": 0}
     drain()
     assert states() == {"delivered": 2}
+
+
+def test_a_lost_answer_for_an_id_another_subscription_also_holds_is_confirmed_in_its_own(lago_settings, org, settings):
+    # EventsController#show finds *an* event by transaction_id: here the other tenant's, on another subscription
+    configure(settings, LAGO_QUALIFY_TRANSACTION_ID=False)
+    Tenant.objects.filter(external_id="other").update(lago_subscription_id="sub-other")
+    record("key1", 5, transaction_id="req-y")
+    flush()
+    record("other", 9, transaction_id="req-y")
+    lago_settings.fail("drop_after_store")
+    flush()
+    drain()
+    assert states() == {"delivered": 2}
+    held = sorted((e["external_subscription_id"], e["properties"]["quantity"]) for e in lago_settings.events())
+    assert held == [("sub-org", 5), ("sub-other", 9)]
+
+
+def test_the_same_id_quantity_and_subscription_at_another_time_is_a_conflict(lago_settings, org, settings):
+    # two facts of one subscription that share an unqualified id: Lago stores the first only
+    configure(settings, LAGO_QUALIFY_TRANSACTION_ID=False)
+    moment = timezone.now().replace(microsecond=0)
+    record("key1", 5, transaction_id="req-q", timestamp=moment)
+    flush()
+    record("key2", 5, transaction_id="req-q", timestamp=moment + timedelta(seconds=1))
+    flush()
+    assert states() == {"delivered": 1, "dead": 1}
+    dead = UsageOutbox.objects.get(state="dead")
+    assert dead.record.tenant.external_id == "key2"
+    assert dead.last_error.startswith("conflict:") and "timestamp" in dead.last_error

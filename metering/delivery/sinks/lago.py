@@ -29,7 +29,7 @@ else dead-letters that event; the rest is sent again at once (a batch is all-or-
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 from urllib.parse import quote, urlencode, urlparse
@@ -142,6 +142,8 @@ class LagoSink(Sink):
 
     def confirm(self, event: dict[str, Any]) -> Check:
         """Ask Lago which event it holds under ``event``'s transaction_id (lago-api ``EventsController#show``)."""
+        from ..reconcile_lago import LagoUnavailable
+
         url, _ = self.endpoint(EVENT_PATH + quote(str(event["transaction_id"]), safe=""))
         response = self.get(url, {"Authorization": f"Bearer {self.secret}", "Accept": "application/json"})
         if isinstance(response, SendResult):
@@ -152,27 +154,39 @@ class LagoSink(Sink):
             return Check(Confirmation.UNKNOWN, f"{response.status_code} {self.excerpt(response, 200)}")
         try:
             held = response.json()["event"]
-            differences = [
-                name
-                for name in ("external_subscription_id", "code")
-                if str(held.get(name) or "") != str(event.get(name) or "")
-            ]
-            if not same_properties(held.get("properties") or {}, event.get("properties") or {}):
-                differences.append("properties")
+            differences = event_differences(held, event)
         except (ValueError, KeyError, TypeError, AttributeError):
             return Check(Confirmation.UNKNOWN, f"unreadable event: {self.excerpt(response, 200)}")
+        moment = lago_instant(event.get("timestamp"))
+        if "external_subscription_id" in differences and moment is not None:
+            # `show` finds one event by organization and transaction_id; with unqualified ids another subscription
+            # may hold the id too. Look for it in this event's own subscription, at its own millisecond.
+            try:
+                ours = [
+                    candidate
+                    for candidate in self.list_events(
+                        str(event.get("external_subscription_id") or ""), str(event["code"]), moment, moment
+                    )
+                    if str(candidate.get("transaction_id")) == str(event["transaction_id"])
+                ]
+            except LagoUnavailable as error:
+                return Check(Confirmation.UNKNOWN, str(error))
+            if ours:
+                held = ours[0]
+                differences = event_differences(held, event)
         if not differences:
             return Check(Confirmation.HELD)
-        theirs = {name: held.get(name) for name in ("external_subscription_id", "code", "properties")}
+        theirs = {name: held.get(name) for name in ("external_subscription_id", "code", "timestamp", "properties")}
         return Check(
             Confirmation.CONFLICT,
             f"Lago holds transaction_id {event['transaction_id']!r} for another event (differs in "
             f"{', '.join(differences)}: {json.dumps(theirs, sort_keys=True, ensure_ascii=False)[:300]})",
         )
 
-    def list_events(self, subscription: str, code: str, first: date, last: date) -> list[dict[str, Any]]:
-        """Every event Lago holds for ``subscription`` and ``code`` with a timestamp in days ``first``..``last``
-        (UTC, inclusive): ``GET /api/v1/events`` (lago-api ``EventsController#index``), all pages."""
+    def list_events(self, subscription: str, code: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """Every event Lago holds for ``subscription`` and ``code`` with a timestamp from ``start`` to ``end``
+        (inclusive, to the millisecond): ``GET /api/v1/events`` (lago-api ``EventsController#index``), all pages.
+        ``LagoUnavailable`` when Lago does not answer usably."""
         from ..reconcile_lago import LagoUnavailable
 
         events: list[dict[str, Any]] = []
@@ -182,8 +196,8 @@ class LagoSink(Sink):
                 {
                     "external_subscription_id": subscription,
                     "code": code,
-                    "timestamp_from": f"{first.isoformat()}T00:00:00.000Z",
-                    "timestamp_to": f"{last.isoformat()}T23:59:59.999Z",
+                    "timestamp_from": iso_milliseconds(start),
+                    "timestamp_to": iso_milliseconds(end),
                     "per_page": 100,
                     "page": page,
                 }
@@ -257,6 +271,40 @@ class LagoSink(Sink):
             else:
                 result.invalid[index] = "422 " + json.dumps(errors, sort_keys=True, ensure_ascii=False)
         return result
+
+
+def lago_instant(value: Any) -> datetime | None:
+    """A Lago timestamp (Unix seconds as a number or text, or the ISO 8601 Lago answers with) as an aware datetime,
+    to the millisecond; ``None`` when unreadable."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        moment = datetime.fromtimestamp(float(Decimal(str(value))), tz=UTC)
+    except (ArithmeticError, ValueError, OverflowError):
+        try:
+            moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def iso_milliseconds(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_differences(held: dict[str, Any], sent: dict[str, Any]) -> list[str]:
+    """The fields in which the event Lago holds differs from the one sent (subscription, code, timestamp to the
+    millisecond, properties with numbers compared by value)."""
+    differences = [
+        name for name in ("external_subscription_id", "code") if str(held.get(name) or "") != str(sent.get(name) or "")
+    ]
+    theirs, ours = lago_instant(held.get("timestamp")), lago_instant(sent.get("timestamp"))
+    if theirs is not None and ours is not None and theirs != ours:
+        differences.append("timestamp")
+    if not same_properties(held.get("properties") or {}, sent.get("properties") or {}):
+        differences.append("properties")
+    return differences
 
 
 def same_properties(held: dict[str, Any], sent: dict[str, Any]) -> bool:
