@@ -257,6 +257,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve("GET")
 
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
 
 def _unprocessable(details: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     return (
@@ -306,6 +309,8 @@ class FakeLago(FakeServer):
         self.crash_on = crash_on  # a batch holding an event with this property answers 500 (a poison event)
         # external_subscription_id -> the subscription GET /api/v1/subscriptions/{id} answers (``started_at``...)
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.billable_metrics: dict[str, dict[str, Any]] = {}
         self._reset_store()
 
     def _reset_store(self) -> None:
@@ -348,7 +353,8 @@ class FakeLago(FakeServer):
         single = method == "GET" and route.startswith("/api/v1/events/") and route.count("/") == 4
         listing = method == "GET" and route == "/api/v1/events"
         subscription = method == "GET" and route.startswith("/api/v1/subscriptions/") and route.count("/") == 4
-        known = single or listing or subscription
+        resource = self._resource(method, route)
+        known = single or listing or subscription or resource is not None
         if not known and (method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch")):
             return 404, {}, {"status": 404, "error": "Not Found", "code": "resource_not_found"}
         authorization = headers.get("Authorization") or ""
@@ -356,6 +362,10 @@ class FakeLago(FakeServer):
         role = self.keys.get(key) if scheme == "Bearer" else None
         if role is None:
             return 401, {}, {"status": 401, "error": "Unauthorized"}
+        if resource is not None:
+            if method != "GET" and role != "write":
+                return 403, {}, {"status": 403, "error": "Forbidden", "code": "write_permission_denied"}
+            return self._manage(method, *resource, body)
         if single:
             return self._show(unquote(route.rsplit("/", 1)[1]))
         if listing:
@@ -385,6 +395,62 @@ class FakeLago(FakeServer):
                 if event["transaction_id"] == transaction_id:
                     return 200, {}, {"event": self._serialize(event)}
         return 404, {}, {"status": 404, "error": "Not Found", "code": "event_not_found"}
+
+    # lago_sync's resources: customers, subscriptions, billable metrics (lago-api CustomersController,
+    # SubscriptionsController, BillableMetricsController)
+    RESOURCES = {"customers": ("customer", "external_id"), "billable_metrics": ("billable_metric", "code")}
+
+    def _resource(self, method: str, route: str) -> tuple[str, str | None] | None:
+        parts = route.split("/")
+        if len(parts) < 4 or parts[:3] != ["", "api", "v1"] or len(parts) > 5:
+            return None
+        name, key = parts[3], (unquote(parts[4]) if len(parts) == 5 else None)
+        if name == "subscriptions" and method == "POST" and key is None:
+            return name, None
+        if name not in self.RESOURCES:
+            return None
+        if (method == "GET" and key is not None) or (method == "POST" and key is None):
+            return name, key
+        if method == "PUT" and name == "billable_metrics" and key is not None:
+            return name, key
+        return None
+
+    def _manage(self, method: str, name: str, key: str | None, body: bytes) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            if name == "subscriptions":  # POST: create (an existing external_id is answered as it is)
+                wanted = json.loads(body).get("subscription") or {}
+                found = self.subscriptions.get(str(wanted.get("external_id")))
+                if found is None:
+                    if wanted.get("external_customer_id") not in self.customers:
+                        return _unprocessable({"external_customer_id": ["customer_not_found"]})
+                    found = self.subscriptions[wanted["external_id"]] = {
+                        "external_id": wanted["external_id"],
+                        "external_customer_id": wanted["external_customer_id"],
+                        "plan_code": wanted.get("plan_code"),
+                        "started_at": "2026-01-01T00:00:00Z",
+                        "terminated_at": None,
+                        "status": "active",
+                    }
+                self.writes[("subscriptions", found["external_id"])] += 1
+                return 200, {}, {"subscription": dict(found)}
+            root, id_field = self.RESOURCES[name]
+            store: dict[str, dict[str, Any]] = getattr(self, name)
+            if method == "GET":
+                assert key is not None
+                if key not in store:
+                    return 404, {}, {"status": 404, "error": "Not Found", "code": f"{root}_not_found"}
+                return 200, {}, {root: dict(store[key])}
+            wanted = json.loads(body).get(root) or {}
+            key = key or wanted.get(id_field)
+            if not key:
+                return _unprocessable({id_field: ["value_is_mandatory"]})
+            if method == "PUT" and key not in store:
+                return 404, {}, {"status": 404, "error": "Not Found", "code": f"{root}_not_found"}
+            if method == "POST" and name == "billable_metrics" and key in store:
+                return _unprocessable({"code": ["value_already_exist"]})
+            store[key] = {**store.get(key, {}), **wanted, id_field: key}  # POST /customers upserts
+            self.writes[(name, key)] += 1
+            return 200, {}, {root: dict(store[key])}
 
     def _index(self, query: dict[str, list[str]]) -> tuple[int, dict[str, str], Any]:
         """``EventsController#index`` -> ``EventsQuery``: filters ``code``, ``external_subscription_id``,
