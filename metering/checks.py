@@ -188,7 +188,7 @@ def check_delivery_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
                 id="xaas_metering.E015",
             )
         )
-    for key in ("SINK_MAX_ATTEMPTS", "FLUSH_MAX_BATCHES"):
+    for key in ("SINK_MAX_ATTEMPTS", "FLUSH_MAX_BATCHES", "SINK_BISECT_AFTER"):
         value = getattr(metering_settings, key)
         if (key == "SINK_MAX_ATTEMPTS" and value is None) or (
             isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "SINK_RETRY_BASE_SECONDS": 1,  # exponential backoff with jitter: base * 2**(attempts - 1) ...
     "SINK_RETRY_MAX_SECONDS": 300,  # ... capped here (Retry-After / X-RateLimit-Reset can ask for longer)
     "SINK_MAX_ATTEMPTS": None,  # None: transient failures are retried until they succeed; N: dead after N
+    "SINK_BISECT_AFTER": 3,  # 5xx answers to a fact's batches before they are split (a poison fact waits alone)
     "FLUSH_MAX_BATCHES": 200,  # batches one flush task sends before handing over to a fresh task
     "TRIGGER_DEBOUNCE_SECONDS": 1,  # at most one after-commit flush task per sink this often
     "CELERY_QUEUE": None,  # queue of the delivery tasks (None: Celery's default queue)

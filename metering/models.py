@@ -148,6 +148,17 @@ class UsageOutbox(models.Model):
     external_subscription_id = models.CharField(
         max_length=255, blank=True, default="", help_text="Frozen at the first attempt, so every resend is identical."
     )
+    body = models.TextField(
+        blank=True,
+        default="",
+        editable=False,
+        help_text="The exact JSON the sink is sent for this fact, fixed at the first send: every resend sends it "
+        "unchanged (settings changes apply to new facts only).",
+    )
+    server_errors = models.PositiveIntegerField(
+        default=0,
+        help_text="5xx answers to batches holding this fact: past SINK_BISECT_AFTER its batches are split.",
+    )
     last_error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     delivered_at = models.DateTimeField(null=True, blank=True)

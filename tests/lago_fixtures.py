@@ -11,12 +11,12 @@ import pytest
 from tenants.models import Tenant
 from tests.factories import tree
 from tests.lago_server import FakeCollector, FakeLago
-from tests.lago_support import API_KEY, ORG, WEBHOOK_SECRET, delete_queue, lago_metering
+from tests.lago_support import API_KEY, ORG, REFUSED, WEBHOOK_SECRET, delete_queue, lago_metering
 
 
 @pytest.fixture
 def lago() -> Iterator[FakeLago]:
-    with FakeLago(API_KEY) as server:
+    with FakeLago(API_KEY, refuse_codes={REFUSED: "undefined variable 'x'"}) as server:
         yield server
 
 

@@ -1,11 +1,10 @@
 """Real HTTP servers on 127.0.0.1 for the delivery tests and the benchmark.
 
-``FakeLago`` speaks Lago's events API strictly (``../shared/notes/lago-events-api.md``): Bearer auth (401 unknown
-key, 403 read-only key), ``POST /api/v1/events/batch`` with at most ``max_batch`` events, all-or-nothing, every field
-checked, ``transaction_id`` unique per ``external_subscription_id`` (a repeat is a 422 ``value_already_exist`` keyed
-by its index), ``POST /api/v1/events`` for one event. ``dedupe="clickhouse"`` behaves like Lago's high-volume store
-instead: a repeat is accepted and replaces the event with the same ``transaction_id`` + ``timestamp`` (a repeat with
-another timestamp would be a second, billed event: ``double_billed()`` lists those).
+``FakeLago`` behaves like lago-api v1.51's events API (``../shared/notes/lago-events-api.md``; each behaviour and
+the lago-api source it follows are listed on the class): Bearer auth (401 unknown key, 403 read-only key), batches
+all-or-nothing, the PostgreSQL store's batch-wide ``transaction_id`` check or the ClickHouse store's replacing
+dedup (``dedupe="clickhouse"``; a repeat under another code or timestamp is a second, billed event:
+``double_billed()`` lists those), ``GET /api/v1/events/{transaction_id}``.
 
 ``FakeCollector`` is a webhook receiver: checks the HMAC signature over the raw body, stores each
 ``idempotency_key`` once.
@@ -32,19 +31,14 @@ import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
+from urllib.parse import parse_qs, unquote
 
-NUMERIC_SECONDS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+NUMERIC = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 DECIMAL_STRING = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
-EVENT_FIELDS = {
-    "transaction_id",
-    "external_subscription_id",
-    "code",
-    "timestamp",
-    "properties",
-    "precise_total_amount_cents",
-}
 FAULTS = {
     "500",
     "503",
@@ -263,6 +257,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve("GET")
 
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
 
 def _unprocessable(details: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     return (
@@ -273,6 +270,25 @@ def _unprocessable(details: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
 
 
 class FakeLago(FakeServer):
+    """lago-api v1.51's events API, each behaviour after the lago-api source named beside it.
+
+    - ``POST /api/v1/events/batch`` (``Api::V1::EventsController#batch`` -> ``Events::CreateBatchService``): strong
+      params keep the known fields only (unknown ones are dropped, ``properties`` any JSON object); no ``events`` or
+      an empty list -> 422 ``{"events": ["no_events"]}``; more than ``max_batch`` -> ``too_many_events``; each event
+      validated (``Event`` model: ``transaction_id`` and ``code`` present; ``timestamp`` read as ``BigDecimal`` of
+      its text, so integers, floats and decimal strings pass and anything else is ``invalid_format``); ``refuse_codes``
+      stands for ``CalculateExpressionService`` failing: a *string* error at that index. All or nothing.
+    - ``dedupe="postgres"`` (``bulk_insert_events``): ``insert_all`` on the unique index (organization,
+      ``external_subscription_id``, ``transaction_id``), then each event looked up by ``transaction_id`` alone: a
+      stored repeat, or a second event of the batch with the same ``transaction_id`` on *any* subscription (v1.39+),
+      is ``{"transaction_id": ["value_already_exist"]}`` at its index and the whole batch is rolled back.
+    - ``dedupe="clickhouse"`` (``events_raw`` ReplacingMergeTree, ordered by organization, code, subscription,
+      timestamp date and timestamp, transaction id): a repeat with the same key replaces the event, 200.
+    - ``GET /api/v1/events/{transaction_id}`` (``EventsController#show``: ``find_by`` organization and transaction id):
+      200 ``{"event": ...}`` (the first stored) or 404 ``event_not_found``.
+    - Any other route: 404 ``resource_not_found`` (``ApplicationController#not_found``).
+    """
+
     def __init__(
         self,
         api_key: str = "lago-test-key",
@@ -280,6 +296,8 @@ class FakeLago(FakeServer):
         read_only_keys: tuple[str, ...] = (),
         max_batch: int = 100,
         dedupe: str = "postgres",
+        refuse_codes: dict[str, str] | None = None,
+        crash_on: str | None = None,
     ) -> None:
         super().__init__()
         if dedupe not in ("postgres", "clickhouse"):
@@ -287,12 +305,19 @@ class FakeLago(FakeServer):
         self.keys: dict[str, str] = {api_key: "write", **dict.fromkeys(read_only_keys, "read")}
         self.max_batch = max_batch
         self.dedupe = dedupe
+        self.refuse_codes = dict(refuse_codes or {})
+        self.crash_on = crash_on  # a batch holding an event with this property answers 500 (a poison event)
+        # external_subscription_id -> the subscription GET /api/v1/subscriptions/{id} answers (``started_at``...)
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.billable_metrics: dict[str, dict[str, Any]] = {}
         self._reset_store()
 
     def _reset_store(self) -> None:
-        # postgres: (external_subscription_id, transaction_id) -> event; clickhouse: (transaction_id, timestamp)
-        self.store: dict[tuple[str, str], dict[str, Any]] = {}
-        self.writes: Counter[tuple[str, str]] = Counter()
+        # postgres: (external_subscription_id, transaction_id) -> event;
+        # clickhouse: (code, external_subscription_id, timestamp, transaction_id) -> event
+        self.store: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.writes: Counter[tuple[str, ...]] = Counter()
 
     # what tests read
 
@@ -306,7 +331,7 @@ class FakeLago(FakeServer):
             return Counter(event["transaction_id"] for event in self.store.values())
 
     def double_billed(self) -> list[str]:
-        """transaction_ids stored under two identities (two subscriptions, or two timestamps on ClickHouse)."""
+        """transaction_ids stored under two identities (two subscriptions, or two codes/timestamps on ClickHouse)."""
         return sorted(tx for tx, count in self.stored_transaction_ids().items() if count > 1)
 
     def keys_of(self, body: bytes) -> list[str]:
@@ -325,107 +350,271 @@ class FakeLago(FakeServer):
             with self.lock:
                 stored = len(self.store)
             return 200, {}, {"stored": stored, "double_billed": self.double_billed()}
-        if method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch"):
-            return 404, {}, {"status": 404, "error": "Not Found", "code": "route_not_found"}
+        single = method == "GET" and route.startswith("/api/v1/events/") and route.count("/") == 4
+        listing = method == "GET" and route == "/api/v1/events"
+        subscription = method == "GET" and route.startswith("/api/v1/subscriptions/") and route.count("/") == 4
+        resource = self._resource(method, route)
+        known = single or listing or subscription or resource is not None
+        if not known and (method != "POST" or route not in ("/api/v1/events", "/api/v1/events/batch")):
+            return 404, {}, {"status": 404, "error": "Not Found", "code": "resource_not_found"}
         authorization = headers.get("Authorization") or ""
         scheme, _, key = authorization.partition(" ")
         role = self.keys.get(key) if scheme == "Bearer" else None
         if role is None:
             return 401, {}, {"status": 401, "error": "Unauthorized"}
+        if resource is not None:
+            if method != "GET" and role != "write":
+                return 403, {}, {"status": 403, "error": "Forbidden", "code": "write_permission_denied"}
+            return self._manage(method, *resource, body)
+        if single:
+            return self._show(unquote(route.rsplit("/", 1)[1]))
+        if listing:
+            return self._index(parse_qs(path.partition("?")[2]))
+        if subscription:
+            found = self.subscriptions.get(unquote(route.rsplit("/", 1)[1]))
+            if found is None:
+                return 404, {}, {"status": 404, "error": "Not Found", "code": "subscription_not_found"}
+            return 200, {}, {"subscription": dict(found)}
         if role != "write":
             return 403, {}, {"status": 403, "error": "Forbidden", "code": "write_permission_denied"}
         content_type = (headers.get("Content-Type") or "").split(";")[0].strip()
-        root = "events" if route.endswith("/batch") else "event"
         try:
             payload = json.loads(body) if content_type == "application/json" else None
         except ValueError:
             payload = None
-        if not isinstance(payload, dict) or root not in payload or payload[root] in (None, ""):
-            return 400, {}, {"status": 400, "error": f"BadRequest: param is missing or the value is empty: {root}"}
-        if root == "event":
-            return self._single(payload["event"])
-        return self._batch(payload["events"])
+        if route.endswith("/batch"):  # the batch controller does not `require` its root
+            events = payload.get("events") if isinstance(payload, dict) else None
+            return self._batch(events)
+        if not isinstance(payload, dict) or payload.get("event") in (None, "", {}):
+            return 400, {}, {"status": 400, "error": "BadRequest: param is missing or the value is empty: event"}
+        return self._single(payload["event"])
+
+    def _show(self, transaction_id: str) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            for event in self.store.values():
+                if event["transaction_id"] == transaction_id:
+                    return 200, {}, {"event": self._serialize(event)}
+        return 404, {}, {"status": 404, "error": "Not Found", "code": "event_not_found"}
+
+    # lago_sync's resources: customers, subscriptions, billable metrics (lago-api CustomersController,
+    # SubscriptionsController, BillableMetricsController)
+    RESOURCES = {"customers": ("customer", "external_id"), "billable_metrics": ("billable_metric", "code")}
+
+    def _resource(self, method: str, route: str) -> tuple[str, str | None] | None:
+        parts = route.split("/")
+        if len(parts) < 4 or parts[:3] != ["", "api", "v1"] or len(parts) > 5:
+            return None
+        name, key = parts[3], (unquote(parts[4]) if len(parts) == 5 else None)
+        if name == "subscriptions" and method == "POST" and key is None:
+            return name, None
+        if name not in self.RESOURCES:
+            return None
+        if (method == "GET" and key is not None) or (method == "POST" and key is None):
+            return name, key
+        if method == "PUT" and name == "billable_metrics" and key is not None:
+            return name, key
+        return None
+
+    def _manage(self, method: str, name: str, key: str | None, body: bytes) -> tuple[int, dict[str, str], Any]:
+        with self.lock:
+            if name == "subscriptions":  # POST: create (an existing external_id is answered as it is)
+                wanted = json.loads(body).get("subscription") or {}
+                found = self.subscriptions.get(str(wanted.get("external_id")))
+                if found is None:
+                    if wanted.get("external_customer_id") not in self.customers:
+                        return _unprocessable({"external_customer_id": ["customer_not_found"]})
+                    found = self.subscriptions[wanted["external_id"]] = {
+                        "external_id": wanted["external_id"],
+                        "external_customer_id": wanted["external_customer_id"],
+                        "plan_code": wanted.get("plan_code"),
+                        "started_at": "2026-01-01T00:00:00Z",
+                        "terminated_at": None,
+                        "status": "active",
+                    }
+                self.writes[("subscriptions", found["external_id"])] += 1
+                return 200, {}, {"subscription": dict(found)}
+            root, id_field = self.RESOURCES[name]
+            store: dict[str, dict[str, Any]] = getattr(self, name)
+            if method == "GET":
+                assert key is not None
+                if key not in store:
+                    return 404, {}, {"status": 404, "error": "Not Found", "code": f"{root}_not_found"}
+                return 200, {}, {root: dict(store[key])}
+            wanted = json.loads(body).get(root) or {}
+            key = key or wanted.get(id_field)
+            if not key:
+                return _unprocessable({id_field: ["value_is_mandatory"]})
+            if method == "PUT" and key not in store:
+                return 404, {}, {"status": 404, "error": "Not Found", "code": f"{root}_not_found"}
+            if method == "POST" and name == "billable_metrics" and key in store:
+                return _unprocessable({"code": ["value_already_exist"]})
+            store[key] = {**store.get(key, {}), **wanted, id_field: key}  # POST /customers upserts
+            self.writes[(name, key)] += 1
+            return 200, {}, {root: dict(store[key])}
+
+    def _index(self, query: dict[str, list[str]]) -> tuple[int, dict[str, str], Any]:
+        """``EventsController#index`` -> ``EventsQuery``: filters ``code``, ``external_subscription_id``,
+        ``timestamp_from``/``timestamp_to`` (ISO 8601, inclusive), ordered by timestamp desc then transaction_id,
+        paginated (``page``, ``per_page``, default 100) with ``meta`` as ``Pagination#pagination_metadata``."""
+
+        def one(name: str) -> str | None:
+            return query.get(name, [None])[0]
+
+        low, high = (one(name) for name in ("timestamp_from", "timestamp_to"))
+        bounds = [round(datetime.fromisoformat(value).timestamp() * 1000) if value else None for value in (low, high)]
+        with self.lock:
+            found = [
+                event
+                for event in self.store.values()
+                if (one("code") is None or event["code"] == one("code"))
+                and (
+                    one("external_subscription_id") is None
+                    or event["external_subscription_id"] == one("external_subscription_id")
+                )
+                and (bounds[0] is None or round(self._instant(event) * 1000) >= bounds[0])
+                and (bounds[1] is None or round(self._instant(event) * 1000) <= bounds[1])
+            ]
+        found.sort(key=lambda event: event["transaction_id"])
+        found.sort(key=self._instant, reverse=True)
+        per_page = max(1, int(one("per_page") or 100))
+        page = max(1, int(one("page") or 1))
+        total_pages = (len(found) + per_page - 1) // per_page
+        chunk = found[(page - 1) * per_page : page * per_page]
+        meta = {
+            "current_page": page if found else 0,
+            "next_page": page + 1 if page < total_pages else None,
+            "prev_page": page - 1 if page > 1 and found else None,
+            "total_pages": total_pages,
+            "total_count": len(found),
+        }
+        return 200, {}, {"events": [self._serialize(event) for event in chunk], "meta": meta}
+
+    def _instant(self, event: dict[str, Any]) -> float:
+        seconds = self._seconds(event["timestamp"])
+        return float(seconds) if seconds is not None else 0.0
+
+    def _serialize(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``V1::EventSerializer``: the timestamp as ISO 8601 with milliseconds."""
+        moment = datetime.fromtimestamp(self._instant(event), tz=UTC)
+        return {**event, "timestamp": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")}
 
     def _single(self, event: Any) -> tuple[int, dict[str, str], Any]:
-        with self.lock:
-            errors = self._validate(event, set())
-            if errors:
-                return _unprocessable(errors)
-            stored = self._store(event)
-        return 200, {}, {"event": stored}
+        status, extra, payload = self._batch([event])
+        if status == 200:
+            return 200, extra, {"event": payload["events"][0]}
+        if status == 422 and "0" in payload.get("error_details", {}):
+            return _unprocessable(payload["error_details"]["0"])
+        return status, extra, payload
 
     def _batch(self, events: Any) -> tuple[int, dict[str, str], Any]:
-        if not isinstance(events, list):
-            return 400, {}, {"status": 400, "error": "BadRequest: events must be an array"}
-        if not events:
+        if not events:  # missing, null, empty: `events_params.blank?`
             return _unprocessable({"events": ["no_events"]})
+        if not isinstance(events, list):
+            events = [events]  # strong params read a lone object as one event
         if len(events) > self.max_batch:
             return _unprocessable({"events": ["too_many_events"]})
         with self.lock:
-            seen: set[tuple[str, str]] = set()
-            details = {}
-            for index, event in enumerate(events):
-                errors = self._validate(event, seen)
+            details: dict[str, Any] = {}
+            permitted = [self._permit(event) for event in events]
+            if self.crash_on is not None and any(self.crash_on in event["properties"] for event in permitted):
+                return 500, {}, {"status": 500, "error": "Internal Server Error"}
+            for index, event in enumerate(permitted):
+                errors = self._validate(event)
                 if errors:
                     details[str(index)] = errors
+            if not details and self.dedupe == "postgres":
+                details = self._duplicates(permitted)
             if details:  # all or nothing
                 return _unprocessable(details)
-            stored = [self._store(event) for event in events]
+            stored = [self._store(event) for event in permitted]
         return 200, {}, {"events": stored}
 
-    def _identity(self, event: dict[str, Any]) -> tuple[str, str]:
-        if self.dedupe == "postgres":
-            return event["external_subscription_id"], event["transaction_id"]
-        return event["transaction_id"], str(event.get("timestamp"))
-
-    def _validate(self, event: Any, seen: set[tuple[str, str]]) -> dict[str, list[str]]:
+    @staticmethod
+    def _permit(event: Any) -> dict[str, Any]:
+        """Strong params: the known fields only; ids and code cast to strings; ``properties`` an object or ``{}``."""
         if not isinstance(event, dict):
-            return {"event": ["invalid_type"]}
-        errors: dict[str, list[str]] = {}
-        for name in sorted(set(event) - EVENT_FIELDS):
-            errors[name] = ["unknown_field"]
-        for name in ("transaction_id", "external_subscription_id", "code"):
+            event = {}
+        permitted: dict[str, Any] = {}
+        for name in ("transaction_id", "external_subscription_id", "code", "precise_total_amount_cents"):
             value = event.get(name)
-            if value is None or value == "":
-                errors[name] = ["value_is_mandatory"]
-            elif not isinstance(value, str):
-                errors[name] = ["invalid_type"]
-        timestamp = event.get("timestamp")
-        if timestamp is not None and not (
-            (isinstance(timestamp, int) and not isinstance(timestamp, bool) and timestamp >= 0)
-            or (isinstance(timestamp, str) and NUMERIC_SECONDS.match(timestamp))
-        ):
-            errors["timestamp"] = ["invalid_format"]
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                permitted[name] = str(value)
+        if "timestamp" in event:
+            permitted["timestamp"] = event["timestamp"]
         properties = event.get("properties")
-        if properties is not None and not (
-            isinstance(properties, dict)
-            and all(
-                isinstance(value, str | int | float) and not isinstance(value, bool) for value in properties.values()
-            )
-        ):
-            errors["properties"] = ["invalid_format"]
+        permitted["properties"] = properties if isinstance(properties, dict) else {}
+        return permitted
+
+    @staticmethod
+    def _seconds(timestamp: Any) -> Decimal | None:
+        """``BigDecimal(timestamp.to_s)``; ``None`` where Ruby raises (``invalid_format``)."""
+        if isinstance(timestamp, bool) or not isinstance(timestamp, str | int | float):
+            return None
+        text = str(timestamp).strip()
+        if not NUMERIC.match(text):
+            return None
+        return Decimal(text)
+
+    def _validate(self, event: dict[str, Any]) -> dict[str, list[str]] | str:
+        errors: dict[str, list[str]] = {}
+        for name in ("transaction_id", "code"):
+            if not event.get(name, "").strip():
+                errors[name] = ["value_is_mandatory"]
+        if event.get("timestamp") is not None and self._seconds(event["timestamp"]) is None:
+            errors["timestamp"] = ["invalid_format"]
         amount = event.get("precise_total_amount_cents")
-        if amount is not None and not (isinstance(amount, str) and DECIMAL_STRING.match(amount)):
-            errors["precise_total_amount_cents"] = ["invalid_format"]
-        if self.dedupe == "postgres" and "transaction_id" not in errors and "external_subscription_id" not in errors:
-            identity = self._identity(event)
-            if identity in self.store or identity in seen:
-                errors.setdefault("transaction_id", []).append("value_already_exist")
-            seen.add(identity)
-        return errors
+        if amount is not None and not DECIMAL_STRING.match(amount):
+            errors["precise_total_amount_cents"] = ["invalid_value"]
+        if errors:
+            return errors
+        refusal = self.refuse_codes.get(event["code"])
+        return f"expression_evaluation_failed: {refusal}" if refusal is not None else {}
+
+    def _duplicates(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """``bulk_insert_events``: ``insert_all`` skips pairs (subscription, id) already stored (or already in this
+        statement) and returns the inserted rows, indexed by ``transaction_id`` alone; each event then takes its id
+        out of that index in order: an event whose id is not (or no longer) there is ``value_already_exist``."""
+        keys: set[tuple[str, str]] = set()
+        inserted: set[str] = set()
+        for event in events:
+            key = (event.get("external_subscription_id", ""), event["transaction_id"])
+            if key not in self.store and key not in keys:
+                keys.add(key)
+                inserted.add(event["transaction_id"])
+        details = {}
+        for index, event in enumerate(events):
+            if event["transaction_id"] in inserted:
+                inserted.discard(event["transaction_id"])
+            else:
+                details[str(index)] = {"transaction_id": ["value_already_exist"]}
+        return details
+
+    def _identity(self, event: dict[str, Any]) -> tuple[str, ...]:
+        subscription = event.get("external_subscription_id", "")
+        if self.dedupe == "postgres":
+            return subscription, event["transaction_id"]
+        seconds = self._seconds(event.get("timestamp"))
+        return (
+            event["code"],
+            subscription,
+            str(seconds.normalize() if seconds is not None else ""),
+            event["transaction_id"],
+        )
 
     def _store(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("timestamp") is None:
+            event = {**event, "timestamp": f"{time.time():.3f}"}
         identity = self._identity(event)
         stored = {
             "lago_id": str(uuid.uuid4()),
             "transaction_id": event["transaction_id"],
             "lago_customer_id": None,
             "code": event["code"],
-            "timestamp": event.get("timestamp") or f"{time.time():.3f}",
+            "timestamp": event["timestamp"],
             "precise_total_amount_cents": event.get("precise_total_amount_cents"),
-            "properties": event.get("properties") or {},
+            "properties": event["properties"],
             "lago_subscription_id": None,
-            "external_subscription_id": event["external_subscription_id"],
+            "external_subscription_id": event.get("external_subscription_id"),
         }
         self.store[identity] = stored  # clickhouse: a repeat replaces
         self.writes[identity] += 1

@@ -22,6 +22,10 @@ from metering.models import UsageOutbox
 
 API_KEY = "lago-secret-key-0123456789"
 WEBHOOK_SECRET = "webhook-secret-abcdef-987654"
+# The fake Lago's expression for this metric code fails (a string error at its index, as lago-api's
+# CalculateExpressionService reports it): the way the tests make Lago refuse one fact for its content.
+REFUSED = "refused"
+REFUSAL = "expression_evaluation_failed: undefined variable 'x'"
 ORG = {"org": None, "proj": "org", "key1": "proj", "key2": "proj", "other": None}
 
 

@@ -1,14 +1,18 @@
 """Flushing the outbox: claim a batch, send it, mark every fact by what the sink answered, repeat.
 
 Exactly-once in effect rests on two things: a fact leaves ``pending`` only on the sink's word (stored, already
-stored, or refused for its own content), and every resend carries the same idempotency key (and, for Lago, the same
-subscription and timestamp). A batch whose answer was lost is simply sent again; Lago then names the events it
-already holds (``value_already_exist``) and those are marked delivered while the rest is resent.
+stored, or refused for its own content), and every resend is the same bytes (the body frozen on the outbox row at
+the first claim). A batch whose answer was lost is simply sent again; Lago then names the events whose id it already
+holds (``value_already_exist``): each is checked against the event Lago holds (``Sink.confirm``) before it counts
+as delivered, and the rest is resent. No request carries two events with the same key (``Sink.batch_key``), and a
+batch answered 5xx again and again is split (``SINK_BISECT_AFTER``); lost connections never split anything.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -21,7 +25,7 @@ from ..conf import metering_settings
 from ..models import SinkState
 from . import outbox
 from .sinks import Outcome, SendResult, Sink, get_sink
-from .sinks.base import backoff
+from .sinks.base import Confirmation, backoff
 
 logger = logging.getLogger("metering.delivery")
 
@@ -87,7 +91,9 @@ def flush(
     lease = float(metering_settings.SINK_LEASE_SECONDS)
     subscriptions: dict[str, str] | None = {} if sink.needs_subscription else None
     while max_batches is None or report.batches < max_batches:
-        claimed = outbox.claim(sink.name, batch_size, now=clock(), lease_seconds=lease, subscriptions=subscriptions)
+        claimed = outbox.claim(
+            sink.name, batch_size, now=clock(), lease_seconds=lease, subscriptions=subscriptions, freeze=sink.freeze
+        )
         if not claimed.facts and not claimed.held:
             return report
         report.batches += 1
@@ -110,11 +116,11 @@ def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], r
         )
         facts_held.send(sender=sink.name, sink=sink.name, tenant_ids=tenants, count=len(held))
     facts = claimed.facts
-    events = [sink.build(fact) for fact in facts]
+    events = [json.loads(fact.body) if fact.body else sink.build(fact) for fact in facts]
     token = claimed.token
-    work: list[list[int]] = [list(range(len(facts)))] if facts else []
+    work = deque(_plan(sink, facts, events))
     while work:
-        indexes = work.pop()
+        indexes = work.popleft()
         # Redacted before anything stores or logs it: a collector may echo our credentials back in its answer.
         result = sink.redacted(sink.send([events[i] for i in indexes]))
         report.requests += 1
@@ -123,10 +129,17 @@ def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], r
             report.delivered += outbox.mark_delivered(ids, token, clock())
             _note_success(sink.name, clock())
         elif result.outcome is Outcome.REJECTED:
-            work.extend(_rejected(sink, result, indexes, facts, token, clock, report))
+            work.extend(_rejected(sink, result, indexes, facts, events, token, clock, report))
         elif result.outcome is Outcome.TRANSIENT:
-            ids += [facts[i].outbox_id for pending in work for i in pending]
-            _retry(sink, result, ids, max(facts[i].attempts for i in indexes), token, clock(), report)
+            untried = [facts[i].outbox_id for pending in work for i in pending]
+            server_error = result.status is not None and result.status >= 500
+            attempts = max(facts[i].attempts for i in indexes)
+            _retry(sink, result, ids, attempts, token, clock(), report, server_error=server_error)
+            if untried and server_error and _bisecting(facts):
+                # Only this part failed: the rest goes now, so one poison fact cannot hold up healthy ones.
+                outbox.release(untried, token, clock())
+            elif untried:
+                _retry(sink, result, untried, attempts, token, clock(), report, attempted=False)
             return
         else:
             ids += [facts[i].outbox_id for pending in work for i in pending]
@@ -135,23 +148,74 @@ def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], r
             return
 
 
+def _bisecting(facts: list[outbox.ClaimedFact]) -> bool:
+    return max((fact.server_errors for fact in facts), default=0) >= int(metering_settings.SINK_BISECT_AFTER)
+
+
+def _plan(sink: Sink, facts: list[outbox.ClaimedFact], events: list[dict[str, Any]]) -> list[list[int]]:
+    """The requests for one claim, as lists of indexes, in order.
+
+    No request carries two events with the same sink key (Lago's ``transaction_id``): since lago-api v1.39 the
+    PostgreSQL store checks it across the whole batch whatever the subscription, refuses the second and rolls back
+    the batch, so two facts that share a key (two tenants, unqualified ids) go in separate requests.
+
+    Facts whose batches were answered 5xx ``SINK_BISECT_AFTER`` times or more are sent in smaller parts, halved at
+    each further 5xx: a fact that makes Lago fail alone ends up alone, and the healthy ones get through. Only a 5xx
+    *answer* counts: a timeout, a dropped connection or a lost answer says nothing about the facts.
+    """
+    waves: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for index, event in enumerate(events):
+        key = sink.batch_key(event)
+        number = seen.get(key, -1) + 1 if key is not None else 0
+        if key is not None:
+            seen[key] = number
+        if number == len(waves):
+            waves.append([])
+        waves[number].append(index)
+    excess = max((fact.server_errors for fact in facts), default=0) - int(metering_settings.SINK_BISECT_AFTER)
+    plan: list[list[int]] = []
+    for wave in waves:
+        size = len(wave) if excess < 0 else max(1, len(wave) >> min(excess + 1, 30))
+        plan.extend(wave[start : start + size] for start in range(0, len(wave), size))
+    return plan
+
+
 def _rejected(
     sink: Sink,
     result: SendResult,
     indexes: list[int],
     facts: list[outbox.ClaimedFact],
+    events: list[dict[str, Any]],
     token: str,
     clock: Callable[[], datetime],
     report: FlushReport,
 ) -> list[list[int]]:
     """Mark what the rejection names; return the parts still to send."""
     if result.duplicates or result.invalid:
-        present = [facts[indexes[j]].outbox_id for j in sorted(result.duplicates)]
+        present: list[int] = []
+        unconfirmed: list[int] = []
+        unconfirmed_reason = ""
+        dead = {facts[indexes[j]].outbox_id: error for j, error in result.invalid.items()}
+        for j in sorted(result.duplicates):
+            fact = facts[indexes[j]]
+            # "Already exists" names the key, not the event: check that the sink holds *this* fact under it.
+            check = sink.confirm(events[indexes[j]])
+            if check.outcome is Confirmation.HELD:
+                present.append(fact.outbox_id)
+            elif check.outcome is Confirmation.CONFLICT:
+                dead[fact.outbox_id] = f"{outbox.CONFLICT_ERROR} {check.reason}"
+            else:
+                unconfirmed.append(fact.outbox_id)
+                unconfirmed_reason = check.reason
         present_count = outbox.mark_delivered(present, token, clock())
         report.delivered += present_count
         report.already_present += present_count
-        dead = {facts[indexes[j]].outbox_id: error for j, error in result.invalid.items()}
         _dead_letter(sink, dead, token, report)
+        if unconfirmed:  # neither proven held nor refused: try again later, as after a lost answer
+            attempts = max(facts[i].attempts for i in indexes)
+            error = SendResult(Outcome.TRANSIENT, error=f"already exists, unconfirmed: {unconfirmed_reason}"[:500])
+            _retry(sink, error, unconfirmed, attempts, token, clock(), report, final=False)
         rest = [index for j, index in enumerate(indexes) if j not in result.duplicates and j not in result.invalid]
         return [rest] if rest else []
     if len(indexes) == 1:
@@ -159,7 +223,7 @@ def _rejected(
         return []
     # Refused as a whole without naming anyone: halve until the culprits stand alone.
     middle = len(indexes) // 2
-    return [indexes[middle:], indexes[:middle]]
+    return [indexes[:middle], indexes[middle:]]
 
 
 def _dead_letter(sink: Sink, errors: dict[int, str], token: str, report: FlushReport) -> None:
@@ -174,13 +238,27 @@ def _dead_letter(sink: Sink, errors: dict[int, str], token: str, report: FlushRe
 
 
 def _retry(
-    sink: Sink, result: SendResult, ids: list[int], attempts: int, token: str, now: datetime, report: FlushReport
+    sink: Sink,
+    result: SendResult,
+    ids: list[int],
+    attempts: int,
+    token: str,
+    now: datetime,
+    report: FlushReport,
+    *,
+    server_error: bool = False,
+    attempted: bool = True,
+    final: bool = True,
 ) -> None:
+    """Retry ``ids`` after a backoff. ``final``: this ends the flush (the worker waits ``retry_in``)."""
     delay = backoff(attempts + 1, result.retry_after)
-    retrying, dead = outbox.mark_retry(ids, token, now + timedelta(seconds=delay), result.error)
+    retrying, dead = outbox.mark_retry(
+        ids, token, now + timedelta(seconds=delay), result.error, server_error=server_error, attempted=attempted
+    )
     report.retrying += retrying
     report.dead += dead
-    report.retry_in = delay
+    if final:
+        report.retry_in = delay if report.retry_in is None else max(report.retry_in, delay)
     logger.warning(
         "%s: delivery failed (%s); %d facts retried in %.1fs%s",
         sink.name,

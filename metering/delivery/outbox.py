@@ -17,14 +17,14 @@ import logging
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.cache import caches
 from django.db import connections, transaction
-from django.db.models import Case, Count, F, Min, QuerySet, Value, When
+from django.db.models import Case, Count, F, Min, QuerySet, TextField, Value, When
 from django.utils import timezone
 
 from tenants import namespace
@@ -118,6 +118,9 @@ class ClaimedFact:
     timestamp: datetime
     transaction_id: str
     metadata: dict[str, Any]
+    body: str = ""
+    """The exact JSON of this fact as the sink is sent it, fixed at its first claim (``""`` before)."""
+    server_errors: int = 0
 
 
 @dataclass
@@ -144,7 +147,11 @@ CLAIM_FIELDS = (
     "record__timestamp",
     "record__transaction_id",
     "record__metadata",
+    "body",
+    "server_errors",
 )
+GAVE_UP_ERROR = "gave up after"  # a dead letter's error starts so after SINK_MAX_ATTEMPTS transient failures
+CONFLICT_ERROR = "conflict:"  # a dead letter's error starts so when the sink holds another event under its key
 HELD_ERROR = "no Lago subscription: set lago_subscription_id on the tenant or an ancestor"
 
 
@@ -155,12 +162,17 @@ def claim(
     now: datetime,
     lease_seconds: float,
     subscriptions: dict[str, str] | None = None,
+    freeze: Callable[[ClaimedFact], str] | None = None,
 ) -> Claim:
     """Lease up to ``limit`` due rows of ``sink`` (oldest first), in one transaction, and return their facts.
 
     With ``subscriptions`` (a cache of tenant path -> Lago subscription, kept by the caller for one flush), each
     fact without a subscription gets one, stored in the same transaction, before anything is sent: every resend
     then goes to the same subscription. A fact for which none is found is put on hold instead.
+
+    With ``freeze`` (the sink's encoder of one fact), each fact without a ``body`` gets one, stored in the same
+    transaction before anything is sent: every resend then sends these exact bytes, whatever the settings say by
+    then (a changed ``LAGO_METRICS`` code would otherwise be a second event in Lago's ClickHouse store).
     """
     using = _using()
     token = uuid.uuid4().hex
@@ -187,7 +199,22 @@ def claim(
                 else:
                     held.append(fact)
             facts = kept
+        bodies: dict[int, str] = {}
+        if freeze is not None:
+            frozen = []
+            for fact in facts:
+                if not fact.body:
+                    fact = replace(fact, body=freeze(fact))
+                    bodies[fact.outbox_id] = fact.body
+                frozen.append(fact)
+            facts = frozen
         lease: dict[str, Any] = {"next_attempt_at": now + timedelta(seconds=lease_seconds), "claim_token": token}
+        if bodies:
+            lease["body"] = Case(
+                *(When(id=outbox_id, then=Value(body)) for outbox_id, body in bodies.items()),
+                default=F("body"),
+                output_field=TextField(),
+            )
         if to_freeze:
             lease["external_subscription_id"] = Case(
                 *(When(id__in=ids, then=Value(subscription)) for subscription, ids in to_freeze.items()),
@@ -253,26 +280,42 @@ def mark_dead(errors: dict[int, str], token: str) -> int:
     return changed
 
 
-def mark_retry(ids: list[int], token: str, next_attempt_at: datetime, error: str) -> tuple[int, int]:
-    """A transient failure: try again at ``next_attempt_at``. Returns (to retry, dead after SINK_MAX_ATTEMPTS)."""
+def mark_retry(
+    ids: list[int],
+    token: str,
+    next_attempt_at: datetime,
+    error: str,
+    *,
+    server_error: bool = False,
+    attempted: bool = True,
+) -> tuple[int, int]:
+    """A transient failure: try again at ``next_attempt_at``. Returns (to retry, dead after SINK_MAX_ATTEMPTS).
+
+    ``server_error``: the sink answered 5xx (counted in ``server_errors``, which splits the fact's next batches).
+    ``attempted=False``: the rows were not sent at all (a part of the batch after the failing one): they wait the
+    same time, but no attempt is counted, so they can never reach SINK_MAX_ATTEMPTS for another fact's failure.
+    """
     if not ids:
         return 0, 0
     max_attempts = metering_settings.SINK_MAX_ATTEMPTS
     dead = 0
+    counted: dict[str, Any] = {"attempts": F("attempts") + 1} if attempted else {}
+    if server_error:
+        counted["server_errors"] = F("server_errors") + 1
     with transaction.atomic(using=_using()):
-        if max_attempts is not None:
+        if max_attempts is not None and attempted:
             dead = (
                 _claimed(ids, token)
                 .filter(attempts__gte=int(max_attempts) - 1)
                 .update(
                     state=DEAD,
-                    last_error=f"gave up after {max_attempts} attempts: {error}",
-                    attempts=F("attempts") + 1,
+                    last_error=f"{GAVE_UP_ERROR} {max_attempts} attempts: {error}",
                     claim_token="",
+                    **counted,
                 )
             )
         retry = _claimed(ids, token).update(
-            attempts=F("attempts") + 1, next_attempt_at=next_attempt_at, last_error=error, claim_token=""
+            next_attempt_at=next_attempt_at, last_error=error, claim_token="", **counted
         )
     return retry, dead
 
@@ -290,12 +333,19 @@ def release(ids: list[int], token: str, now: datetime) -> int:
 def resend(rows: QuerySet[UsageOutbox], now: datetime | None = None) -> int:
     """Put dead and held rows back in the queue, attempts reset. Delivered rows are left alone.
 
-    A dead row keeps the subscription it was first sent with (so a resend can never bill a second subscription);
-    a held row gets one when it is claimed.
+    A dead row keeps the subscription it was first sent with (so a resend can never bill a second subscription)
+    and, unless the sink refused it for its content, the exact body it was sent with: a fact that gave up after
+    ``SINK_MAX_ATTEMPTS`` or a conflict may be stored already, and only the same body is the same event. A fact the
+    sink refused (nothing of it was stored: batches are all-or-nothing) is built again with the current settings,
+    which is how a fix is applied to it. A held row gets its subscription and body when it is claimed.
     """
-    return rows.filter(state__in=(DEAD, HELD)).update(
-        state=PENDING, attempts=0, next_attempt_at=now or timezone.now(), claim_token=""
-    )
+    queued = {"state": PENDING, "attempts": 0, "server_errors": 0, "next_attempt_at": now or timezone.now()}
+    refused = rows.filter(state=DEAD).exclude(last_error__startswith=GAVE_UP_ERROR)
+    refused = refused.exclude(last_error__startswith=CONFLICT_ERROR)
+    with transaction.atomic(using=_using()):
+        count = refused.update(body="", claim_token="", **queued)
+        count += rows.filter(state__in=(DEAD, HELD)).update(claim_token="", **queued)
+    return count
 
 
 def release_held(sink: str, now: datetime | None = None) -> int:
@@ -341,6 +391,8 @@ class SinkStatus:
     last_success_at: datetime | None
     last_failure_at: datetime | None
     last_error: str
+    conflicts: int = 0
+    """Dead letters whose transaction_id Lago holds for another event (``CONFLICT_ERROR``)."""
 
     @property
     def alerts(self) -> list[str]:
@@ -349,6 +401,10 @@ class SinkStatus:
             alerts.append(f"delivery blocked ({self.blocked_status}): {self.blocked_reason}")
         if self.counts.get(DEAD):
             alerts.append(f"{self.counts[DEAD]} dead letters")
+        if self.conflicts:
+            alerts.append(
+                f"{self.conflicts} conflicts: Lago holds another event under their transaction_id (not delivered)"
+            )
         if self.counts.get(HELD):
             alerts.append(f"{self.counts[HELD]} facts held without a Lago subscription")
         return alerts
@@ -370,6 +426,7 @@ class SinkStatus:
             "last_success_at": _iso(self.last_success_at),
             "last_failure_at": _iso(self.last_failure_at),
             "last_error": self.last_error,
+            "conflicts": self.conflicts,
             "alerts": self.alerts,
         }
 
@@ -424,4 +481,5 @@ def status(sink: str, *, now: datetime | None = None, samples: int = 10) -> Sink
         last_success_at=state.last_success_at if state else None,
         last_failure_at=state.last_failure_at if state else None,
         last_error=state.last_error if state else "",
+        conflicts=rows.filter(state=DEAD, last_error__startswith=CONFLICT_ERROR).count(),
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
+from urllib.parse import quote
 
 import pytest
 from django.db import connections, transaction
@@ -17,7 +18,7 @@ from metering.delivery import outbox
 from metering.delivery.deliver import delivery_blocked, facts_dead_lettered, flush
 from metering.delivery.sinks.base import backoff, retry_after
 from metering.models import SinkState, UsageOutbox
-from tests.lago_support import API_KEY, record, record_many, states
+from tests.lago_support import API_KEY, REFUSAL, REFUSED, record, record_many, states
 
 pytest_plugins = ["tests.lago_fixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -106,7 +107,11 @@ def test_a_lost_answer_is_resolved_by_lagos_value_already_exist(lago_settings, o
     report = flush(now=later)
     # one batch of ten: Lago refuses it naming the five it holds, the five new ones go again at once
     assert (report.batches, report.requests, report.delivered, report.already_present) == (1, 2, 10, 5)
-    assert [request.status for request in lago_settings.requests] == [None, 422, 200]
+    posts = [request.status for request in lago_settings.requests if request.path.endswith("/batch")]
+    assert posts == [None, 422, 200]
+    # and each of the five "already there" was confirmed by asking Lago for that event
+    checks = [request.path for request in lago_settings.requests if not request.path.endswith("/batch")]
+    assert sorted(checks) == sorted(f"/api/v1/events/{quote(tx, safe='')}" for tx in first)
     assert_exactly_once(lago_settings, first + second)
 
 
@@ -132,8 +137,8 @@ def test_an_invalid_fact_is_dead_lettered_the_rest_delivered_and_it_is_resendabl
         dead_signals.append(kwargs)
 
     expected = record_many(6)
-    # Lago's properties hold strings and numbers only: this metadata makes the event invalid
-    record("key1", 1, transaction_id="bad", metadata={"request": {"nested": True}})
+    # Lago cannot evaluate this metric's expression for the event: a string error at its index
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     facts_dead_lettered.connect(on_dead)
     try:
         report = flush()
@@ -142,14 +147,15 @@ def test_an_invalid_fact_is_dead_lettered_the_rest_delivered_and_it_is_resendabl
     assert (report.delivered, report.dead, report.requests) == (6, 1, 2)
     dead = UsageOutbox.objects.get(state="dead")
     assert dead.record.transaction_id == "bad"
-    assert dead.last_error == '422 {"properties": ["invalid_format"]}'  # Lago's own words
+    assert dead.last_error == f"422 {REFUSAL}"  # Lago's own words
     assert dead_signals and dead_signals[0]["count"] == 1
     assert outbox.status("lago").dead_samples[0]["transaction_id"] == "bad"
     assert_exactly_once_but(lago_settings, expected)
     # nothing retries a dead letter by itself
     assert flush(now=timezone.now() + timedelta(days=1)).requests == 0
-    # fixed: the metric forwards only scalar metadata keys; then resent by the operator
-    settings.METERING = {**settings.METERING, "LAGO_METRICS": {"llm_tokens": {"metadata": []}}}
+    # fixed: the feature goes to another metric; then resent by the operator. Lago stored nothing of a refused
+    # event, so its body is built again with the new settings.
+    settings.METERING = {**settings.METERING, "LAGO_METRICS": {REFUSED: "llm_tokens"}}
     assert outbox.resend(UsageOutbox.objects.all()) == 1  # delivered rows are left alone
     assert flush().delivered == 1
     assert_exactly_once(lago_settings, [*expected, "key1/bad"])
@@ -309,7 +315,7 @@ def test_no_secret_ever_reaches_the_logs_or_the_database(lago_settings, org, set
     caplog.set_level("DEBUG")
     settings.METERING = {**settings.METERING, "SINK_URL": lago_settings.url.replace("http://", "http://user:pw@")}
     record_many(4)
-    record("key1", 1, transaction_id="bad", metadata={"x": [1]})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     lago_settings.fail("500")
     flush()
     drain()

@@ -13,7 +13,7 @@ from django.core.management.base import CommandError
 from metering.delivery.deliver import flush
 from metering.models import SinkState, UsageOutbox
 from tenants.models import Tenant
-from tests.lago_support import API_KEY, record, record_many, states
+from tests.lago_support import API_KEY, REFUSAL, REFUSED, record, record_many, states
 
 pytest_plugins = ["tests.lago_fixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -52,7 +52,7 @@ def test_metering_flush_fails_loudly_when_blocked_or_retrying(lago_settings, org
 
 
 def test_metering_flush_resume_resend_release_and_purge(lago_settings, org):
-    record("key1", 1, transaction_id="bad", metadata={"list": [1, 2]})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     record("other", 2, transaction_id="held")
     record_many(3)
     assert "3 delivered" in run("metering_flush", "--no-progress")
@@ -93,14 +93,14 @@ def test_metering_status_shows_backlog_age_dead_letters_and_alerts(lago_settings
     assert "pending 4 (due now 4), delivered 0, dead 0, held 0" in text
     assert "oldest pending: " in text and "s ago (" in text
     run("metering_status", "--check")  # a backlog alone is not an alert
-    record("key1", 1, transaction_id="bad", metadata={"x": None})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     record("other", 1, transaction_id="h")
     flush()
     text = run("metering_status")
     assert "pending 0 (due now 0), delivered 4, dead 1, held 1" in text
     assert "ALERT: 1 dead letters" in text and "ALERT: 1 facts held without a Lago subscription" in text
     assert "held tenants: other" in text
-    assert "dead #" in text and '422 {"properties": ["invalid_format"]}' in text
+    assert "dead #" in text and f"422 {REFUSAL}" in text
     data = json.loads(run("metering_status", "--json"))
     assert data["configured_sink"] == "lago"
     [lago] = data["sinks"]
@@ -118,7 +118,7 @@ def test_metering_status_without_an_outbox_adapter(settings):
 
 def test_the_admin_shows_counts_blocks_and_resends(lago_settings, org, admin_client):
     record_many(3)
-    record("key1", 1, transaction_id="bad", metadata={"x": True})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     flush()
     lago_settings.keys = {}
     record_many(2, prefix="later")
@@ -127,7 +127,7 @@ def test_the_admin_shows_counts_blocks_and_resends(lago_settings, org, admin_cli
     for label in ("pending (2)", "delivered (3)", "dead (rejected) (1)", "held (no subscription) (0)"):
         assert label in page
     assert "Delivery to lago is STOPPED" in page
-    assert "invalid_format" in page  # the last error column
+    assert "expression_evaluation_failed" in page  # the last error column
     dead = UsageOutbox.objects.get(state="dead")
     delivered = UsageOutbox.objects.filter(state="delivered").first()
     response = admin_client.post(
@@ -144,7 +144,7 @@ def test_the_admin_shows_counts_blocks_and_resends(lago_settings, org, admin_cli
 
 
 def test_resending_needs_the_change_permission(lago_settings, org, client):
-    record("key1", 1, transaction_id="bad", metadata={"x": [1]})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     flush()
     viewer = User.objects.create_user("viewer", password="pw-viewer-123", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_usageoutbox"))

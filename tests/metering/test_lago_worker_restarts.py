@@ -15,6 +15,8 @@ from metering.tasks import sweep_outbox
 from tests.lago_server import FakeLago
 from tests.lago_support import (
     API_KEY,
+    REFUSAL,
+    REFUSED,
     CeleryWorker,
     delete_queue,
     lago_metering,
@@ -33,7 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def deployment(django_db_setup, settings, tmp_path):
     """A fake Lago, a private queue, and a way to start workers that are all stopped at the end."""
     require_worker_services()
-    server = FakeLago(API_KEY).start()
+    server = FakeLago(API_KEY, refuse_codes={REFUSED: "undefined variable 'x'"}).start()
     queue = f"lago-test-{uuid.uuid4().hex[:12]}"
     metering = lago_metering(server.url, CELERY_QUEUE=queue, BATCH_SIZE=20, SINK_LEASE_SECONDS=4)
     settings.METERING = metering
@@ -99,17 +101,17 @@ def test_a_dead_letter_is_visible_and_resent_after_the_fix_is_deployed(deploymen
     server, start, _ = deployment
     first = start()
     expected = record_many(10)
-    record("key1", 1, transaction_id="bad", metadata={"prompt": {"nested": "object"}})
+    record("key1", 1, transaction_id="bad", feature=REFUSED)
     wait_until(lambda: states() == {"delivered": 10, "dead": 1}, "one dead letter", worker=first)
     out = StringIO()
     call_command("metering_status", "--json", stdout=out)
     status = json.loads(out.getvalue())["sinks"][0]
     assert status["counts"]["dead"] == 1
     assert status["dead_samples"][0]["transaction_id"] == "bad"
-    assert status["dead_samples"][0]["error"] == '422 {"properties": ["invalid_format"]}'
-    # the fix: the metric forwards no metadata; deployed = workers restarted with the new settings
+    assert status["dead_samples"][0]["error"] == f"422 {REFUSAL}"
+    # the fix: the feature goes to another metric; deployed = workers restarted with the new settings
     first.stop()
-    fixed = {"LAGO_METRICS": {"llm_tokens": {"metadata": False}}}
+    fixed = {"LAGO_METRICS": {REFUSED: "llm_tokens"}}
     settings.METERING = {**settings.METERING, **fixed}
     second = start(**fixed)
     dead = UsageOutbox.objects.get(state="dead")

@@ -45,6 +45,18 @@ class Outcome(enum.Enum):
     BLOCKED = "blocked"  # credentials or URL refused: stop delivering until the configuration changes
 
 
+class Confirmation(enum.Enum):
+    HELD = "held"  # the sink holds this very event: delivered
+    CONFLICT = "conflict"  # the sink holds another event under its key: never delivered, an operator decides
+    UNKNOWN = "unknown"  # not found, or the check itself failed: try again later
+
+
+@dataclass
+class Check:
+    outcome: Confirmation
+    reason: str = ""
+
+
 @dataclass
 class SendResult:
     outcome: Outcome
@@ -142,6 +154,18 @@ class Sink:
     def build(self, fact: ClaimedFact) -> dict[str, Any]:
         raise NotImplementedError
 
+    def freeze(self, fact: ClaimedFact) -> str:
+        """The fact's event as stored on its outbox row at the first send; every resend decodes and sends it."""
+        return encode(self.build(fact)).decode()
+
+    def batch_key(self, event: dict[str, Any]) -> str | None:
+        """The key no two events of one request may share (``None``: no such rule)."""
+        return None
+
+    def confirm(self, event: dict[str, Any]) -> Check:
+        """Whether the sink holds ``event``, after it answered that the event's key already exists."""
+        return Check(Confirmation.HELD)
+
     def send(self, events: list[dict[str, Any]]) -> SendResult:
         raise NotImplementedError
 
@@ -165,6 +189,17 @@ class Sink:
             if auth is not None:
                 return client.post(url, content=body, headers={"User-Agent": USER_AGENT, **headers}, auth=auth)
             return client.post(url, content=body, headers={"User-Agent": USER_AGENT, **headers})
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as error:
+            return SendResult(Outcome.BLOCKED, error=f"invalid sink URL: {type(error).__name__}")
+        except httpx.TimeoutException as error:
+            return SendResult(Outcome.TRANSIENT, error=f"timeout: {type(error).__name__}")
+        except httpx.TransportError as error:
+            return SendResult(Outcome.TRANSIENT, error=f"network error: {type(error).__name__}: {error}"[:500])
+
+    def get(self, url: str, headers: Mapping[str, str]) -> httpx.Response | SendResult:
+        """GET ``url``; a transport failure comes back as a transient ``SendResult``."""
+        try:
+            return http_client().get(url, headers={"User-Agent": USER_AGENT, **headers})
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as error:
             return SendResult(Outcome.BLOCKED, error=f"invalid sink URL: {type(error).__name__}")
         except httpx.TimeoutException as error:

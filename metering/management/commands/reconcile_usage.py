@@ -3,7 +3,7 @@ Redis counters with them, and repair both."""
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, date
 from decimal import Decimal
 from typing import Any
 
@@ -27,8 +27,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("root_ids", nargs="*", metavar="ROOT_ID", help="Root tenants (default: every root).")
         parser.add_argument("--dry-run", action="store_true", help="Report the differences, change nothing.")
+        parser.add_argument(
+            "--sink",
+            choices=["lago"],
+            help="Instead: compare what was delivered to Lago with what Lago holds, per subscription x code x day "
+            "(read-only), and report facts Lago accepted but will not bill.",
+        )
+        parser.add_argument("--since", type=date.fromisoformat, help="With --sink: first day (UTC, YYYY-MM-DD).")
+        parser.add_argument("--until", type=date.fromisoformat, help="With --sink: last day (UTC, YYYY-MM-DD).")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["sink"]:
+            self.reconcile_lago(options["since"], options["until"])
+            return
         dry_run: bool = options["dry_run"]
         roots = self.roots(options["root_ids"])
         using = metering_settings.DATABASE_ALIAS
@@ -58,6 +69,47 @@ class Command(BaseCommand):
         verb = "found" if dry_run else "repaired"
         self.stdout.write(f"{found} differences {verb} in {len(roots)} trees")
         self.stdout.write(f"{drifted} live counters {verb} drifting from the rollups")
+
+    def reconcile_lago(self, since: date | None, until: date | None) -> None:
+        from metering.delivery.reconcile_lago import LagoUnavailable, reconcile
+        from metering.delivery.sinks import SinkNotConfigured, get_sink
+        from metering.delivery.sinks.lago import LagoSink
+
+        try:
+            sink = get_sink("lago")
+            problem = sink.configuration_error() if sink is not None else "no sink"
+        except SinkNotConfigured as error:
+            raise CommandError(str(error)) from error
+        if problem:
+            raise CommandError(problem)
+        if not isinstance(sink, LagoSink):
+            raise CommandError("the configured sink is not Lago")
+        try:
+            result = reconcile(since, until, sink=sink)
+        except LagoUnavailable as error:
+            raise CommandError(f"Lago could not be read: {error}") from error
+        for day in result.differences:
+            head = (
+                f"{day.subscription} {day.code} {day.day.isoformat()}: delivered {day.delivered}, Lago holds {day.held}"
+            )
+            self.stdout.write(head)
+            for label, names in (
+                ("delivered, not in Lago", day.missing),
+                ("in Lago, not delivered by us", day.unexpected),
+                ("Lago holds another event under the id", day.differing),
+                ("held more than once in Lago (billed twice)", day.duplicated),
+                ("accepted, not billable (outside the subscription's boundaries)", day.not_billable),
+            ):
+                if names:
+                    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                    self.stdout.write(f"  {label}: {len(names)}: {shown}")
+        if result.unverifiable:
+            self.stdout.write(f"{result.unverifiable} delivered facts without a frozen body were not compared")
+        for subscription in result.boundaries_unknown:
+            self.stdout.write(f"subscription {subscription}: Lago did not describe it, billability not checked")
+        self.stdout.write(
+            f"{len(result.differences)} differences in {len(result.days)} subscription x code x days compared"
+        )
 
     def roots(self, root_ids: list[str]) -> list[Tenant]:
         if not root_ids:

@@ -1,0 +1,136 @@
+"""Reconciliation against Lago: what the plugin delivered, per subscription x code x day, against what Lago holds
+(its events list, ``GET /api/v1/events``), and the delivered facts Lago accepted but will not bill (their timestamp
+falls outside their subscription's boundaries, ``GET /api/v1/subscriptions/{id}``).
+
+The delivered side is read from the frozen bodies of the delivered outbox rows (``UsageOutbox.body``), so it is
+exactly what was sent, whatever the settings say today. Read-only on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from ..conf import metering_settings
+from ..models import UsageOutbox
+from .sinks.lago import LagoSink, lago_instant, same_properties
+
+EARLIEST = datetime.min.replace(tzinfo=UTC)  # an unreadable timestamp (never sent by this plugin)
+
+
+class LagoUnavailable(Exception):
+    """Lago did not answer a reconciliation request usably (the message says which and why)."""
+
+
+@dataclass
+class DayReport:
+    subscription: str
+    code: str
+    day: date
+    delivered: int = 0
+    held: int = 0
+    missing: list[str] = field(default_factory=list)
+    """Delivered, but Lago holds no event with that transaction_id here."""
+    unexpected: list[str] = field(default_factory=list)
+    """Lago holds them, the plugin never delivered them (another sender, or a fact deleted here)."""
+    differing: list[str] = field(default_factory=list)
+    """Lago holds another event (properties) under the delivered transaction_id."""
+    duplicated: list[str] = field(default_factory=list)
+    """Lago holds the transaction_id more than once (billed more than once)."""
+    not_billable: list[str] = field(default_factory=list)
+    """Accepted, not billable: outside the subscription's boundaries."""
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.missing or self.unexpected or self.differing or self.duplicated or self.not_billable)
+
+
+@dataclass
+class Reconciliation:
+    days: list[DayReport]
+    unverifiable: int = 0
+    """Delivered rows without a frozen body (delivered before bodies were stored): not compared."""
+    boundaries_unknown: list[str] = field(default_factory=list)
+    """Subscriptions Lago did not describe: their facts' billability was not checked."""
+
+    @property
+    def differences(self) -> list[DayReport]:
+        return [day for day in self.days if day.differs]
+
+
+def _instant(value: Any) -> datetime | None:
+    return lago_instant(value)
+
+
+def reconcile(since: date | None = None, until: date | None = None, sink: LagoSink | None = None) -> Reconciliation:
+    """Compare the delivered facts of days ``since``..``until`` (inclusive, UTC; default: all) with Lago."""
+    sink = sink or LagoSink()
+    rows = UsageOutbox.objects.using(str(metering_settings.DATABASE_ALIAS)).filter(sink=sink.name, state="delivered")
+    if since is not None:
+        rows = rows.filter(record__timestamp__gte=datetime.combine(since, time.min, tzinfo=UTC))
+    if until is not None:
+        rows = rows.filter(record__timestamp__lt=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC))
+    sent: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    unverifiable = 0
+    for body in rows.values_list("body", flat=True).iterator(chunk_size=2000):
+        if not body:
+            unverifiable += 1
+            continue
+        event = json.loads(body)
+        sent[(str(event.get("external_subscription_id") or ""), str(event["code"]))][event["transaction_id"]] = event
+    days: dict[tuple[str, str, date], DayReport] = {}
+
+    def day_report(subscription: str, code: str, moment: datetime) -> DayReport:
+        key = (subscription, code, moment.date())
+        if key not in days:
+            days[key] = DayReport(subscription, code, moment.date())
+        return days[key]
+
+    result = Reconciliation([], unverifiable)
+    boundaries: dict[str, tuple[datetime | None, datetime | None] | None] = {}
+    for (subscription, code), events in sorted(sent.items()):
+        moments = {
+            tx: _instant(event.get("timestamp")) or datetime.min.replace(tzinfo=UTC) for tx, event in events.items()
+        }
+        first, last = min(moments.values()).date(), max(moments.values()).date()
+        held: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        start = datetime.combine(first, time.min, tzinfo=UTC)
+        end = datetime.combine(last, time.max, tzinfo=UTC)
+        for event in sink.list_events(subscription, code, start, end):
+            held[str(event.get("transaction_id"))].append(event)
+        if subscription not in boundaries:
+            boundaries[subscription] = sink.subscription_boundaries(subscription)
+            if boundaries[subscription] is None:
+                result.boundaries_unknown.append(subscription)
+        bounds = boundaries[subscription]
+        for tx, event in events.items():
+            report = day_report(subscription, code, moments[tx])
+            report.delivered += 1
+            theirs = held.get(tx, [])
+            if not theirs:
+                report.missing.append(tx)
+            elif len(theirs) > 1:
+                report.duplicated.append(tx)
+            elif not same_properties(theirs[0].get("properties") or {}, event.get("properties") or {}):
+                report.differing.append(tx)
+            if bounds is not None:
+                started, ended = bounds
+                if (started is not None and moments[tx] < started) or (ended is not None and moments[tx] > ended):
+                    report.not_billable.append(tx)
+        counted: Counter[date] = Counter()
+        for tx, copies in held.items():
+            for copy in copies:
+                moment = _instant(copy.get("timestamp")) or EARLIEST
+                counted[moment.date()] += 1
+                if tx not in events:
+                    day_report(subscription, code, moment).unexpected.append(tx)
+        for day, count in counted.items():
+            days.setdefault((subscription, code, day), DayReport(subscription, code, day)).held += count
+    result.days = [days[key] for key in sorted(days)]
+    for report in result.days:
+        for names in (report.missing, report.unexpected, report.differing, report.duplicated, report.not_billable):
+            names.sort()
+    return result
