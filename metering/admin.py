@@ -48,6 +48,14 @@ class MeteringTenantAdmin(TenantAdmin):
 
     list_display = ("indented_id", "name", "kind", "usage", "lineage_crumbs", "is_active", "exempt")
 
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        from .admin_lago import lago_configured, sync_to_lago
+
+        if request.user.is_superuser and lago_configured():  # billing objects in Lago: superusers only
+            actions["sync_to_lago"] = (sync_to_lago, "sync_to_lago", sync_to_lago.short_description)  # type: ignore[attr-defined]
+        return actions
+
     def limit_items(self, tenants: list[Tenant], now: Any) -> dict[int, LimitItems]:
         """Per tenant pk, the items shown before its plain usage (none here; a constant number of queries)."""
         return {}
