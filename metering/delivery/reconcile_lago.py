@@ -134,3 +134,60 @@ def reconcile(since: date | None = None, until: date | None = None, sink: LagoSi
         for names in (report.missing, report.unexpected, report.differing, report.duplicated, report.not_billable):
             names.sort()
     return result
+
+
+@dataclass
+class Unbillable:
+    """Facts still to be sent (pending or held) whose timestamps fall outside their subscription's boundaries: Lago
+    will accept them (200) and never bill them."""
+
+    subscription: str
+    before_start: int
+    after_end: int
+    started_at: datetime | None
+    terminated_at: datetime | None
+
+    def describe(self) -> str:
+        parts = []
+        if self.before_start:
+            parts.append(f"{self.before_start} dated before it started ({self.started_at:%Y-%m-%d %H:%M:%S}Z)")
+        if self.after_end and self.terminated_at is not None:
+            parts.append(f"{self.after_end} dated after it ended ({self.terminated_at:%Y-%m-%d %H:%M:%S}Z)")
+        return f"subscription {self.subscription}: {' and '.join(parts)} — Lago accepts them, never bills them"
+
+
+def unbillable_before_sending(sink: LagoSink | None = None, *, at_most: int = 50) -> tuple[list[Unbillable], list[str]]:
+    """The facts waiting to be sent that Lago will accept but not bill, per subscription (up to ``at_most``
+    subscriptions, one ``GET /api/v1/subscriptions/{id}`` each), and the subscriptions Lago did not describe."""
+    from .outbox import HELD, PENDING, resolve_subscriptions
+
+    sink = sink or LagoSink()
+    using = str(metering_settings.DATABASE_ALIAS)
+    waiting = UsageOutbox.objects.using(using).filter(sink=sink.name, state__in=[PENDING, HELD])
+    frozen = waiting.exclude(external_subscription_id="")
+    by_subscription: dict[str, Any] = {}
+    for subscription in frozen.order_by().values_list("external_subscription_id", flat=True).distinct()[:at_most]:
+        by_subscription[subscription] = frozen.filter(external_subscription_id=subscription)
+    # Not frozen yet: the subscription the next claim will give them (the nearest ancestor's).
+    paths = list(
+        waiting.filter(external_subscription_id="").order_by().values_list("record__tenant__path", flat=True).distinct()
+    )
+    for path, subscription in resolve_subscriptions(paths).items():
+        if subscription and len(by_subscription) < at_most:
+            rows = waiting.filter(external_subscription_id="", record__tenant__path=path)
+            by_subscription[subscription] = (
+                rows if subscription not in by_subscription else by_subscription[subscription] | rows
+            )
+    found: list[Unbillable] = []
+    unknown: list[str] = []
+    for subscription, rows in sorted(by_subscription.items()):
+        bounds = sink.subscription_boundaries(subscription)
+        if bounds is None:
+            unknown.append(subscription)
+            continue
+        started, ended = bounds
+        before = rows.filter(record__timestamp__lt=started).count() if started else 0
+        after = rows.filter(record__timestamp__gt=ended).count() if ended else 0
+        if before or after:
+            found.append(Unbillable(subscription, before, after, started, ended))
+    return found, unknown

@@ -109,3 +109,29 @@ def test_lago_refusing_the_listing_is_a_command_error_not_a_report(server, org):
     server.keys = {}
     with pytest.raises(CommandError, match="Lago could not be read: listing sub-org images: 401"):
         run()
+
+
+def test_metering_status_warns_before_sending_about_facts_lago_will_not_bill(server, org):
+    """Issue 12 item 6: the warning comes *before* the facts leave (pending or held), not after reconciliation."""
+    server.subscriptions["sub-org"] = {
+        "external_id": "sub-org",
+        "started_at": "2026-12-01T00:00:00Z",
+        "terminated_at": "2026-12-31T00:00:00Z",
+    }
+    for index in range(2):
+        record("key1", 1, transaction_id=f"early-{index}", timestamp=DAY1)  # before started_at
+    record("key1", 1, transaction_id="inside", timestamp=DAY2)
+    out = StringIO()
+    with pytest.raises(CommandError):  # --check: an alert
+        call_command("metering_status", "--check", stdout=out)
+    assert (
+        "WARNING (not billable): subscription sub-org: 2 dated before it started (2026-12-01 00:00:00Z)"
+        in out.getvalue()
+    )
+    quiet = StringIO()
+    call_command("metering_status", "--no-lago", stdout=quiet)  # no call to Lago at all
+    assert "not billable" not in quiet.getvalue()
+    flush()
+    after = StringIO()
+    call_command("metering_status", stdout=after)
+    assert "not billable" not in after.getvalue()  # nothing waits any more (reconcile_usage reports them now)

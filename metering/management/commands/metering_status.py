@@ -28,12 +28,18 @@ class Command(BaseCommand):
         parser.add_argument(
             "--check", action="store_true", help="Exit with status 2 when there is an alert (blocked, dead, held)."
         )
+        parser.add_argument(
+            "--no-lago",
+            action="store_true",
+            help="Do not ask Lago whether the facts waiting to be sent fall inside their subscriptions' boundaries.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
         configured = configured_sink_name()
         names = sorted(set(outbox.sinks_in_use()) | ({configured} if configured else set()))
         statuses = [outbox.status(name, now=now) for name in names]
+        unbillable = [] if options["no_lago"] else self._unbillable(configured, statuses)
         drained = self._log_status(now)
         if options["json"]:
             payload: dict[str, Any] = {
@@ -42,16 +48,32 @@ class Command(BaseCommand):
             }
             if drained is not None:
                 payload["log"] = drained
+            if unbillable:
+                payload["not_billable"] = [item.__dict__ for item in unbillable]
             self.stdout.write(json.dumps(payload, indent=2, default=str))
         else:
             self.stdout.write(f"configured sink: {configured or 'none (database adapter)'}")
             for status in statuses:
                 self._describe(status, configured, now)
+            for item in unbillable:
+                self.stdout.write(f"  WARNING (not billable): {item.describe()}")
             if drained is not None:
                 self._describe_log(drained)
         log_alerts = bool(drained and drained["alerts"])
-        if options["check"] and (any(status.alerts for status in statuses) or log_alerts):
+        if options["check"] and (any(status.alerts for status in statuses) or log_alerts or unbillable):
             raise CommandError("delivery needs attention", returncode=2)
+
+    @staticmethod
+    def _unbillable(configured: str | None, statuses: list[outbox.SinkStatus]) -> list[Any]:
+        """Lago only: facts waiting to be sent that fall outside their subscription's boundaries (asked of Lago, one
+        request per subscription, each bounded by SINK_TIMEOUT). Nothing when Lago does not answer."""
+        if configured != "lago" or not any(
+            s.sink == "lago" and (s.counts[outbox.PENDING] or s.counts[outbox.HELD]) for s in statuses
+        ):
+            return []
+        from metering.delivery.reconcile_lago import unbillable_before_sending
+
+        return unbillable_before_sending()[0]
 
     def _log_status(self, now: Any) -> dict[str, Any] | None:
         """Log mode's drain lag, gaps and dead entries (``None`` outside log mode with nothing logged ever)."""
