@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db.models import Sum
@@ -28,10 +29,9 @@ ORG = {"org": None, "p1": "org", "p2": "org", "k1": "p1", "k2": "p1", "k3": "p2"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def ev(tenant_id: str, quantity: object = 1, transaction_id: str | None = "tx", **kwargs: object) -> UsageEvent:
-    return UsageEvent(
-        tenant_id, str(kwargs.pop("feature", "llm_tokens")), quantity, transaction_id=transaction_id, **kwargs
-    )  # type: ignore[arg-type]
+def ev(tenant_id: str, quantity: Any = 1, transaction_id: str | None = "tx", **kwargs: Any) -> UsageEvent:
+    feature = str(kwargs.pop("feature", "llm_tokens"))
+    return UsageEvent(tenant_id, feature, quantity, transaction_id=transaction_id, **kwargs)
 
 
 def random_tree(rng: random.Random, size: int) -> list[str]:
@@ -60,6 +60,7 @@ def test_a_large_random_batch_over_a_random_tree_is_exact_in_facts_rollups_and_c
     ids = random_tree(rng, 15)
     features = ["llm_tokens", "api_calls", "gpu_seconds"]
     month = window("month", NOW)[0]
+    assert month is not None
     start = max(month, NOW - timedelta(days=3))
     for tenant_id in ids:  # live counters exist (built from the database) before the batch
         for feature in features:
@@ -125,11 +126,11 @@ def test_one_bad_event_refuses_the_whole_batch_with_errors_per_index():
         ev("nobody", 1, "unknown"),
         ev("k1", "١٢", "digits"),  # Arabic-Indic digits
         ev("k1", -1, "neg", feature="bad name"),
-        "not an event",  # type: ignore[list-item]
+        "not an event",
         ev("k1", 1, "ok-11"),
     ]
     with pytest.raises(InvalidBatch) as caught:
-        record_many(batch)
+        record_many(batch)  # type: ignore[arg-type]
     errors = caught.value.errors
     assert sorted(errors) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert set(errors[1]) == {"feature_name"}
