@@ -27,9 +27,10 @@ inside a caller's transaction. Batches are not quota-enforced (usage that alread
 
 In log mode (``METERING["WRITE_MODE"] = "log"``) ``record_many`` validates the same way and then appends each fact
 to its tree's Redis stream (``metering.appender``): the facts reach the database through the drainer, whose batch
-insert is ``insert_facts`` too. (One Lua append per tree for a whole batch is not built yet: each fact's append is
-atomic on its own, so a Redis failure part-way leaves the facts before it appended; re-sending the batch is safe,
-the appended ones come back as duplicates.)
+insert is ``insert_facts`` too. Each tree's facts of the batch go in ONE Lua call (``lua/log_append_many.lua``):
+all of them are appended or none; the trees of a batch are written one after the other, so a Redis failure at a
+later tree leaves the earlier trees' facts appended (``LogStoreUnavailable``; re-sending the batch is safe: those
+come back as duplicates). ``created`` then maps indexes to 0 (a fact has no id before the drainer persists it).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from .events import (
     validate_timestamp,
     validate_transaction_id,
 )
-from .exceptions import DuplicateUsageEvent, InvalidBatch, InvalidUsageEvent, Problems, TooManyFeatures
+from .exceptions import InvalidBatch, InvalidUsageEvent, Problems, TooManyFeatures
 from .models import UsageRecord
 from .signals import usage_recorded
 from .windows import floor_hour
@@ -199,7 +200,7 @@ def record_many(
     using = using or str(metering_settings.DATABASE_ALIAS)
     items = validate_many(events, contexts)
     if log.is_log_mode():
-        return _append_many(items)
+        return _append_many(items, len(events))
     first: dict[tuple[int, str], _Item] = {}
     duplicates: list[int] = []
     for item in items:
@@ -501,19 +502,48 @@ def _insert_values(
 # ---- log mode ----
 
 
-def _append_many(items: list[_Item]) -> BulkResult:
+def _append_many(items: list[_Item], count: int) -> BulkResult:
+    """Log mode: the batch's facts counted and appended, one script call per tree (``appender.append_many``)."""
     from . import appender
 
-    created: dict[int, int] = {}
+    first: dict[tuple[int, str], _Item] = {}
     duplicates: list[int] = []
     for item in items:
-        try:
-            appender.append(item.valid, context=item.context)
-        except DuplicateUsageEvent:
+        key = (item.context.tenant.pk, item.valid.transaction_id)
+        if key in first:
             duplicates.append(item.index)
-            continue
-        created[item.index] = 0  # no id before the drainer persists it
-    return BulkResult(created=created, duplicates=tuple(duplicates))
+        else:
+            first[key] = item
+    unique = list(first.values())
+    try:
+        entry_ids = appender.append_many([item.valid for item in unique])
+    except TooManyFeatures as error:
+        raise InvalidBatch(
+            {
+                item.index: {error.field: [(error.code, str(error))]}
+                for item in unique
+                if (item.context.root.pk, item.valid.feature_name) == (error.root_pk, error.feature_name)
+            }
+            or {unique[0].index: {error.field: [(error.code, str(error))]}},
+            count,
+        ) from None
+    except TenantError as error:  # deactivated or removed since validation: nothing was appended
+        raise InvalidBatch(
+            {
+                item.index: {error.field: [(error.code, str(error))]}
+                for item in unique
+                if item.valid.tenant_id in str(error)
+            }
+            or {unique[0].index: {error.field: [(error.code, str(error))]}},
+            count,
+        ) from None
+    created: dict[int, int] = {}
+    for item, entry_id in zip(unique, entry_ids, strict=True):
+        if entry_id is None:
+            duplicates.append(item.index)
+        else:
+            created[item.index] = 0  # no id before the drainer persists it
+    return BulkResult(created=dict(sorted(created.items())), duplicates=tuple(sorted(duplicates)))
 
 
 __all__ = [
