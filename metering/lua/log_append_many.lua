@@ -18,25 +18,31 @@ local epoch = redis.call('HGET', state, 'epoch')
 if not epoch then return {0} end
 if epoch ~= ARGV[1] then return {1, epoch} end
 local facts = tonumber(ARGV[4])
+-- First every read (the de-duplication keys), then every write: an error in the reads (a key of the wrong type, say)
+-- aborts the script before it changed anything (Redis does not undo a script's writes made before an error).
+local plan = {}
 local key_at, arg_at = 4, 5
+for f = 1, facts do
+    local count, fields = tonumber(ARGV[arg_at]), tonumber(ARGV[arg_at + 2])
+    plan[f] = {key_at, count, arg_at, fields, redis.call('GET', KEYS[key_at])}
+    key_at = key_at + 1 + count
+    arg_at = arg_at + 3 + fields
+end
 local answer = {5, 0}
 local appended = 0
-for _ = 1, facts do
-    local count, delta, fields = tonumber(ARGV[arg_at]), ARGV[arg_at + 1], tonumber(ARGV[arg_at + 2])
-    local existing = redis.call('GET', KEYS[key_at])
+for f = 1, facts do
+    local at, count, args, fields, existing = plan[f][1], plan[f][2], plan[f][3], plan[f][4], plan[f][5]
     if existing then
         answer[#answer + 1] = 2
         answer[#answer + 1] = existing
     else
-        add_to_existing(key_at + 1, key_at + count, delta)
-        local id = redis.call('XADD', stream, '*', unpack(ARGV, arg_at + 3, arg_at + 2 + fields))
-        redis.call('SET', KEYS[key_at], id, 'EX', tonumber(ARGV[2]))
+        add_to_existing(at + 1, at + count, ARGV[args + 1])
+        local id = redis.call('XADD', stream, '*', unpack(ARGV, args + 3, args + 2 + fields))
+        redis.call('SET', KEYS[at], id, 'EX', tonumber(ARGV[2]))
         answer[#answer + 1] = 1
         answer[#answer + 1] = id
         appended = appended + 1
     end
-    key_at = key_at + 1 + count
-    arg_at = arg_at + 3 + fields
 end
 if appended > 0 and redis.call('SET', listed, '1', 'NX', 'EX', tonumber(ARGV[3])) then answer[2] = 1 end
 return answer
