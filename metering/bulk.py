@@ -114,11 +114,18 @@ class _Item:
 
 
 def validate_many(
-    events: Sequence[UsageEvent], contexts: Sequence[TenantContext | None] | None = None, *, now: datetime | None = None
+    events: Sequence[UsageEvent],
+    contexts: Sequence[TenantContext | None] | None = None,
+    *,
+    now: datetime | None = None,
+    lineages: dict[str, TenantContext] | None = None,
 ) -> list[_Item]:
-    """Every event checked (every field), each tenant's lineage resolved; ``InvalidBatch`` if any is bad."""
+    """Every event checked (every field), each tenant's lineage resolved; ``InvalidBatch`` if any is bad.
+
+    ``lineages``: a cache of resolved lineages the caller keeps across batches (an import): safe, the write
+    re-checks every tenant's path under its tree's lock."""
     problems: dict[int, Problems] = {}
-    found: dict[str, TenantContext | TenantError] = {}
+    found: dict[str, TenantContext | TenantError] = dict(lineages or {})
     items: list[_Item] = []
     now = now or utcnow()
     for index, event in enumerate(events):
@@ -128,6 +135,8 @@ def validate_many(
             problems[index] = problem
         elif valid is not None and context is not None:
             items.append(_Item(index, valid, context))
+            if lineages is not None:
+                lineages[context.tenant_id] = context
     if problems:
         raise InvalidBatch(problems, len(events))
     return items
@@ -189,16 +198,18 @@ def record_many(
     on_stored_many: StoredManyHook | None = None,
     admit: AdmitHook | None = None,
     using: str | None = None,
+    lineages: dict[str, TenantContext] | None = None,
 ) -> BulkResult:
     """Store a batch of facts all or nothing (module docstring). ``contexts``: the lineage of each event when the
     caller resolved it already (``None`` entries are resolved here). ``on_stored_many(facts)`` (else
     ``on_stored(valid, record_id, context)`` per fact) runs inside the batch's transaction. ``admit(pairs, using)``
     runs inside it after the batch's features are admitted (the events API checks the key's feature budget there);
-    a ``TooManyFeatures`` it raises is reported at each index that carries the refused feature.
+    a ``TooManyFeatures`` it raises is reported at each index that carries the refused feature. ``lineages``: see
+    ``validate_many``.
 
     Raises ``InvalidBatch`` (nothing stored)."""
     using = using or str(metering_settings.DATABASE_ALIAS)
-    items = validate_many(events, contexts)
+    items = validate_many(events, contexts, lineages=lineages)
     if log.is_log_mode():
         return _append_many(items, len(events))
     first: dict[tuple[int, str], _Item] = {}
@@ -225,6 +236,8 @@ def record_many(
                     len(events),
                 ) from None
             unique = _refresh(unique, len(events))
+            if lineages is not None:
+                lineages.update((item.context.tenant_id, item.context) for item in unique)
             continue
         except OperationalError as error:
             retryable = getattr(error.__cause__, "sqlstate", None) in RETRYABLE_SQLSTATES
@@ -379,17 +392,21 @@ def add_many_to_counters(facts: Sequence[StoredFact], epochs: dict[int, int], us
     """Add the facts to their trees' live Redis counters (only those that exist), summed per counter key: one
     ``increment_many`` call per tree, all in one pipelined round trip. A tree whose counters another owner holds
     (``counters.NOT_OURS``), or a Redis failure, retires the trees' counters in this transaction instead."""
-    by_tree: dict[int, dict[str, int]] = {}
+    # Summed per (lineage, feature, hour) first: every fact of a group adds to the same counters, whose names cost
+    # real time to build (measured: 60% of a 20,000-event import's Python went to one name list per fact).
+    groups: dict[tuple[tuple[int, ...], str, datetime], int] = {}
     retire: set[int] = set()
     for fact in facts:
-        root_pk = fact.lineage_pks[0]
-        epoch = epochs[root_pk]
-        if epoch == counters.NOT_OURS:
-            retire.add(root_pk)
+        if epochs[fact.lineage_pks[0]] == counters.NOT_OURS:
+            retire.add(fact.lineage_pks[0])
             continue
-        sums = by_tree.setdefault(root_pk, {})
-        for name in counters.keys_for_fact(fact.lineage_pks, fact.entry.feature, fact.entry.timestamp, epoch=epoch):
-            sums[name] = sums.get(name, 0) + fact.entry.units
+        group = (fact.lineage_pks, fact.entry.feature, floor_hour(fact.entry.timestamp))
+        groups[group] = groups.get(group, 0) + fact.entry.units
+    by_tree: dict[int, dict[str, int]] = {}
+    for (lineage, feature, hour), units in groups.items():
+        sums = by_tree.setdefault(lineage[0], {})
+        for name in counters.keys_for_fact(lineage, feature, hour, epoch=epochs[lineage[0]]):
+            sums[name] = sums.get(name, 0) + units
     if retire:
         counters.bump_epochs(retire, using)
     if not by_tree:

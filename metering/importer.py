@@ -214,6 +214,7 @@ def run_import(
     meter = get_meter()
     record_facts = getattr(meter, "record_facts", None)
     report = ImportReport(dry_run=dry_run)
+    lineages: dict[str, Any] = {}  # resolved once per import (each write re-checks paths under its tree's lock)
     started = time.monotonic()
     for batch in _batches(records(stream, fmt), batch_size, report):
         pending = batch
@@ -221,13 +222,13 @@ def run_import(
             events = [event for _, event in pending]
             try:
                 if dry_run:
-                    bulk.validate_many(events)
+                    bulk.validate_many(events, lineages=lineages)
                     result_created, result_duplicates = len(events), 0
                 elif record_facts is not None:
-                    result = record_facts(events)
+                    result = record_facts(events, lineages=lineages)
                     result_created, result_duplicates = result.created_count, len(result.duplicates)
                 else:
-                    result = bulk.record_many(events)
+                    result = bulk.record_many(events, lineages=lineages)
                     result_created, result_duplicates = result.created_count, len(result.duplicates)
             except InvalidBatch as error:
                 for index, problems in sorted(error.errors.items()):
