@@ -1,8 +1,10 @@
 """``POST /api/v1/events``: one event, or ``{"events": [...]}`` of up to 1,000, stored all or nothing.
 
 Every event is checked before anything is written; if any is invalid the answer is 422 with the errors of each
-bad event by index, and nothing is stored. Valid batches are recorded in one transaction through the configured
-adapter's ``record_fact`` (so an outbox adapter queues each fact for Lago in that same transaction). An event
+bad event by index, and nothing is stored. A valid batch is recorded in one transaction through the configured
+adapter's ``record_facts`` (``metering.bulk.record_many``: one multi-row insert, rollups summed per tenant x feature
+x hour, the outbox rows of an outbox adapter in that same transaction); an adapter that overrides ``record_fact``
+is given each fact through it instead. An event
 whose ``transaction_id`` the tenant already recorded — earlier, or at a lower index of the same batch — is a
 *duplicate*: reported per index, counted once, and not an error.
 
