@@ -15,7 +15,8 @@ In one run, each of ``--rounds`` rounds measures, in this order:
 - ``import``: ``manage.py usage_import`` of a JSON Lines file of ``--import-events`` events over the 100 trees
   (a subprocess, timed end to end: Django start-up included).
 - ``raw_insert``: the floor: the same kind of rows with plain multi-row ``INSERT ... VALUES`` (1,000 rows per
-  statement and transaction, no idempotency, no rollups, no counters), in this process.
+  statement and transaction, no idempotency, no rollups, no counters), in this process;
+- ``raw_copy``: the same rows with a plain ``COPY`` straight into the facts table (1,000 per transaction).
 
 Every response is checked (201, 1,000 created) and so is the facts count afterwards. Reported: events/s per
 variant (median over rounds) and each variant's ratio to the raw floor. Results: stdout and
@@ -198,8 +199,9 @@ def run_import(trees: list[tuple[str, list[str]]], count: int, now: datetime) ->
     return total / seconds
 
 
-def raw_insert(trees: list[tuple[str, list[str]]], count: int, now: datetime) -> float:
-    """The floor: plain multi-row INSERTs of the same kind of rows, 1,000 per statement and transaction."""
+def raw_insert(trees: list[tuple[str, list[str]]], count: int, now: datetime, *, copy: bool = False) -> float:
+    """The floor: plain multi-row INSERTs of the same kind of rows, 1,000 per statement and transaction (``copy``:
+    a plain ``COPY`` of 1,000 rows per transaction straight into the facts table instead)."""
     from django.db import connection, transaction
 
     from metering.models import UsageRecord
@@ -226,6 +228,12 @@ def raw_insert(trees: list[tuple[str, list[str]]], count: int, now: datetime) ->
     started = time.perf_counter()
     for start in range(0, len(rows), BATCH):
         part = rows[start : start + BATCH]
+        if copy:
+            with transaction.atomic(), connection.cursor() as cursor:
+                with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as stream:
+                    for row in part:
+                        stream.write_row(row)
+            continue
         values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(part))
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute(
@@ -246,7 +254,13 @@ def main() -> None:
     connection.close()
     port = free_port()
     server = start_server(args.workers, port)
-    rates: dict[str, list[float]] = {"rest_spread": [], "rest_one_tree": [], "import": [], "raw_insert": []}
+    rates: dict[str, list[float]] = {
+        "rest_spread": [],
+        "rest_one_tree": [],
+        "import": [],
+        "raw_insert": [],
+        "raw_copy": [],
+    }
     try:
         for round_number in range(1, args.rounds + 1):
             now = datetime.now(UTC)
@@ -266,6 +280,7 @@ def main() -> None:
             connection.close()
             rates["import"].append(run_import(trees, args.import_events, now))
             rates["raw_insert"].append(raw_insert(trees, args.raw_events, now))
+            rates["raw_copy"].append(raw_insert(trees, args.raw_events, now, copy=True))
             connection.close()
             print(f"round {round_number}: " + ", ".join(f"{name} {values[-1]:,.0f}" for name, values in rates.items()))
     finally:
