@@ -230,9 +230,7 @@ def raw_insert(trees: list[tuple[str, list[str]]], count: int, now: datetime, *,
         part = rows[start : start + BATCH]
         if copy:
             with transaction.atomic(), connection.cursor() as cursor:
-                with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as stream:
-                    for row in part:
-                        stream.write_row(row)
+                _copy_rows(cursor, table, columns, part)
             continue
         values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(part))
         with transaction.atomic(), connection.cursor() as cursor:
@@ -241,6 +239,12 @@ def raw_insert(trees: list[tuple[str, list[str]]], count: int, now: datetime, *,
                 [value for row in part for value in row],
             )
     return len(rows) / (time.perf_counter() - started)
+
+
+def _copy_rows(cursor: Any, table: str, columns: str, rows: list[list[Any]]) -> None:
+    with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as stream:
+        for row in rows:
+            stream.write_row(row)
 
 
 def main() -> None:
