@@ -10,6 +10,7 @@ from .events import UsageEvent
 from .exceptions import (
     DuplicateUsageEvent,
     InactiveTenant,
+    InvalidBatch,
     InvalidFeatureName,
     InvalidMetadata,
     InvalidPeriod,
@@ -21,11 +22,13 @@ from .exceptions import (
     UnknownTenant,
 )
 from .meter import get_meter
-from .protocol import MeteringProtocol
+from .protocol import BulkMeteringProtocol, MeteringProtocol
 
 __all__ = [
+    "BulkMeteringProtocol",
     "DuplicateUsageEvent",
     "InactiveTenant",
+    "InvalidBatch",
     "InvalidFeatureName",
     "InvalidMetadata",
     "InvalidPeriod",

@@ -361,6 +361,84 @@ def append(valid: ValidEvent, *, context: TenantContext | None = None) -> str:
     raise LogStoreUnavailable("the tree's log state kept changing; nothing was written")
 
 
+def append_many(valids: Sequence[ValidEvent]) -> list[str | None]:
+    """Log mode's batch write (``metering.bulk.record_many``): count and append every fact, **one script call per
+    tree** (``lua/log_append_many.lua``): all of a tree's facts of the batch are appended, or none. Returns, per
+    fact, its stream entry id, or ``None`` for a duplicate (its transaction id is in the de-duplication window).
+    The batch must not repeat a (tenant, transaction id). Trees are written one after the other: should Redis fail
+    at the second tree, the first one's facts stay appended (``LogStoreUnavailable``; re-sending the batch is safe:
+    those come back as duplicates). Raises ``InactiveTenant``/``UnknownTenant``, ``LogStoreUnavailable``."""
+    snaps = {valid.tenant_id: snapshot(valid.tenant_id) for valid in valids}
+    by_tree: dict[int, list[int]] = {}
+    for index, valid in enumerate(valids):
+        by_tree.setdefault(snaps[valid.tenant_id].root_pk, []).append(index)
+    for indexes in by_tree.values():
+        for feature in sorted({valids[index].feature_name for index in indexes}):
+            admit_feature(snaps[valids[indexes[0]].tenant_id], feature)
+    results: list[str | None] = [None] * len(valids)
+    for indexes in by_tree.values():
+        _append_tree(valids, indexes, snaps, results)
+    return results
+
+
+def _append_tree(
+    valids: Sequence[ValidEvent], indexes: list[int], snaps: dict[str, Snapshot], results: list[str | None]
+) -> None:
+    redis = _redis()
+    tenants = sorted({valids[index].tenant_id for index in indexes})
+    for _ in range(MAX_ATTEMPTS):
+        tree = [snaps[tenant_id] for tenant_id in tenants]
+        epochs = {snap.epoch for snap in tree}
+        first = tree[0]
+        if len(epochs) > 1 or any(snap.root_pk != first.root_pk for snap in tree):
+            # Read at different moments (an epoch bump or a move in between): read them all again, together.
+            snaps.update((tenant_id, snapshot(tenant_id, fresh=True)) for tenant_id in tenants)
+            continue
+        if first.epoch == counters.NOT_OURS:
+            claim(first)
+            snaps.update((tenant_id, snapshot(tenant_id, fresh=True)) for tenant_id in tenants)
+            continue
+        root, epoch = first.root_pk, first.epoch
+        keys = [log.state_key(root), log.stream_key(root), log.listed_key(root)]
+        args = [str(epoch), str(dedup_seconds()), str(log.LISTED_SECONDS), str(len(indexes))]
+        now = utcnow()
+        for index in indexes:
+            valid = valids[index]
+            snap = snaps[valid.tenant_id]
+            lineage = [level.pk for level in snap.context.lineage]
+            counter_keys = counters.keys_for_fact(lineage, valid.feature_name, valid.timestamp, epoch=epoch)
+            fields = log.Entry(
+                tenant_pk=snap.context.tenant.pk,
+                path=snap.context.path,
+                feature=valid.feature_name,
+                units=valid.units,
+                timestamp=valid.timestamp,
+                transaction_id=valid.transaction_id,
+                recorded_at=now,
+                epoch=epoch,
+                metadata=valid.metadata,
+            ).encode()
+            keys += [log.dedup_key(root, snap.context.tenant.pk, valid.transaction_id), *counter_keys]
+            args += [str(len(counter_keys)), str(valid.units), str(len(fields)), *fields]
+        try:
+            answer = scripts.script(redis, "metering", "log_append_many")(keys=keys, args=args)
+        except counters.RedisError as error:
+            raise _unavailable(error) from None
+        status = int(answer[0])
+        if status == ADMITTED:
+            if int(answer[1]):
+                _list_tree(redis, root)
+            for position, index in enumerate(indexes):
+                kind, entry_id = int(answer[2 + 2 * position]), _text(answer[3 + 2 * position])
+                results[index] = entry_id if kind == 1 else None
+            return
+        needs = "stale" if status == STALE else "state"
+        outcome = Outcome(needs=needs, snapshot=first, redis_epoch=_text(answer[1]) if status == STALE else "")
+        repair(outcome)
+        snaps.update((tenant_id, snapshot(tenant_id, fresh=True)) for tenant_id in tenants)
+    raise LogStoreUnavailable("the tree's log state kept changing; nothing of its batch was written")
+
+
 def admit_feature(snap: Snapshot, feature: str) -> None:
     """``METERING["MAX_FEATURES_PER_TREE"]``: a feature this process knows for the tree costs nothing; else the
     database's rollups decide as in commit mode (facts not drained yet are not seen there: the bound may let a few

@@ -41,8 +41,7 @@ import logging
 import random
 import secrets
 import time
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +53,7 @@ from tenants.locks import lock_trees
 from tenants.models import Tenant
 
 from . import counters, log, rollups, scripts
+from .bulk import StoredFact, insert_facts
 from .conf import metering_settings
 from .events import ValidEvent
 from .exceptions import MeteringError
@@ -68,24 +68,11 @@ GIVEBACK_TTL_SECONDS = 86_400  # a failed batch is redone within minutes; a day 
 MAX_FEATURE_LENGTH = UsageRecord._meta.get_field("feature").max_length or 100
 MAX_TRANSACTION_ID_LENGTH = UsageRecord._meta.get_field("transaction_id").max_length or 128
 MAX_UNITS = 2**63 - 1  # the fact's column is a bigint
-STAGING = "xaas_drain_staging"  # PostgreSQL: the temporary table a batch's facts are COPYed into
-INSERT_CHUNK = 2000  # rows per INSERT (7 parameters each: under SQLite's 32,766 and PostgreSQL's 65,535)
-_staged: weakref.WeakSet[Any] = weakref.WeakSet()  # database connections whose session has the staging table
 OPEN_RECHECK = (0.01, 0.02, 0.05)  # seconds: another opener's state HSET follows its commit within milliseconds
 
 
 class LogUnavailable(MeteringError):
     """Log mode needs the metering cache to be django-redis (and Redis reachable) to drain or open a tree."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFact:
-    """A fact the drainer inserted (``on_stored_many`` receives a batch of them inside its transaction)."""
-
-    record_id: int
-    tenant_pk: int
-    lineage_pks: tuple[int, ...]
-    entry: log.Entry
 
 
 @dataclass
@@ -597,7 +584,7 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
             tree.duplicates += 1
         else:
             unique[(entry.tenant_pk, entry.transaction_id)] = (tree, entry)
-    inserted = _insert_facts([entry for _, entry in unique.values()], using)
+    inserted = insert_facts([entry for _, entry in unique.values()], using)
     facts: list[StoredFact] = []
     for key, (tree, entry) in unique.items():
         record_id = inserted.get(key)
@@ -693,73 +680,6 @@ def _lock_foreign_roots(root_pks: set[int], paths: dict[int, list[int]], using: 
 
 class _Busy(Exception):
     pass
-
-
-def _insert_facts(entries: Sequence[log.Entry], using: str) -> dict[tuple[int, str], int]:
-    """Insert the facts (the database skips those it has); returns {(tenant pk, transaction id): new fact id} of the
-    rows inserted. PostgreSQL: COPY and one INSERT ... SELECT; elsewhere multi-row VALUES."""
-    if not entries:
-        return {}
-    connection = connections[using]
-    table = connection.ops.quote_name(UsageRecord._meta.db_table)
-    columns = "tenant_id, feature, units, timestamp, transaction_id, metadata, recorded_at"
-    conflict = "ON CONFLICT (tenant_id, transaction_id) DO NOTHING RETURNING id, tenant_id, transaction_id"
-    inserted: dict[tuple[int, str], int] = {}
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            # COPY into a session-local temporary table, then one INSERT ... SELECT that also empties it (a mover
-            # drains several batches in one transaction): measured twice as fast as one INSERT of unnest() arrays,
-            # which is itself several times faster than a multi-row VALUES of 35,000 placeholders.
-            raw = connection.connection
-            if raw not in _staged:
-                cursor.execute(
-                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (tenant_id bigint, feature varchar, "
-                    "units bigint, timestamp timestamptz, transaction_id varchar, metadata jsonb, "
-                    "recorded_at timestamptz) ON COMMIT DELETE ROWS"
-                )
-                # Known to exist on this server connection once created by a committed transaction.
-                transaction.on_commit(lambda: _staged.add(raw), using=using)
-            with cursor.cursor.copy(f"COPY {STAGING} FROM STDIN") as copy:
-                for entry in entries:
-                    copy.write_row(
-                        (
-                            entry.tenant_pk,
-                            entry.feature,
-                            entry.units,
-                            entry.timestamp,
-                            entry.transaction_id,
-                            json.dumps(entry.metadata, ensure_ascii=False),
-                            entry.recorded_at,
-                        )
-                    )
-            cursor.execute(
-                f"WITH staged AS (DELETE FROM {STAGING} RETURNING {columns}) "  # noqa: S608 (our names)
-                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM staged {conflict}"
-            )
-            rows = cursor.fetchall()
-        else:
-            metadata = UsageRecord._meta.get_field("metadata")
-            adapt = connection.ops.adapt_datetimefield_value
-            rows = []
-            for start in range(0, len(entries), INSERT_CHUNK):
-                part = entries[start : start + INSERT_CHUNK]
-                params: list[Any] = []
-                for entry in part:
-                    params += [
-                        entry.tenant_pk,
-                        entry.feature,
-                        entry.units,
-                        adapt(entry.timestamp),
-                        entry.transaction_id,
-                        metadata.get_db_prep_save(entry.metadata, connection),
-                        adapt(entry.recorded_at),
-                    ]
-                values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s)"] * len(part))
-                cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values} {conflict}", params)  # noqa: S608
-                rows += cursor.fetchall()
-    for record_id, tenant_pk, transaction_id in rows:
-        inserted[(int(tenant_pk), str(transaction_id))] = int(record_id)
-    return inserted
 
 
 def _give_back(redis: Any, trees: list[_Tree], using: str) -> None:

@@ -139,6 +139,27 @@ class InvalidPeriod(InvalidUsageEvent):
     field = "start_time"
 
 
+Problems = dict[str, list[tuple[str, str]]]  # field -> [(code, message)]
+
+
+class InvalidBatch(InvalidUsageEvent):
+    """Some events of a batch are invalid; nothing of the batch was stored.
+
+    ``errors``: {index: {field: [message, ...]}}; ``codes``: the same with the stable codes; ``problems``: both,
+    as {index: {field: [(code, message), ...]}}."""
+
+    code = "validation_errors"
+    field = "events"
+
+    def __init__(self, problems: dict[int, Problems], count: int) -> None:
+        first = min(problems)
+        super().__init__(f"{len(problems)} of {count} event(s) are invalid (first: index {first}); nothing was stored")
+        self.problems = problems
+        self.count = count
+        self.errors = {i: {f: [m for _, m in items] for f, items in p.items()} for i, p in problems.items()}
+        self.codes = {i: {f: [c for c, _ in items] for f, items in p.items()} for i, p in problems.items()}
+
+
 class DuplicateUsageEvent(MeteringError):
     """This tenant already recorded an event with this ``transaction_id``; it was counted once, not again."""
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 
 from tenants.context import TenantContext
 
-from .. import appender, log, recorder, usage
+from .. import appender, bulk, log, recorder, usage
 from ..events import UsageEvent, validate_event
 
 if TYPE_CHECKING:
-    from ..drain import StoredFact
+    from ..bulk import StoredFact
 
 
 class DatabaseMeteringAdapter:
@@ -43,6 +43,22 @@ class DatabaseMeteringAdapter:
         """The fact's write unit with this adapter's ``on_stored``, for a caller that decides inside the fact's
         transaction (``quotas.handler``): see ``metering.recorder``."""
         return recorder.FactWrite(event, context=context, on_stored=self.on_stored)
+
+    def record_facts(
+        self, events: Sequence[UsageEvent], *, contexts: Sequence[TenantContext | None] | None = None, **options: Any
+    ) -> bulk.BulkResult:
+        """Store a batch of facts all or nothing (``metering.bulk.record_many``) with this adapter's outbox hooks
+        (``on_stored_many``, else ``on_stored`` per fact) inside the batch's transaction."""
+        return bulk.record_many(
+            events, contexts=contexts, on_stored=self.on_stored, on_stored_many=self.on_stored_many, **options
+        )
+
+    def record_usage_many_sync(self, events: Sequence[UsageEvent]) -> bulk.BulkResult:
+        """See ``BulkMeteringProtocol.record_usage_many``."""
+        return self.record_facts(events)
+
+    async def record_usage_many(self, events: Sequence[UsageEvent]) -> bulk.BulkResult:
+        return await sync_to_async(self.record_facts)(events)
 
     def record_usage_sync(self, event: UsageEvent) -> None:
         self.record_fact(event)

@@ -14,7 +14,7 @@ from ..events import ValidEvent
 from .database import DatabaseMeteringAdapter
 
 if TYPE_CHECKING:
-    from ..drain import StoredFact
+    from ..bulk import StoredFact
 
 
 class OutboxMeteringAdapter(DatabaseMeteringAdapter):
