@@ -38,7 +38,7 @@ class Snippet:
     @property
     def key(self) -> str:
         first = next((line.strip() for line in self.code.splitlines() if line.strip()), "")
-        return f"{self.file}:{first[:KEY_CHARS]}"
+        return f"{self.file}:{first[:KEY_CHARS].rstrip()}"
 
 
 HOW: dict[str, str] = {
@@ -55,6 +55,8 @@ HOW: dict[str, str] = {
     "README.md:from datetime import UTC, datetime": "python",
     "README.md:from django.utils.decorators import method_decorator": "python",
     "README.md:python manage.py tenant add acme --kind organization": "commands",
+    "README.md:from metering import InvalidBatch, UsageEvent, get_meter": "python",
+    "README.md:python manage.py usage_import usage.jsonl                 #": "commands",
     "docs/api.md:# settings.py": "host-settings",
     "docs/api.md:# urls.py": "host-urls",
     'docs/api.md:python manage.py apikey create acme-chat --name "billing wor': "commands",

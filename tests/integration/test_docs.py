@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,18 @@ def _webhook_receiver(namespace: dict[str, Any]) -> Callable[[], None]:
     return after
 
 
+def _batch(namespace: dict[str, Any]) -> Callable[[], None]:
+    def after() -> None:
+        from metering.models import UsageRecord
+
+        assert list(namespace["result"].created) == [0] and namespace["result"].duplicates == (1,)
+        assert UsageRecord.objects.count() == 1  # the invalid batch stored nothing
+
+    return after
+
+
 PRELUDES: dict[str, Callable[[dict[str, Any]], Callable[[], None]]] = {
+    "README.md:from metering import InvalidBatch, UsageEvent, get_meter": _batch,
     "README.md:from datetime import UTC, datetime": _recording,
     "README.md:from django.utils.decorators import method_decorator": _enforcing,
     "docs/lago.md:# myproject/metering_sink.py": _custom_sink,
@@ -196,30 +208,78 @@ def _command_lines(snippet: Snippet) -> list[list[str]]:
     return lines
 
 
-@pytest.mark.django_db(transaction=True)
-def test_the_command_line_reference_runs_as_written(settings: Any, tmp_path: Path, lago_settings: Any):
-    """Against the fake Lago (the reference has Lago's commands too)."""
-    settings.VAR_DIR = tmp_path
-    (snippet,) = [s for s in run_by("commands") if s.file == "README.md"]
-    outputs = {}
+IMPORT_LINES = [
+    '{"tenant_id": "acme-chat-key-1", "feature_name": "llm_tokens", "quantity": 3, "transaction_id": "%s-1"}',
+    '{"tenant_id": "acme-chat-key-1", "feature_name": "llm_tokens", "quantity": "2.5", "transaction_id": "%s-2",'
+    ' "timestamp": "%s"}',
+]
+
+
+def _import_files(where: Path) -> None:
+    """The files the import lines name, in the directory they run in."""
+    now = datetime.now(UTC).isoformat()
+    for name in ("usage.jsonl", "old.jsonl"):
+        (where / name).write_text(
+            "\n".join(line % (name, now) if '%s"}' in line else line % name for line in IMPORT_LINES) + "\n"
+        )
+    (where / "2024.jsonl").write_text(IMPORT_LINES[1] % ("2024", "2024-12-01T00:00:00+00:00") + "\n")
+    (where / "usage.csv").write_text(
+        "tenant_id,feature_name,quantity,transaction_id\nacme-chat-key-1,llm_tokens,4,csv-1\n"
+    )
+
+
+def _run_lines(snippet: Snippet, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     from django.core.management.base import CommandError
 
     from metering.counters import client
 
-    for args in _command_lines(snippet):
-        args = ["1" if arg == "N" else arg for arg in args]  # a placeholder
-        out = io.StringIO()
-        if args[0] == "metering_drain" and client() is None:
-            with pytest.raises(CommandError, match="django-redis"):  # log mode needs Redis: the line says so
-                call_command(*args, stdout=out, stderr=io.StringIO())
-            continue
-        call_command(*args, stdout=out, stderr=io.StringIO())
-        outputs[" ".join(args)] = out.getvalue()
+    outputs = {}
+    for raw in snippet.code.splitlines():
+        piped = raw.split("|", 1)[0].strip() if "| python manage.py" in raw else None
+        for args in _command_lines(Snippet(snippet.file, snippet.line, snippet.lang, raw.split("| ", 1)[-1])):
+            args = [{"N": "1", "DAYS": "60"}.get(arg, arg) for arg in args]  # placeholders
+            out = io.StringIO()
+            if piped:  # `producer | python manage.py ... -`: the producer's lines on stdin
+                stream = io.TextIOWrapper(io.BytesIO((IMPORT_LINES[0] % "piped" + "\n").encode()))
+                monkeypatch.setattr(sys, "stdin", stream)
+            if args[0] == "metering_drain" and client() is None:
+                with pytest.raises(CommandError, match="django-redis"):  # log mode needs Redis: the line says so
+                    call_command(*args, stdout=out, stderr=io.StringIO())
+                continue
+            call_command(*args, stdout=out, stderr=io.StringIO())
+            outputs[" ".join(args)] = out.getvalue()
+    return outputs
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_line_reference_runs_as_written(
+    settings: Any, tmp_path: Path, lago_settings: Any, monkeypatch: pytest.MonkeyPatch
+):
+    """Against the fake Lago (the reference has Lago's commands too), in a directory with the files it names."""
+    settings.VAR_DIR = tmp_path
+    monkeypatch.chdir(tmp_path)
+    _import_files(tmp_path)
+    (snippet,) = [s for s in run_by("commands") if s.key.startswith("README.md:python manage.py tenant add")]
+    outputs = _run_lines(snippet, monkeypatch)
     assert "acme-chat-key-1 (key)" in outputs["tenant tree"]
     assert "1000000" in outputs["quota list acme-chat-key-1"].replace(",", "")
     from tenants.lineage import get_context
 
     assert get_context("acme-chat-key-1").lineage_ids == ("other-org", "acme-chat", "acme-chat-key-1")  # moved
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_import_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from metering.models import UsageRecord
+
+    tree({"acme": None, "acme-chat": "acme", "acme-chat-key-1": "acme-chat"})
+    monkeypatch.chdir(tmp_path)
+    _import_files(tmp_path)
+    (snippet,) = [s for s in run_by("commands") if s.key.startswith("README.md:python manage.py usage_import")]
+    _run_lines(snippet, monkeypatch)
+    stored = set(UsageRecord.objects.values_list("transaction_id", flat=True))
+    # usage.jsonl, usage.csv, stdin and 2024.jsonl (its backdate widened); old.jsonl only validated (--dry-run)
+    assert stored == {"usage.jsonl-1", "usage.jsonl-2", "csv-1", "piped-1", "2024-2"}
 
 
 @pytest.mark.django_db(transaction=True)

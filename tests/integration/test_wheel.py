@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 from tests.doc_snippets import run_by
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME = {"django", "djangorestframework", "django-redis", "celery", "psycopg", "httpx", "drf-spectacular"}
+RUNTIME = {"django", "djangorestframework", "django-redis", "redis", "celery", "psycopg", "httpx", "drf-spectacular"}
 NOT_AT_RUNTIME = {"pytest", "pytest-django", "dj-database-url", "hypothesis", "gunicorn", "playwright"}
 IGNORED = shutil.ignore_patterns(".venv", "var", ".git", "__pycache__", "*.egg-info", "build", "dist", "*.pyc")
 
