@@ -79,6 +79,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self._epoch = 0  # bumped by reset(): a slowed request of an earlier epoch never stores
         self.faults: deque[Fault] = deque()
         self.requests: list[Request] = []
         self.held = threading.Event()
@@ -136,6 +137,9 @@ class FakeServer:
 
     def reset(self) -> None:
         with self.lock:
+            # A request still held or slowed from before the reset (the previous test's) must not store into the
+            # next test's empty store: it is dropped when it wakes up (see handle).
+            self._epoch += 1
             self.faults.clear()
             self.requests.clear()
             self.held.clear()
@@ -168,6 +172,7 @@ class FakeServer:
 
     def handle(self, method: str, path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], Any]:
         """Apply the next fault around ``process``. Returns (status, headers, JSON body); raises ``_Drop``."""
+        epoch = self._epoch
         fault = self._next_fault() if method == "POST" else None
         kind = fault.kind if fault else None
         keys = self.keys_of(body)
@@ -196,6 +201,8 @@ class FakeServer:
             raise _Drop
         if fault is not None and kind == "slow":
             self._wait(fault.delay)
+            if self._epoch != epoch:
+                raise _Drop  # reset() while it waited: it belonged to a test that is over
         status, extra, payload = self.process(method, path, headers, body)
         if kind == "drop_after_store":
             self._log(path, None, keys, kind)
