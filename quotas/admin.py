@@ -78,6 +78,14 @@ class QuotaLimitAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     list_select_related = ("tenant",)
     actions = ("activate", "deactivate")
 
+    def get_urls(self) -> list[Any]:
+        from django.urls import path
+
+        from .dashboard import dashboard_view
+
+        view = self.admin_site.admin_view(lambda request: dashboard_view(self, request))
+        return [path("dashboard/", view, name="xaas_quotas_dashboard"), *super().get_urls()]
+
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         kwargs.setdefault("form", ScopedQuotaForm)
         form = super().get_form(request, obj, change=change, **kwargs)
@@ -271,6 +279,10 @@ class QuotaTenantAdmin(MeteringTenantAdmin):
 
 
 replace_tenant_admin(QuotaTenantAdmin)
+
+# The admin index links the operator's dashboard, unless the host project drew its own index.
+if admin.site.index_template is None:
+    admin.site.index_template = "xaas_quotas/admin/index.html"
 
 
 @admin.register(QuotaReservation)
