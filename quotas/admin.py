@@ -24,6 +24,7 @@ from tenants.admin_scope import TenantScopedAdminMixin, admin_scope, check_may_s
 from tenants.models import Tenant
 
 from .display import number, period_usage, quota_usage, usage_bar, usage_of_quotas
+from .forms import ThresholdsField, read_only
 from .models import QuotaLimit, QuotaReservation
 
 
@@ -40,7 +41,9 @@ class QuotaLimitForm(forms.ModelForm):
         if "feature" in self.fields:
             self.fields["feature"].widget.attrs.setdefault("style", "width:8em")
         if "warning_thresholds" in self.fields:
-            self.fields["warning_thresholds"].widget = forms.TextInput(attrs={"style": "width:6em"})
+            field = self.fields["warning_thresholds"]
+            self.fields["warning_thresholds"] = ThresholdsField(label=field.label, disabled=field.disabled)
+            self.fields["warning_thresholds"].widget.attrs["style"] = "width:6em"
 
 
 class ScopedQuotaForm(QuotaLimitForm):
@@ -64,7 +67,7 @@ class ScopedQuotaChangelistForm(QuotaLimitForm):
         super().__init__(*args, **kwargs)
         if self.instance.pk is not None and not may_set_limits(self.xaas_scope, self.instance.tenant):
             for field in self.fields.values():
-                field.disabled = True
+                read_only(field)  # drawn as text, not as an input that looks editable
 
 
 @admin.register(QuotaLimit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.db import connection
@@ -248,3 +249,120 @@ def test_the_period_switch_and_bad_input(forest):
     response = client.get(DASHBOARD + "?period=%00year")
     assert response.status_code == 200
     assert 'class="current" aria-current="true">today' in response.content.decode()
+
+
+# ---- the admin polish: bar levels, the thresholds field ----
+
+
+@pytest.mark.parametrize(
+    ("used", "limit_", "enforcement", "level"),
+    [
+        ("1518", "1520", "hard", "warn"),  # room for 2 more: near
+        ("1519.5", "1520", "hard", "over"),  # no room for one more unit: refused, though it rounds to 100 %
+        ("1520", "1520", "hard", "over"),
+        ("0", "0", "hard", "over"),  # a limit of 0 blocks everything
+        ("1519.5", "1520", "soft", "warn"),  # a soft quota never refuses
+        ("1520", "1520", "soft", "beyond"),
+        ("10", "1520", "soft", "ok"),
+    ],
+)
+def test_a_bar_is_red_exactly_when_its_quota_refuses_the_next_unit(used, limit_, enforcement, level):
+    from quotas.display import COLOURS, QuotaUsage, usage_bar
+
+    usage = QuotaUsage("llm_tokens", "day", Decimal(used), Decimal(limit_), (80, 100), hard=enforcement == "hard")
+    assert usage.level == level
+    html = usage_bar(usage)
+    assert f'data-level="{level}" data-enforcement="{enforcement}"' in html
+    assert f"background:{COLOURS[level]}" in html
+    assert ("border:1px dashed" in html) == (enforcement == "soft")
+    assert ("refused" in html) == (level == "over")
+
+
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [("80, 100", [80, 100]), ("100,80,80", [80, 100]), ("", []), ("  5 ", [5]), ("1", [1]), ("[80, 100]", [80, 100])],
+)
+def test_thresholds_are_typed_as_comma_separated_percentages(typed, stored):
+    from quotas.forms import ThresholdsField
+
+    assert ThresholdsField().clean(typed) == stored
+    assert ThresholdsField().prepare_value(stored) == ", ".join(map(str, stored))
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "[80, [100]]",
+        "{}",
+        "80;100",
+        "0",
+        "101",
+        "8 0",
+        "٨٠",
+        "1_0",
+        "80,",
+        "-5",
+        "80.5",
+        "\x00",
+        "1e2",
+        ",".join(["5"] * 11),
+    ],
+)
+def test_bad_thresholds_are_a_form_error_naming_the_item(typed):
+    from django.core.exceptions import ValidationError
+
+    from quotas.forms import ThresholdsField
+
+    with pytest.raises(ValidationError):
+        ThresholdsField().clean(typed)
+
+
+def test_the_tenant_page_takes_thresholds_as_text_and_refuses_bad_ones(forest):
+    from quotas.models import QuotaLimit
+
+    quota = QuotaLimit.objects.get(tenant__external_id="acme-chat")
+    client = login(superuser())
+    page = client.get(tenant_url("acme-chat")).content.decode()
+    assert re.search(r'<input type="text" name="quota_limits-0-warning_thresholds" value="80, 100"', page)
+    tenant = Tenant.objects.get(external_id="acme-chat")
+    form = {
+        "external_id": "acme-chat",
+        "name": tenant.name,
+        "kind": tenant.kind,
+        "parent": str(tenant.parent_id),
+        "is_active": "on",
+        "metadata": "{}",
+        "quota_limits-TOTAL_FORMS": "1",
+        "quota_limits-INITIAL_FORMS": "1",
+        "quota_limits-MIN_NUM_FORMS": "0",
+        "quota_limits-0-id": str(quota.pk),
+        "quota_limits-0-tenant": str(tenant.pk),
+        "quota_limits-0-feature": "llm_tokens",
+        "quota_limits-0-period": "month",
+        "quota_limits-0-limit": "1000",
+        "quota_limits-0-enforcement": "hard",
+        "quota_limits-0-is_active": "on",
+        "api_keys-TOTAL_FORMS": "0",
+        "api_keys-INITIAL_FORMS": "0",
+        "api_keys-MIN_NUM_FORMS": "0",
+        "_continue": "1",
+    }
+    bad = client.post(tenant_url("acme-chat"), {**form, "quota_limits-0-warning_thresholds": "50, 150"})
+    assert bad.status_code == 200 and "&#x27;150&#x27; is not a whole percentage from 1 to 100." in bad.content.decode()
+    quota.refresh_from_db()
+    assert quota.warning_thresholds == [80, 100]
+    good = client.post(tenant_url("acme-chat"), {**form, "quota_limits-0-warning_thresholds": "90, 50"})
+    assert good.status_code == 302, good.content.decode()[:2000]
+    quota.refresh_from_db()
+    assert quota.warning_thresholds == [50, 90]
+
+
+@pytest.mark.parametrize("model", ["usageoutbox", "sinkstate"])
+def test_an_empty_outbox_or_sink_list_says_only_the_lago_and_webhook_adapters_use_it(forest, model):
+    client = login(superuser())
+    changelist = reverse(f"admin:xaas_metering_{model}_changelist")
+    note = "Only the Lago and webhook adapters use the outbox and the delivery sinks"
+    assert note in client.get(changelist).content.decode()
+    if model == "usageoutbox":
+        UsageOutbox.objects.create(record=UsageRecord.objects.earliest("pk"), sink="lago", next_attempt_at=utcnow())
+        assert note not in client.get(changelist).content.decode()
