@@ -13,6 +13,7 @@ from metering.models import UsageOutbox, UsageRecord
 from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
 from tenants.apikeys import create_api_key
+from tenants.models import ApiKey
 from tests.admin_fixtures import staff_user, superuser
 from tests.integration import test_admin_browser as browser
 from tests.integration.test_admin_browser import GREEN, RED, assert_everything_was_served_locally, log_in, shoot
@@ -40,6 +41,17 @@ def clipped_cells(tab: Any, table: str) -> list[str]:
                 .map(cell => cell.className + ': ' + cell.innerText.slice(0, 40));
         }""",
         table,
+    )
+
+
+def hidden_columns(tab: Any) -> dict[str, float]:
+    """How far the change list's table runs past its scrolling box (cut-off columns): 0 when it fits."""
+    return tab.evaluate(
+        """() => {
+            const box = document.querySelector('#changelist .results'), table = document.querySelector('#result_list');
+            return {past: table.getBoundingClientRect().right - box.getBoundingClientRect().right,
+                    scroll: box.scrollWidth - box.clientWidth};
+        }"""
     )
 
 
@@ -141,8 +153,12 @@ def test_the_dashboard_in_a_browser(page, traffic, live_server, busy):
 def test_the_tenant_page_fits_1280_px_and_the_lists_are_not_clipped(page, traffic, live_server, busy):
     base = live_server.url
     superuser("operator")
-    for index in range(3):
-        create_api_key("acme-chat", name=f"a fairly long key description number {index}")
+    for index in range(3):  # every column filled: dates in all of them
+        key, _ = create_api_key("acme-chat", name=f"a fairly long key description number {index}")
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=utcnow(), revoked_at=utcnow(), last_used_at=utcnow())
+    UsageOutbox.objects.filter(pk=UsageOutbox.objects.earliest("pk").pk).update(
+        state="dead", delivered_at=utcnow(), last_error="HTTP 422 from the sink: " + "an unknown metric code " * 8
+    )
     limit("acme-chat", 5, feature="api_calls", period="hour", warning_thresholds=[50, 75, 90, 100])
     page.set_viewport_size(NARROW)
     log_in(page, base, "operator", "/admin/xaas_tenants/tenant/")
@@ -159,6 +175,7 @@ def test_the_tenant_page_fits_1280_px_and_the_lists_are_not_clipped(page, traffi
     for name, changelist in (
         ("13-outbox-1280", "xaas_metering/usageoutbox"),
         ("14-apikeys-1280", "xaas_tenants/apikey"),
+        ("14b-quotas-1280", "xaas_quotas/quotalimit"),
     ):
         page.goto(f"{base}/admin/{changelist}/")
         page.wait_for_selector("#result_list")
@@ -166,6 +183,12 @@ def test_the_tenant_page_fits_1280_px_and_the_lists_are_not_clipped(page, traffi
         size = overflow(page)
         assert size["scroll"] <= size["client"], (changelist, size)
         assert clipped_cells(page, "#result_list") == [], changelist
+        hidden = hidden_columns(page)
+        assert hidden["past"] <= 1 and hidden["scroll"] <= 1, (changelist, hidden)
+    # No sink has reported yet: the empty list says who uses it.
+    page.goto(f"{base}/admin/xaas_metering/sinkstate/")
+    assert "Only the Lago and webhook adapters use" in page.locator(".xaas-empty-note").inner_text()
+    shoot(page, "14c-sinks-empty")
     assert_everything_was_served_locally(traffic, base)
 
 
