@@ -63,3 +63,13 @@ def last_hours(now: datetime, hours: int = 24) -> list[datetime]:
     """The starts of the ``hours`` UTC hours ending with the current one, oldest first."""
     current = hour_of(now)
     return [current - timedelta(hours=hours - 1 - index) for index in range(hours)]
+
+
+KEEP = timedelta(days=7)
+
+
+def prune(now: datetime | None = None, keep: timedelta = KEEP) -> int:
+    """Delete the counts of hours that ended more than ``keep`` ago (the dashboard shows the last 24 hours)."""
+    cutoff = hour_of((now or utcnow()) - keep)
+    deleted, _ = QuotaRefusalCount.objects.using(metering_settings.DATABASE_ALIAS).filter(hour__lt=cutoff).delete()
+    return deleted

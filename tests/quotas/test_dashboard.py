@@ -366,3 +366,16 @@ def test_an_empty_outbox_or_sink_list_says_only_the_lago_and_webhook_adapters_us
     if model == "usageoutbox":
         UsageOutbox.objects.create(record=UsageRecord.objects.earliest("pk"), sink="lago", next_attempt_at=utcnow())
         assert note not in client.get(changelist).content.decode()
+
+
+def test_old_refusal_counts_are_pruned(forest):
+    from quotas.tasks import prune_refusals_task
+
+    key = Tenant.objects.get(external_id="other-project")
+    now = utcnow()
+    for hours in (0, 24, 7 * 24, 7 * 24 + 1, 30 * 24):
+        QuotaRefusalCount.objects.create(
+            tenant=key, feature="api_calls", hour=refusals.hour_of(now) - timedelta(hours=hours), count=1
+        )
+    assert prune_refusals_task() == 2  # older than 7 days (the hour 7 days ago is kept)
+    assert QuotaRefusalCount.objects.count() == 3
