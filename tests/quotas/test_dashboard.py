@@ -379,3 +379,19 @@ def test_old_refusal_counts_are_pruned(forest):
         )
     assert prune_refusals_task() == 2  # older than 7 days (the hour 7 days ago is kept)
     assert QuotaRefusalCount.objects.count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refusals_outside_any_transaction_are_counted_in_their_own(forest):
+    """Autocommit, as in a view without ATOMIC_REQUESTS: the count commits in a transaction of its own (on PostgreSQL
+    without waiting for its WAL flush), and exactly once per refusal."""
+    refuse("acme-search-key-1", times=4)
+    assert list(QuotaRefusalCount.objects.values_list("tenant__external_id", "feature", "count")) == [
+        ("acme-search-key-1", "llm_tokens", 4)
+    ]
+    # The connection is back in autocommit with the default durability for whatever the caller writes next.
+    assert connection.get_autocommit()
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            assert cursor.fetchone()[0] == "on"
