@@ -395,3 +395,11 @@ def test_refusals_outside_any_transaction_are_counted_in_their_own(forest):
         with connection.cursor() as cursor:
             cursor.execute("SHOW synchronous_commit")
             assert cursor.fetchone()[0] == "on"
+
+
+def test_hours_are_utc_hours_whatever_the_time_zone(forest, settings):
+    settings.TIME_ZONE = "Asia/Kolkata"  # +05:30: a local label would be off by half an hour
+    refuse("acme-search-key-1")
+    html = section(login(superuser()).get(DASHBOARD).content.decode(), "refusals")
+    last = re.findall(r'data-hour="([^"]+)" data-count="(\d+)"', html)[-1]
+    assert last == (refusals.hour_of(utcnow()).isoformat(), "1")
