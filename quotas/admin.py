@@ -168,15 +168,20 @@ class QuotaLimitInline(admin.TabularInline):
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         fields = list(super().get_fields(request, obj))
         if not self._may_edit(request, obj):
-            fields = ["limit_value" if name == "limit" else name for name in fields]
+            shown = {"limit": "limit_value", "warning_thresholds": "thresholds_value"}
+            fields = [shown.get(name, name) if isinstance(name, str) else name for name in fields]
         return fields
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return (*super().get_readonly_fields(request, obj), "limit_value")
+        return (*super().get_readonly_fields(request, obj), "limit_value", "thresholds_value")
 
     @admin.display(description="limit")
     def limit_value(self, quota: QuotaLimit) -> str:
         return number(Decimal(quota.limit)) if quota.limit is not None else "-"
+
+    @admin.display(description="warning thresholds")
+    def thresholds_value(self, quota: QuotaLimit) -> str:
+        return ThresholdsField().prepare_value(quota.warning_thresholds or []) or "-"
 
     def _may_edit(self, request: HttpRequest, tenant: Tenant | None) -> bool:
         return tenant is None or may_set_limits(admin_scope(request), tenant)

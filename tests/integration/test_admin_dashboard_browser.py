@@ -210,6 +210,8 @@ def test_a_scoped_administrator_reads_its_own_limits_as_text(page, traffic, live
     cell = page.locator("#quota_limits-group td.field-limit_value").first
     assert cell.inner_text().strip() == "2,000"
     assert cell.locator("input").count() == 0
+    thresholds = page.locator("#quota_limits-group td.field-thresholds_value").first
+    assert thresholds.inner_text().strip() == "80, 100"  # as typed, not as JSON
     size = overflow(page)
     assert size["scroll"] <= size["client"], size
     shoot(page, "16-scoped-tenant-1280")
