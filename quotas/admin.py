@@ -24,6 +24,7 @@ from tenants.admin_scope import TenantScopedAdminMixin, admin_scope, check_may_s
 from tenants.models import Tenant
 
 from .display import number, period_usage, quota_usage, usage_bar, usage_of_quotas
+from .forms import ThresholdsField, read_only
 from .models import QuotaLimit, QuotaReservation
 
 
@@ -40,7 +41,9 @@ class QuotaLimitForm(forms.ModelForm):
         if "feature" in self.fields:
             self.fields["feature"].widget.attrs.setdefault("style", "width:8em")
         if "warning_thresholds" in self.fields:
-            self.fields["warning_thresholds"].widget = forms.TextInput(attrs={"style": "width:6em"})
+            field = self.fields["warning_thresholds"]
+            self.fields["warning_thresholds"] = ThresholdsField(label=field.label, disabled=field.disabled)
+            self.fields["warning_thresholds"].widget.attrs["style"] = "width:6em"
 
 
 class ScopedQuotaForm(QuotaLimitForm):
@@ -64,7 +67,7 @@ class ScopedQuotaChangelistForm(QuotaLimitForm):
         super().__init__(*args, **kwargs)
         if self.instance.pk is not None and not may_set_limits(self.xaas_scope, self.instance.tenant):
             for field in self.fields.values():
-                field.disabled = True
+                read_only(field)  # drawn as text, not as an input that looks editable
 
 
 @admin.register(QuotaLimit)
@@ -77,6 +80,14 @@ class QuotaLimitAdmin(TenantScopedAdminMixin, admin.ModelAdmin):
     autocomplete_fields = ("tenant",)
     list_select_related = ("tenant",)
     actions = ("activate", "deactivate")
+
+    def get_urls(self) -> list[Any]:
+        from django.urls import path
+
+        from .dashboard import dashboard_view
+
+        view = self.admin_site.admin_view(lambda request: dashboard_view(self, request))
+        return [path("dashboard/", view, name="xaas_quotas_dashboard"), *super().get_urls()]
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         kwargs.setdefault("form", ScopedQuotaForm)
@@ -157,15 +168,20 @@ class QuotaLimitInline(admin.TabularInline):
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         fields = list(super().get_fields(request, obj))
         if not self._may_edit(request, obj):
-            fields = ["limit_value" if name == "limit" else name for name in fields]
+            shown = {"limit": "limit_value", "warning_thresholds": "thresholds_value"}
+            fields = [shown.get(name, name) if isinstance(name, str) else name for name in fields]
         return fields
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return (*super().get_readonly_fields(request, obj), "limit_value")
+        return (*super().get_readonly_fields(request, obj), "limit_value", "thresholds_value")
 
     @admin.display(description="limit")
     def limit_value(self, quota: QuotaLimit) -> str:
         return number(Decimal(quota.limit)) if quota.limit is not None else "-"
+
+    @admin.display(description="warning thresholds")
+    def thresholds_value(self, quota: QuotaLimit) -> str:
+        return ThresholdsField().prepare_value(quota.warning_thresholds or []) or "-"
 
     def _may_edit(self, request: HttpRequest, tenant: Tenant | None) -> bool:
         return tenant is None or may_set_limits(admin_scope(request), tenant)
@@ -271,6 +287,10 @@ class QuotaTenantAdmin(MeteringTenantAdmin):
 
 
 replace_tenant_admin(QuotaTenantAdmin)
+
+# The admin index links the operator's dashboard, unless the host project drew its own index.
+if admin.site.index_template is None:
+    admin.site.index_template = "xaas_quotas/admin/index.html"
 
 
 @admin.register(QuotaReservation)

@@ -22,7 +22,10 @@ from metering.windows import Period
 
 from .models import QuotaLimit
 
-COLOURS = {"ok": "#2e7d32", "warn": "#e09400", "over": "#c62828", "inactive": "#9e9e9e"}
+# ``over``: a hard quota with no room for one more unit (it refuses); ``beyond``: a soft quota past its limit (it
+# records and warns, it does not refuse).
+COLOURS = {"ok": "#2e7d32", "warn": "#e09400", "over": "#c62828", "beyond": "#ef6c00", "inactive": "#9e9e9e"}
+TAGS = {"over": "refused", "beyond": "over soft limit"}
 PERIOD_LABELS = {"hour": "this hour", "day": "today", "month": "this month", "total": "in total"}
 
 
@@ -44,6 +47,7 @@ class QuotaUsage:
     limit: Decimal
     thresholds: tuple[int, ...]
     active: bool = True
+    hard: bool = True
 
     @property
     def percent(self) -> Decimal:
@@ -54,12 +58,16 @@ class QuotaUsage:
 
     @property
     def level(self) -> str:
-        """``ok`` below the first warning threshold, ``warn`` from it, ``over`` from 100 %; or ``inactive``."""
+        """``ok`` below the first warning threshold, ``warn`` from it; ``over`` when a hard quota has no room left
+        for one more unit (the next request of 1 is refused: 1,519.5 of 1,520 is refused, not amber), ``beyond``
+        when a soft quota reached its limit; or ``inactive``."""
         if not self.active:
             return "inactive"
-        percent = self.percent
-        if percent >= 100:
+        if self.hard and self.limit - self.used < 1:
             return "over"
+        percent = self.percent
+        if not self.hard and percent >= 100:
+            return "beyond"
         if any(percent >= threshold for threshold in self.thresholds):
             return "warn"
         return "ok"
@@ -68,7 +76,8 @@ class QuotaUsage:
     def summary(self) -> str:
         return (
             f"{self.feature} {PERIOD_LABELS.get(self.period, self.period)}: {number(self.used)} of "
-            f"{number(self.limit)} ({self.percent:.0f}%){'' if self.active else ', inactive'}"
+            f"{number(self.limit)} ({self.percent:.0f}%)"
+            f"{'' if self.hard else ', soft'}{'' if self.active else ', inactive'}"
         )
 
 
@@ -97,6 +106,7 @@ def quota_usage(quota: QuotaLimit, used: Decimal) -> QuotaUsage:
         limit=Decimal(quota.limit),
         thresholds=tuple(sorted(t for t in (quota.warning_thresholds or []) if isinstance(t, int))),
         active=quota.is_active,
+        hard=quota.enforcement != QuotaLimit.Enforcement.SOFT,
     )
 
 
@@ -112,19 +122,35 @@ def _period(value: str) -> Period:
 
 
 def usage_bar(usage: QuotaUsage, *, compact: bool = False, label: str = "") -> SafeString:
-    """A server-rendered bar (no script): ``role="meter"`` with the exact numbers in its accessible text."""
+    """A server-rendered bar (no script): ``role="meter"`` with the exact numbers in its accessible text.
+
+    Hard quotas are drawn with a solid border, soft ones with a dashed border and a "soft" tag; a refusing quota is
+    tagged "refused"."""
     percent = usage.percent
     width = min(percent, Decimal(100))
     text = f"{number(usage.used)} / {number(usage.limit)} ({percent:.0f}%)"
+    tags = [] if usage.hard else ["soft"]
+    if usage.level in TAGS:
+        tags.append(TAGS[usage.level])
     return format_html(
-        '<span class="xaas-usage xaas-usage--{level}" data-level="{level}" data-used="{used}" data-limit="{limit}" '
+        '<span class="xaas-usage xaas-usage--{level} xaas-usage--{enforcement}" data-level="{level}" '
+        'data-enforcement="{enforcement}" data-used="{used}" data-limit="{limit}" '
         'data-percent="{percent}" title="{summary}" style="white-space:nowrap">{label}'
         '<span role="meter" aria-valuemin="0" aria-valuemax="{limit}" aria-valuenow="{now}" '
         'aria-valuetext="{summary}" aria-label="{feature} usage" '
         'style="display:inline-block;vertical-align:middle;width:{track}em;height:0.8em;background:#e3e3e3;'
-        'border:1px solid #bdbdbd;border-radius:3px;overflow:hidden">'
+        'border:1px {border} #757575;border-radius:3px;overflow:hidden">'
         '<span class="xaas-usage-fill" style="display:block;height:100%;width:{width}%;background:{colour}">'
-        '</span></span> <span class="xaas-usage-text">{text}</span></span>',
+        '</span></span> <span class="xaas-usage-text">{text}</span>{tag}</span>',
+        enforcement="hard" if usage.hard else "soft",
+        border="solid" if usage.hard else "dashed",
+        tag=format_html(
+            ' <span class="xaas-usage-tag" style="font-size:0.85em;font-weight:bold;color:{}">{}</span>',
+            COLOURS[usage.level] if usage.level in TAGS else "#555",
+            " · ".join(tags),
+        )
+        if tags
+        else "",
         level=usage.level,
         used=plain(usage.used),
         limit=plain(usage.limit),

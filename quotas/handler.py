@@ -49,6 +49,7 @@ from . import ledger
 from .exceptions import QuotaConfigurationError, QuotaExceeded
 from .ledger import Change, Decision, NeedsExclusive
 from .models import QuotaReservation
+from .refusals import count_refusal
 from .rules import QuotaRule, RuleSet, ruleset
 from .signals import quota_exceeded, quota_threshold_reached
 
@@ -347,6 +348,7 @@ class QuotaPolicyHandler:
 
     def _rejected(self, error: QuotaExceeded) -> None:
         context = self.context
+        count_refusal(context, error)  # never raises: a store error is logged
         quota_exceeded.send(sender=QuotaPolicyHandler, context=context, error=error)
 
     def _after_commit(self, decision: Decision) -> None:

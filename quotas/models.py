@@ -162,3 +162,25 @@ class QuotaReservation(models.Model):
     @property
     def quantity(self) -> Decimal:
         return units_to_quantity(self.units)
+
+
+class QuotaRefusalCount(models.Model):
+    """How many requests of ``tenant`` (the requesting tenant, whatever level's quota blocked) were refused for
+    ``feature`` in the UTC hour starting at ``hour``: the operator's dashboard's refusals per hour. Incremented
+    after each refusal was decided (``quotas.refusals``), outside the decision, so counting can never refuse or fail
+    a request."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    feature = models.CharField(max_length=100)
+    hour = models.DateTimeField(help_text="Start of the UTC hour.")
+    count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "quota refusal count"
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "feature", "hour"], name="xaas_quota_refusal_unique_hour"),
+        ]
+        indexes = [models.Index(fields=["hour"], name="xaas_quota_refusal_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}:{self.feature} {self.hour:%Y-%m-%d %H}h x{self.count}"

@@ -31,6 +31,7 @@ def test_the_stack_schedule_names_registered_tasks_of_every_app():
         "metering.fold_rollups",
         "metering.drain_log",
         "quotas.expire_reservations",
+        "quotas.prune_refusals",
     }
     assert tasks <= set(current_app.tasks)  # a typo in a task name would schedule nothing
     assert schedule["metering-sweep-outbox"]["schedule"] == 7.0

@@ -248,7 +248,10 @@ def test_list_editing_leaves_the_own_tenants_quota_alone(chat_admin):
     child = limit("acme-chat-key-1", 100)
     page = chat_admin.get(url("quotalimit", "changelist")).content.decode()
     prefix = {int(value): name for name, value in re.findall(r'name="(form-\d+)-id" value="(\d+)"', page)}
-    assert re.search(rf'name="{prefix[own.pk]}-limit"[^>]*disabled', page)
+    # The own tenant's limit is text (no input that looks editable); the descendant's is an input.
+    assert re.search(rf'<span class="xaas-readonly" data-field="{prefix[own.pk]}-limit"[^>]*>1000</span>', page)
+    assert f'name="{prefix[own.pk]}-limit"' not in page
+    assert re.search(rf'<input[^>]*name="{prefix[child.pk]}-limit"', page)
     assert not re.search(rf'name="{prefix[child.pk]}-limit"[^>]*disabled', page)
     data = {"form-TOTAL_FORMS": "2", "form-INITIAL_FORMS": "2", "form-MIN_NUM_FORMS": "0", "_save": "Save"}
     for quota, amount in ((own, "999999"), (child, "200")):
