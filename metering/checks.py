@@ -140,11 +140,11 @@ def check_delivery_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
         )
     if sink_class is not None:
         sink = sink_class.name
-        if not metering_settings.SINK_URL:
+        if sink_class.url_setting == "SINK_URL" and not metering_settings.SINK_URL:
             messages.append(Error(f"METERING['SINK_URL'] is required by the {sink} sink.", id="xaas_metering.E010"))
         secret_key = sink_class.secret_setting
         secret = getattr(metering_settings, secret_key, None) if secret_key else ""
-        if secret_key and (not isinstance(secret, str) or not secret):
+        if secret_key and sink_class.secret_required and (not isinstance(secret, str) or not secret):
             messages.append(
                 Error(
                     f"METERING[{secret_key!r}] must be a non-empty string for the {sink} sink.", id="xaas_metering.E011"

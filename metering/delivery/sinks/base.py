@@ -65,6 +65,16 @@ class Sink:
     name: ClassVar[str] = ""  # stored on every outbox row of this sink: short, and never changed once in use
     needs_subscription: ClassVar[bool] = False
     secret_setting: ClassVar[str] = ""  # the METERING key holding the credential (its name, not its value)
+    secret_required: ClassVar[bool] = True  # the system checks require ``secret_setting`` to be set
+    url_setting: ClassVar[str] = "SINK_URL"  # the METERING key holding the URL (the system checks require it)
+
+    @property
+    def batch_size(self) -> int:
+        """Facts per claimed batch (one request unless the sink refuses part of it)."""
+        return int(metering_settings.BATCH_SIZE)
+
+    def prepare(self, facts: list[ClaimedFact]) -> None:
+        """Called with each claimed batch before ``build``: a sink may look up what its rows need in one query."""
 
     @property
     def url(self) -> str:

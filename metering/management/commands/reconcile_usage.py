@@ -27,8 +27,17 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("root_ids", nargs="*", metavar="ROOT_ID", help="Root tenants (default: every root).")
         parser.add_argument("--dry-run", action="store_true", help="Report the differences, change nothing.")
+        parser.add_argument(
+            "--sink",
+            choices=["clickhouse"],
+            help="Instead: compare the facts with the sink's totals per tenant x feature x UTC day and report every "
+            "difference (exit status 1 when any). Changes nothing.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["sink"]:
+            self.reconcile_sink(options["sink"])
+            return
         dry_run: bool = options["dry_run"]
         roots = self.roots(options["root_ids"])
         using = metering_settings.DATABASE_ALIAS
@@ -58,6 +67,23 @@ class Command(BaseCommand):
         verb = "found" if dry_run else "repaired"
         self.stdout.write(f"{found} differences {verb} in {len(roots)} trees")
         self.stdout.write(f"{drifted} live counters {verb} drifting from the rollups")
+
+    def reconcile_sink(self, sink: str) -> None:
+        from metering.delivery.reconcile import reconcile_clickhouse
+        from metering.delivery.sinks.clickhouse import ClickHouseError
+
+        try:
+            differences = reconcile_clickhouse()
+        except ClickHouseError as error:  # also SinkNotConfigured's settings errors
+            raise CommandError(f"{sink}: {error}") from error
+        for d in differences:
+            self.stdout.write(
+                f"{d.tenant_id} {d.feature} {d.day:%Y-%m-%d}: facts {format_units(d.facts_units)} "
+                f"({d.facts_events} events), {sink} {format_units(d.sink_units)} ({d.sink_events} events)"
+            )
+        self.stdout.write(f"{len(differences)} differences between the facts and {sink}")
+        if differences:
+            raise SystemExit(1)
 
     def roots(self, root_ids: list[str]) -> list[Tenant]:
         if not root_ids:
