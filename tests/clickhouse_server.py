@@ -3,10 +3,14 @@ system service), started once per session and stopped afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
@@ -102,7 +106,7 @@ class ClickHouseServer:
         )
         (self.root / "users.xml").write_text(USERS.format(user=USER, password=PASSWORD))
         command = [path] if path.endswith("clickhouse-server") else [path, "server"]
-        self.process = subprocess.Popen(  # noqa: S603 (our own binary, our own arguments)
+        self.process = subprocess.Popen(
             [*command, f"--config-file={config}"],
             cwd=self.root,
             stdout=subprocess.DEVNULL,
@@ -159,3 +163,65 @@ class ClickHouseServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of ClickHouse that forwards each request, then answers as ``faults`` says (one entry
+    per request, then plain forwarding): ``"drop"`` closes the connection without an answer after ClickHouse
+    stored the insert, ``"502"`` answers 502 after it stored it, ``"503-before"`` answers 503 without forwarding."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.faults: list[str] = []
+        self.forwarded = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy.lock:
+                    fault = proxy.faults.pop(0) if proxy.faults else ""
+                if fault == "503-before":
+                    self._answer(503, b"Code: 999, e.displayText() = injected before forwarding")
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower().startswith("x-clickhouse")}
+                response = httpx.post(proxy.upstream + self.path, content=body, headers=headers, timeout=30)
+                with proxy.lock:
+                    proxy.forwarded += 1
+                if fault == "drop":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault == "502":
+                    self._answer(502, b"Bad Gateway (injected after the insert)")
+                    return
+                self._answer(response.status_code, response.content)
+
+            def _answer(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
