@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "LAGO_METRICS": {},  # feature -> "code" or {"code": ..., "property": ..., "metadata": True|False|[keys]}
     "LAGO_QUANTITY_PROPERTY": "quantity",  # the property carrying the quantity when LAGO_METRICS names none
     "LAGO_QUALIFY_TRANSACTION_ID": True,  # Lago transaction_id = "<tenant id>/<transaction id>" (unique per sub)
+    "SINKS": None,  # dotted paths of the sinks every fact goes to; None: the outbox adapter's own sink_class
     "CLICKHOUSE_URL": None,  # the clickhouse sink's HTTP interface, e.g. "http://clickhouse.internal:8123"
     "CLICKHOUSE_DATABASE": "default",
     "CLICKHOUSE_TABLE": "usage_facts",

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from metering import counters, drain, log
 from metering.delivery import outbox
-from metering.delivery.sinks.base import configured_sink_name
+from metering.delivery.sinks.base import configured_sink_name, configured_sink_names
 from metering.models import LogCursor, LogDeadEntry, LogGap
 from tenants.models import Tenant
 
@@ -32,7 +32,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
         configured = configured_sink_name()
-        names = sorted(set(outbox.sinks_in_use()) | ({configured} if configured else set()))
+        names = sorted(set(outbox.sinks_in_use()) | set(configured_sink_names()))
         statuses = [outbox.status(name, now=now) for name in names]
         drained = self._log_status(now)
         if options["json"]:
