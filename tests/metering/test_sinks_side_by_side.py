@@ -106,5 +106,5 @@ def test_a_sink_added_later_backfills_from_the_facts(both, clickhouse, clickhous
 def test_an_unconfigured_sink_cannot_be_flushed(both):
     from django.core.management.base import CommandError
 
-    with pytest.raises(CommandError, match="not a configured one"):
+    with pytest.raises(CommandError, match="not the configured one"):
         call_command("metering_flush", "--sink", "webhook", stdout=StringIO())

@@ -416,5 +416,5 @@ def get_sink(name: str | None = None) -> Sink | None:
             return sink_class()
     configured = ", ".join(sink_class.name for sink_class in classes) or "none"
     raise SinkNotConfigured(
-        f"sink {name!r} is not a configured one ({configured}): METERING['ADAPTER'] and METERING['SINKS'] decide"
+        f"sink {name!r} is not the configured one ({configured}): METERING['ADAPTER'] and METERING['SINKS'] decide"
     )
