@@ -9,27 +9,10 @@ from typing import Any
 import pytest
 
 from tests import services
-from tests.clickhouse_server import PASSWORD, USER, ClickHouseServer, binary
-from tests.lago_support import lago_metering
+from tests.clickhouse_server import ClickHouseServer, binary
+from tests.clickhouse_support import clickhouse_metering
 
 pytest_plugins = ["tests.lago_fixtures"]
-
-
-def clickhouse_metering(url: str, database: str, **overrides: Any) -> dict[str, Any]:
-    return {
-        **lago_metering(url),
-        "ADAPTER": "metering.adapters.clickhouse.ClickHouseMeteringAdapter",
-        "SINK_URL": None,
-        "API_KEY": None,
-        "CLICKHOUSE_URL": url,
-        "CLICKHOUSE_DATABASE": database,
-        "CLICKHOUSE_USER": USER,
-        "CLICKHOUSE_PASSWORD": PASSWORD,
-        "CLICKHOUSE_BATCH_SIZE": 10,
-        "SINK_TIMEOUT_SECONDS": 5,
-        "SINK_LEASE_SECONDS": 15,
-        **overrides,
-    }
 
 
 @pytest.fixture(scope="session")

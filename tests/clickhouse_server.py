@@ -168,13 +168,16 @@ class ClickHouseServer:
 class FaultyProxy:
     """An HTTP proxy in front of ClickHouse that forwards each request, then answers as ``faults`` says (one entry
     per request, then plain forwarding): ``"drop"`` closes the connection without an answer after ClickHouse
-    stored the insert, ``"502"`` answers 502 after it stored it, ``"503-before"`` answers 503 without forwarding."""
+    stored the insert, ``"502"`` answers 502 after it stored it, ``"503-before"`` answers 503 without forwarding,
+    ``"hold"`` forwards, sets ``held`` and keeps the answer until ``release()`` (a worker can be killed meanwhile)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[str] = []
         self.forwarded = 0
         self.lock = threading.Lock()
+        self.held = threading.Event()
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -194,6 +197,11 @@ class FaultyProxy:
                 response = httpx.post(proxy.upstream + self.path, content=body, headers=headers, timeout=30)
                 with proxy.lock:
                     proxy.forwarded += 1
+                if fault == "hold":
+                    proxy.held.set()
+                    proxy._released.wait(120)
+                    self._answer(502, b"Bad Gateway (held, then released)")
+                    return
                 if fault == "drop":
                     self.close_connection = True
                     with contextlib.suppress(OSError):
@@ -205,10 +213,11 @@ class FaultyProxy:
                 self._answer(response.status_code, response.content)
 
             def _answer(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                with contextlib.suppress(OSError):  # the client may be gone (killed, timed out)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
@@ -218,10 +227,14 @@ class FaultyProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
+    def release(self) -> None:
+        self._released.set()
+
     def __enter__(self) -> FaultyProxy:
         self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()

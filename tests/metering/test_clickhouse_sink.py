@@ -5,6 +5,7 @@ answers, 5xx after the insert and a worker that died before marking its batch.""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from io import StringIO
@@ -18,11 +19,20 @@ from metering.checks import check_delivery_settings
 from metering.delivery import outbox
 from metering.delivery.deliver import flush
 from metering.delivery.reconcile import reconcile_clickhouse
-from metering.delivery.sinks.clickhouse import COLUMNS, ClickHouseSink
+from metering.delivery.sinks.clickhouse import COLUMNS, ClickHouseSink, ensure_schema
 from metering.models import SinkState, UsageOutbox
 from tests.clickhouse_server import FaultyProxy
+from tests.clickhouse_support import clickhouse_metering
 from tests.factories import any_backdate
-from tests.lago_support import record, record_many, states
+from tests.lago_support import (
+    CeleryWorker,
+    delete_queue,
+    record,
+    record_many,
+    require_worker_services,
+    states,
+    wait_until,
+)
 
 pytest_plugins = ["tests.clickhouse_fixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -237,3 +247,39 @@ def test_system_checks_name_the_clickhouse_settings(settings):
         "CLICKHOUSE_URL": "http://127.0.0.1:8123",
     }
     assert check_delivery_settings() == []
+
+
+def test_a_celery_worker_killed_after_the_insert_bills_nothing_twice(
+    django_db_setup, settings, clickhouse_server, clickhouse_db, org, tmp_path
+):
+    """A real worker (PostgreSQL + RabbitMQ run) SIGKILLed while ClickHouse has stored its batch but the answer is
+    still on its way: the batch stays pending, a new worker resends it after the lease, FINAL counts it once."""
+    require_worker_services()
+    queue = f"ch-test-{uuid.uuid4().hex[:12]}"
+    workers: list[CeleryWorker] = []
+    try:
+        with FaultyProxy(clickhouse_server.url) as proxy:
+            metering = clickhouse_metering(
+                proxy.url, clickhouse_db, CELERY_QUEUE=queue, CLICKHOUSE_BATCH_SIZE=20, SINK_LEASE_SECONDS=4
+            )
+            settings.METERING = metering
+            ensure_schema()
+            proxy.faults = ["hold"]
+            workers.append(CeleryWorker(metering, beat=True, tmp=tmp_path, name="ch-0").start())
+            expected = record_many(60)
+            wait_until(proxy.held.is_set, "a batch stored, its answer held", worker=workers[0])
+            workers[0].kill()
+            assert states().get("pending", 0) >= 20  # nobody marked the batch in flight
+            proxy.release()
+            workers.append(CeleryWorker(metering, beat=True, tmp=tmp_path, name="ch-1").start())
+            wait_until(lambda: states() == {"delivered": 60}, "everything delivered", worker=workers[1])
+            assert proxy.forwarded >= 4  # three batches and the one resent after the kill
+    finally:
+        for worker in workers:
+            worker.stop()
+        delete_queue(queue)
+    stored = {f"{r['tenant_id']}/{r['transaction_id']}" for r in rows(clickhouse_server, clickhouse_db)}
+    assert stored == set(expected)
+    assert scalar(clickhouse_server, f"SELECT count() FROM {clickhouse_db}.usage_facts FINAL") == "60"
+    settings.METERING = {**settings.METERING, "CLICKHOUSE_URL": clickhouse_server.url}  # the proxy is gone
+    assert reconcile_clickhouse() == []
