@@ -24,6 +24,7 @@ from metering.models import SinkState, UsageOutbox
 from tests.clickhouse_server import FaultyProxy
 from tests.clickhouse_support import clickhouse_metering
 from tests.factories import any_backdate
+from tests.faults import TcpProxy
 from tests.lago_support import (
     CeleryWorker,
     delete_queue,
@@ -143,12 +144,13 @@ def test_exactly_once_through_lost_answers_5xx_and_a_dead_worker(clickhouse, cli
 def test_duplicates_exist_without_final_and_final_hides_them(clickhouse, clickhouse_db):
     """The mechanism itself: the same batch inserted twice is two parts until merged; FINAL counts it once."""
     record_many(5)
+    table = f"{clickhouse_db}.usage_facts"
+    clickhouse.query(f"SYSTEM STOP MERGES {table}")  # a background merge would hide the copy we look for
     sink = ClickHouseSink()
     claimed = outbox.claim("clickhouse", 10, now=timezone.now(), lease_seconds=15)
     events = [sink.build(fact) for fact in claimed.facts]
     assert sink.send(events).outcome.value == "ok"
     assert sink.send(events).outcome.value == "ok"
-    table = f"{clickhouse_db}.usage_facts"
     assert scalar(clickhouse, f"SELECT count() FROM {table}") == "10"
     assert scalar(clickhouse, f"SELECT count() FROM {table} FINAL") == "5"
 
@@ -282,4 +284,28 @@ def test_a_celery_worker_killed_after_the_insert_bills_nothing_twice(
     assert stored == set(expected)
     assert scalar(clickhouse_server, f"SELECT count() FROM {clickhouse_db}.usage_facts FINAL") == "60"
     settings.METERING = {**settings.METERING, "CLICKHOUSE_URL": clickhouse_server.url}  # the proxy is gone
+    assert reconcile_clickhouse() == []
+
+
+def test_a_hung_network_that_delivers_after_the_timeout_counts_once(clickhouse, clickhouse_db, settings):
+    """TCP level (tests/faults.TcpProxy): the request is held on the wire, the sink times out and retries; then
+    the held bytes reach ClickHouse after all (stored behind our back), and the resend stores the batch again."""
+    table = f"{clickhouse_db}.usage_facts"
+    with TcpProxy("127.0.0.1", clickhouse.http_port) as proxy:
+        settings.METERING = {
+            **settings.METERING,
+            "CLICKHOUSE_URL": f"http://127.0.0.1:{proxy.port}",
+            "SINK_TIMEOUT_SECONDS": 1,
+        }
+        record_many(8)
+        proxy.hang()
+        report = flush()
+        assert report.retrying == 8 and report.delivered == 0
+        proxy.heal()  # the held request goes through now, to a client that gave up on it
+        wait_until(lambda: scalar(clickhouse, f"SELECT count() FROM {table}") == "8", "the late insert", timeout=30)
+        drain()
+    assert states() == {"delivered": 8}
+    # Two copies went to disk (a background merge may already have dropped one): every query counts one.
+    assert scalar(clickhouse, f"SELECT count() FROM {table} FINAL") == "8"
+    settings.METERING = {**settings.METERING, "CLICKHOUSE_URL": clickhouse.url}  # the proxy is gone
     assert reconcile_clickhouse() == []
