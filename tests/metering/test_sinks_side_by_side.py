@@ -69,9 +69,15 @@ def test_lago_and_clickhouse_receive_the_same_facts_independently(both, clickhou
         assert by_sink() == {"lago": {"delivered": 25}, "clickhouse": {"pending": 25}}
         status = StringIO()
         call_command("metering_status", "--json", stdout=status)
-        sinks = {entry["sink"]: entry for entry in json.loads(status.getvalue())["sinks"]}
+        payload = json.loads(status.getvalue())
+        assert payload["configured_sinks"] == ["lago", "clickhouse"]
+        sinks = {entry["sink"]: entry for entry in payload["sinks"]}
         assert sinks["clickhouse"]["counts"]["pending"] == 25 and sinks["clickhouse"]["last_error"].startswith("503")
         assert sinks["lago"]["counts"]["delivered"] == 25 and sinks["lago"]["counts"]["pending"] == 0
+        text = StringIO()
+        call_command("metering_status", stdout=text)
+        assert "configured sinks: lago, clickhouse" in text.getvalue()
+        assert "not configured" not in text.getvalue()
         drain("clickhouse")
     assert by_sink() == {"lago": {"delivered": 25}, "clickhouse": {"delivered": 25}}
     assert sorted(both.stored_transaction_ids()) == sorted(expected)

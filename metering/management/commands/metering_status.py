@@ -32,21 +32,24 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
         configured = configured_sink_name()
-        names = sorted(set(outbox.sinks_in_use()) | set(configured_sink_names()))
+        every = configured_sink_names()  # METERING["SINKS"], else the adapter's own
+        names = sorted(set(outbox.sinks_in_use()) | set(every))
         statuses = [outbox.status(name, now=now) for name in names]
         drained = self._log_status(now)
         if options["json"]:
             payload: dict[str, Any] = {
                 "configured_sink": configured,
+                "configured_sinks": every,
                 "sinks": [status.as_dict(now) for status in statuses],
             }
             if drained is not None:
                 payload["log"] = drained
             self.stdout.write(json.dumps(payload, indent=2, default=str))
         else:
-            self.stdout.write(f"configured sink: {configured or 'none (database adapter)'}")
+            label = "configured sinks" if len(every) > 1 else "configured sink"
+            self.stdout.write(f"{label}: {', '.join(every) or 'none (database adapter)'}")
             for status in statuses:
-                self._describe(status, configured, now)
+                self._describe(status, every, now)
             if drained is not None:
                 self._describe_log(drained)
         log_alerts = bool(drained and drained["alerts"])
@@ -119,10 +122,10 @@ class Command(BaseCommand):
         for alert in data["alerts"]:
             self.stdout.write(f"  ALERT: {alert}")
 
-    def _describe(self, status: outbox.SinkStatus, configured: str | None, now: Any) -> None:
+    def _describe(self, status: outbox.SinkStatus, configured: list[str], now: Any) -> None:
         data = status.as_dict(now)
         counts = status.counts
-        self.stdout.write(f"\n{status.sink}{'' if status.sink == configured else ' (not configured: not delivered)'}")
+        self.stdout.write(f"\n{status.sink}{'' if status.sink in configured else ' (not configured: not delivered)'}")
         self.stdout.write(
             f"  pending {counts[outbox.PENDING]} (due now {status.due}), delivered {counts[outbox.DELIVERED]}, "
             f"dead {counts[outbox.DEAD]}, held {counts[outbox.HELD]}"
