@@ -451,7 +451,7 @@ def backfill(sink: str, *, chunk: int = 10_000, progress: Any = None) -> int:
                 batch_size=1000,
                 ignore_conflicts=True,
             )
-        queued += len(created)
+        queued += len(created)  # an upper bound beside a concurrent backfill (ignored conflicts are counted too)
         last = ids[-1]
         if progress is not None:
             progress(queued)
