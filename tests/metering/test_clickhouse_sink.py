@@ -309,3 +309,23 @@ def test_a_hung_network_that_delivers_after_the_timeout_counts_once(clickhouse, 
     assert scalar(clickhouse, f"SELECT count() FROM {table} FINAL") == "8"
     settings.METERING = {**settings.METERING, "CLICKHOUSE_URL": clickhouse.url}  # the proxy is gone
     assert reconcile_clickhouse() == []
+
+
+def test_commands_name_an_unreachable_or_unconfigured_clickhouse(settings, clickhouse_db):
+    from django.core.management.base import CommandError
+
+    from tests.faults import free_port
+
+    settings.METERING = clickhouse_metering(f"http://127.0.0.1:{free_port()}", clickhouse_db)  # nothing listens
+    with pytest.raises(CommandError, match="clickhouse: network error"):
+        call_command("reconcile_usage", "--sink", "clickhouse", stdout=StringIO())
+    with pytest.raises(CommandError, match="network error"):
+        call_command("clickhouse_schema", stdout=StringIO())
+    settings.METERING = {**settings.METERING, "CLICKHOUSE_URL": None}
+    with pytest.raises(CommandError, match="CLICKHOUSE_URL"):
+        call_command("clickhouse_schema", stdout=StringIO())
+    with pytest.raises(CommandError, match="CLICKHOUSE_URL"):
+        call_command("reconcile_usage", "--sink", "clickhouse", stdout=StringIO())
+    settings.METERING = {**settings.METERING, "CLICKHOUSE_TABLE": "x;DROP"}
+    with pytest.raises(CommandError, match="identifier"):
+        call_command("clickhouse_schema", "--print", stdout=StringIO())

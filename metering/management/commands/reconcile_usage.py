@@ -70,11 +70,11 @@ class Command(BaseCommand):
 
     def reconcile_sink(self, sink: str) -> None:
         from metering.delivery.reconcile import reconcile_clickhouse
-        from metering.delivery.sinks.clickhouse import ClickHouseError
+        from metering.delivery.sinks.base import SinkNotConfigured
 
         try:
             differences = reconcile_clickhouse()
-        except ClickHouseError as error:  # also SinkNotConfigured's settings errors
+        except SinkNotConfigured as error:  # settings missing, or ClickHouseError: unreachable, refused
             raise CommandError(f"{sink}: {error}") from error
         for d in differences:
             self.stdout.write(
