@@ -124,27 +124,27 @@ def check_delivery_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
     """The outbox sinks' keys (docs/lago.md). Errors for the configured sink's missing URL or credentials."""
     if not isinstance(getattr(settings, "METERING", {}), dict):
         return []
-    from .delivery.sinks.base import SinkNotConfigured, configured_sink_class
+    from .delivery.sinks.base import SinkNotConfigured, configured_sink_classes
 
     messages: list[CheckMessage] = []
     try:
-        sink_class = configured_sink_class()
+        sink_classes = configured_sink_classes()
     except SinkNotConfigured as error:
-        sink_class = None
+        sink_classes = []
         messages.append(
             Error(
-                f"METERING['ADAPTER'] names no usable sink: {error}.",
+                f"METERING['ADAPTER'] or METERING['SINKS'] names no usable sink: {error}.",
                 hint="An adapter's sink_class is the dotted path of a metering.delivery.sinks.Sink subclass.",
                 id="xaas_metering.E050",
             )
         )
-    if sink_class is not None:
+    for sink_class in sink_classes:
         sink = sink_class.name
-        if not metering_settings.SINK_URL:
+        if sink_class.url_setting == "SINK_URL" and not metering_settings.SINK_URL:
             messages.append(Error(f"METERING['SINK_URL'] is required by the {sink} sink.", id="xaas_metering.E010"))
         secret_key = sink_class.secret_setting
         secret = getattr(metering_settings, secret_key, None) if secret_key else ""
-        if secret_key and (not isinstance(secret, str) or not secret):
+        if secret_key and sink_class.secret_required and (not isinstance(secret, str) or not secret):
             messages.append(
                 Error(
                     f"METERING[{secret_key!r}] must be a non-empty string for the {sink} sink.", id="xaas_metering.E011"

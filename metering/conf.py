@@ -46,6 +46,13 @@ DEFAULTS: dict[str, Any] = {
     "LAGO_METRICS": {},  # feature -> "code" or {"code": ..., "property": ..., "metadata": True|False|[keys]}
     "LAGO_QUANTITY_PROPERTY": "quantity",  # the property carrying the quantity when LAGO_METRICS names none
     "LAGO_QUALIFY_TRANSACTION_ID": True,  # Lago transaction_id = "<tenant id>/<transaction id>" (unique per sub)
+    "SINKS": None,  # dotted paths of the sinks every fact goes to; None: the outbox adapter's own sink_class
+    "CLICKHOUSE_URL": None,  # the clickhouse sink's HTTP interface, e.g. "http://clickhouse.internal:8123"
+    "CLICKHOUSE_DATABASE": "default",
+    "CLICKHOUSE_TABLE": "usage_facts",
+    "CLICKHOUSE_USER": "default",  # sent as X-ClickHouse-User
+    "CLICKHOUSE_PASSWORD": None,  # sent as X-ClickHouse-Key (never in the URL)
+    "CLICKHOUSE_BATCH_SIZE": 10_000,  # rows per INSERT: ClickHouse wants few large inserts
     "SINK_TIMEOUT_SECONDS": 10,  # connect/read/write/pool timeout of each request
     "SINK_LEASE_SECONDS": 60,  # a claimed batch is re-claimable after this (a worker died mid-batch)
     "SINK_RETRY_BASE_SECONDS": 1,  # exponential backoff with jitter: base * 2**(attempts - 1) ...

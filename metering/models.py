@@ -139,8 +139,9 @@ class UsageOutbox(models.Model):
         DEAD = "dead", "dead (rejected)"
         HELD = "held", "held (no subscription)"
 
-    record = models.OneToOneField(UsageRecord, on_delete=models.CASCADE, related_name="outbox")
-    sink = models.CharField(max_length=20, help_text="Which sink delivers it: lago or webhook.")
+    # One row per fact and sink (METERING["SINKS"]): each sink's state, retries and dead letters are its own.
+    record = models.ForeignKey(UsageRecord, on_delete=models.CASCADE, related_name="outbox_rows")
+    sink = models.CharField(max_length=20, help_text="Which sink delivers it: lago, webhook, clickhouse, ...")
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(help_text="Due from then on; a claimed row is leased until then.")
@@ -166,6 +167,7 @@ class UsageOutbox(models.Model):
     class Meta:
         verbose_name = "usage outbox entry"
         verbose_name_plural = "usage outbox"
+        constraints = [models.UniqueConstraint(fields=["record", "sink"], name="xaas_outbox_record_sink")]
         indexes = [
             models.Index(
                 fields=["sink", "next_attempt_at", "id"],

@@ -21,6 +21,7 @@ from . import rollups
 from .conf import metering_settings
 from .delivery import deliver, outbox
 from .delivery.sinks import get_sink
+from .delivery.sinks.base import configured_sink_names
 
 logger = logging.getLogger("metering.tasks")
 FOLLOW_UP_KEY = "outbox:follow-up:v1:"  # in the site's namespace (tenants.namespace)
@@ -48,13 +49,18 @@ def flush_outbox(sink: str | None = None) -> dict[str, Any]:
 
 @shared_task(name="metering.sweep_outbox", acks_late=True, ignore_result=True)
 def sweep_outbox() -> dict[str, Any]:
-    sink = get_sink()
-    if sink is None:
+    names = configured_sink_names()
+    if not names:
         return {"sink": None}
-    released = outbox.release_held(sink.name) if sink.needs_subscription else 0
-    report = deliver.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
-    _follow_up(report)
-    return {**report.as_dict(), "released": released}
+    results = []
+    for name in names:  # each sink on its own: one blocked or failing sink does not hold the others back
+        sink = get_sink(name)
+        assert sink is not None
+        released = outbox.release_held(sink.name) if sink.needs_subscription else 0
+        report = deliver.flush(sink.name, max_batches=int(metering_settings.FLUSH_MAX_BATCHES))
+        _follow_up(report)
+        results.append({**report.as_dict(), "released": released})
+    return results[0] if len(results) == 1 else {"sinks": results}
 
 
 @shared_task(name="metering.fold_rollups", acks_late=True, ignore_result=True)

@@ -164,6 +164,16 @@ METERING: dict[str, Any] = {
     "BATCH_SIZE": int(os.environ.get("METERING_BATCH_SIZE", "100")),
     "API_KEY": os.environ.get("METERING_API_KEY") or None,
     "WEBHOOK_SECRET": os.environ.get("METERING_WEBHOOK_SECRET") or None,
+    # Several sinks at once (comma-separated dotted paths), e.g. Lago and ClickHouse: docs/clickhouse.md.
+    "SINKS": [path.strip() for path in os.environ["METERING_SINKS"].split(",") if path.strip()]
+    if os.environ.get("METERING_SINKS")
+    else None,
+    "CLICKHOUSE_URL": os.environ.get("METERING_CLICKHOUSE_URL") or None,
+    "CLICKHOUSE_DATABASE": os.environ.get("METERING_CLICKHOUSE_DATABASE") or "default",
+    "CLICKHOUSE_TABLE": os.environ.get("METERING_CLICKHOUSE_TABLE") or "usage_facts",
+    "CLICKHOUSE_USER": os.environ.get("METERING_CLICKHOUSE_USER") or "default",
+    "CLICKHOUSE_PASSWORD": os.environ.get("METERING_CLICKHOUSE_PASSWORD") or None,
+    "CLICKHOUSE_BATCH_SIZE": int(os.environ.get("METERING_CLICKHOUSE_BATCH_SIZE", "10000")),
     # request.tenant from the API key (Authorization: Bearer; seed_demo prints one); X-Tenant-ID may only narrow
     # it to a tenant of the key's subtree. No key: no tenant (401 from the demo and every quota enforcement point).
     "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",

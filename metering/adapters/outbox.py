@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from tenants.context import TenantContext
 
+from ..conf import metering_settings
 from ..delivery import outbox
-from ..delivery.sinks.base import sink_class_at
+from ..delivery.sinks.base import configured_sink_classes, sink_class_at
 from ..events import ValidEvent
 from .database import DatabaseMeteringAdapter
 
@@ -33,9 +34,18 @@ class OutboxMeteringAdapter(DatabaseMeteringAdapter):
         """The name the outbox rows store (``SinkNotConfigured`` for a ``sink_class`` that names no sink)."""
         return sink_class_at(self.sink_class).name
 
+    @property
+    def sink_names(self) -> list[str]:
+        """Every sink a fact is queued for: ``METERING["SINKS"]``, else this adapter's own sink."""
+        if metering_settings.SINKS is None:
+            return [self.sink_name]
+        return [sink_class.name for sink_class in configured_sink_classes()]
+
     def on_stored(self, valid: ValidEvent, record_id: int, context: TenantContext) -> None:
-        outbox.enqueue(self.sink_name, record_id)
+        for name in self.sink_names:  # one row per sink: independent state, retries and dead letters
+            outbox.enqueue(name, record_id)
 
     def on_stored_many(self, facts: Sequence[StoredFact]) -> None:
         """Log mode: the outbox rows of a drained batch, in one bulk insert inside the batch's transaction."""
-        outbox.enqueue_many(self.sink_name, [fact.record_id for fact in facts])
+        for name in self.sink_names:
+            outbox.enqueue_many(name, [fact.record_id for fact in facts])

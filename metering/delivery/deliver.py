@@ -87,7 +87,7 @@ def flush(
         return report
     if _blocked(sink, report):
         return report
-    batch_size = int(metering_settings.BATCH_SIZE)
+    batch_size = sink.batch_size
     lease = float(metering_settings.SINK_LEASE_SECONDS)
     subscriptions: dict[str, str] | None = {} if sink.needs_subscription else None
     while max_batches is None or report.batches < max_batches:
@@ -116,6 +116,7 @@ def _deliver(sink: Sink, claimed: outbox.Claim, clock: Callable[[], datetime], r
         )
         facts_held.send(sender=sink.name, sink=sink.name, tenant_ids=tenants, count=len(held))
     facts = claimed.facts
+    sink.prepare(facts)
     events = [json.loads(fact.body) if fact.body else sink.build(fact) for fact in facts]
     token = claimed.token
     work = deque(_plan(sink, facts, events))

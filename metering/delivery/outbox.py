@@ -497,3 +497,33 @@ def status(sink: str, *, now: datetime | None = None, samples: int = 10) -> Sink
         last_error=state.last_error if state else "",
         conflicts=rows.filter(state=DEAD, last_error__startswith=CONFLICT_ERROR).count(),
     )
+
+
+def backfill(sink: str, *, chunk: int = 10_000, progress: Any = None) -> int:
+    """Queue for ``sink`` every fact that has no row for it yet (a sink added later), oldest first, ``chunk`` facts
+    per transaction. Safe beside live writers and a second backfill: the (record, sink) constraint keeps one row."""
+    from ..models import UsageRecord
+
+    using = _using()
+    queued, last = 0, 0
+    while True:
+        ids = list(
+            UsageRecord.objects.using(using)
+            .filter(id__gt=last)
+            .exclude(outbox_rows__sink=sink)
+            .order_by("id")
+            .values_list("id", flat=True)[:chunk]
+        )
+        if not ids:
+            return queued
+        now = timezone.now()
+        with transaction.atomic(using=using):
+            created = UsageOutbox.objects.using(using).bulk_create(
+                [UsageOutbox(record_id=record_id, sink=sink, next_attempt_at=now) for record_id in ids],
+                batch_size=1000,
+                ignore_conflicts=True,
+            )
+        queued += len(created)  # an upper bound beside a concurrent backfill (ignored conflicts are counted too)
+        last = ids[-1]
+        if progress is not None:
+            progress(queued)

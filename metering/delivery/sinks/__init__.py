@@ -1,5 +1,6 @@
-"""Delivery sinks: where the outbox sends facts. ``lago`` (Lago's batch events API) and ``webhook`` (signed JSON);
-a project's own is a ``Sink`` subclass named by its adapter's ``sink_class`` (a dotted path).
+"""Delivery sinks: where the outbox sends facts. ``lago`` (Lago's batch events API), ``webhook`` (signed JSON)
+and ``clickhouse`` (JSONEachRow inserts); a project's own is a ``Sink`` subclass named by its adapter's
+``sink_class`` (a dotted path) or listed in ``METERING["SINKS"]``.
 
 A sink turns claimed facts into its wire format and classifies each response into a ``SendResult``; the outbox
 state machine in ``metering.delivery.deliver`` does the rest (marks, retries, dead letters, blocking).

@@ -77,6 +77,16 @@ class Sink:
     name: ClassVar[str] = ""  # stored on every outbox row of this sink: short, and never changed once in use
     needs_subscription: ClassVar[bool] = False
     secret_setting: ClassVar[str] = ""  # the METERING key holding the credential (its name, not its value)
+    secret_required: ClassVar[bool] = True  # the system checks require ``secret_setting`` to be set
+    url_setting: ClassVar[str] = "SINK_URL"  # the METERING key holding the URL (the system checks require it)
+
+    @property
+    def batch_size(self) -> int:
+        """Facts per claimed batch (one request unless the sink refuses part of it)."""
+        return int(metering_settings.BATCH_SIZE)
+
+    def prepare(self, facts: list[ClaimedFact]) -> None:
+        """Called with each claimed batch before ``build``: a sink may look up what its rows need in one query."""
 
     @property
     def url(self) -> str:
@@ -392,6 +402,35 @@ def configured_sink_class() -> type[Sink] | None:
     return sink_class_at(path)
 
 
+def configured_sink_classes() -> list[type[Sink]]:
+    """Every sink facts are delivered to: ``METERING["SINKS"]`` (dotted paths) when set, else the adapter's own
+    ``sink_class`` (``[]`` for an adapter without an outbox). ``SinkNotConfigured`` for a path that names no sink,
+    for two sinks of one name, and for ``SINKS`` beside an adapter that keeps no outbox."""
+    own = configured_sink_class()
+    paths = metering_settings.SINKS
+    if paths is None:
+        return [own] if own is not None else []
+    if isinstance(paths, str) or not isinstance(paths, list | tuple):
+        raise SinkNotConfigured("METERING['SINKS'] must be a list of dotted paths of Sink subclasses")
+    if own is None:
+        raise SinkNotConfigured(
+            "METERING['SINKS'] needs an outbox adapter (e.g. metering.adapters.lago.LagoMeteringAdapter): "
+            "the configured METERING['ADAPTER'] queues nothing"
+        )
+    classes = [sink_class_at(str(path)) for path in paths]
+    names = [sink_class.name for sink_class in classes]
+    if len(set(names)) != len(names) or not names:
+        raise SinkNotConfigured(f"METERING['SINKS'] must name one or more sinks of distinct names, got {names}")
+    return classes
+
+
+def configured_sink_names() -> list[str]:
+    try:
+        return [sink_class.name for sink_class in configured_sink_classes()]
+    except SinkNotConfigured:
+        return []
+
+
 def configured_sink_name() -> str | None:
     """The short name the configured sink stores on its outbox rows (``"lago"``), or ``None``."""
     try:
@@ -402,15 +441,15 @@ def configured_sink_name() -> str | None:
 
 
 def get_sink(name: str | None = None) -> Sink | None:
-    """The configured adapter's sink; ``name``, if given, must be its name. ``SinkNotConfigured`` for any other
-    sink (its URL and credentials are not the ones in the settings) and for a ``sink_class`` that names none."""
-    sink_class = configured_sink_class()
-    configured = sink_class.name if sink_class is not None else None
-    if name is None and sink_class is None:
-        return None
-    if name is not None and name != configured:
-        raise SinkNotConfigured(
-            f"sink {name!r} is not the configured one ({configured or 'none'}): METERING['ADAPTER'] decides"
-        )
-    assert sink_class is not None
-    return sink_class()
+    """The configured sink named ``name`` (default: the first of ``configured_sink_classes``). ``SinkNotConfigured``
+    for a sink that is not configured (its URL and credentials are not the ones in the settings)."""
+    classes = configured_sink_classes()
+    if name is None:
+        return classes[0]() if classes else None
+    for sink_class in classes:
+        if sink_class.name == name:
+            return sink_class()
+    configured = ", ".join(sink_class.name for sink_class in classes) or "none"
+    raise SinkNotConfigured(
+        f"sink {name!r} is not the configured one ({configured}): METERING['ADAPTER'] and METERING['SINKS'] decide"
+    )

@@ -21,7 +21,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--sink", help="The sink to flush (default: the configured adapter's; only it works).")
+        parser.add_argument(
+            "--sink", help="The sink to flush (default: the first configured; any of METERING['SINKS'])."
+        )
         parser.add_argument("--max-batches", type=int, help="Stop after this many batches.")
         parser.add_argument("--resume", action="store_true", help="Lift a block (401/403/404) first.")
         parser.add_argument(
@@ -33,6 +35,11 @@ class Command(BaseCommand):
             type=int,
             metavar="DAYS",
             help="Afterwards, delete outbox rows delivered more than DAYS days ago (the facts stay).",
+        )
+        parser.add_argument(
+            "--backfill",
+            action="store_true",
+            help="First queue every fact that has no outbox row for this sink yet (a sink added to SINKS later).",
         )
         parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
@@ -50,6 +57,8 @@ class Command(BaseCommand):
         if options["resume"]:
             resumed = deliver.resume(sink.name)
             self.stdout.write(f"{sink.name}: delivery resumed" if resumed else f"{sink.name}: was not blocked")
+        if options["backfill"]:
+            self.stdout.write(f"{sink.name}: {outbox.backfill(sink.name)} facts queued by the backfill")
         if options["resend_dead"]:
             count = outbox.resend(outbox.UsageOutbox.objects.filter(sink=sink.name, state=outbox.DEAD))
             self.stdout.write(f"{count} dead letters queued again")

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from metering import counters, drain, log
 from metering.delivery import outbox
-from metering.delivery.sinks.base import configured_sink_name
+from metering.delivery.sinks.base import configured_sink_name, configured_sink_names
 from metering.models import LogCursor, LogDeadEntry, LogGap
 from tenants.models import Tenant
 
@@ -37,13 +37,15 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
         configured = configured_sink_name()
-        names = sorted(set(outbox.sinks_in_use()) | ({configured} if configured else set()))
+        every = configured_sink_names()  # METERING["SINKS"], else the adapter's own
+        names = sorted(set(outbox.sinks_in_use()) | set(every))
         statuses = [outbox.status(name, now=now) for name in names]
         unbillable = [] if options["no_lago"] else self._unbillable(configured, statuses)
         drained = self._log_status(now)
         if options["json"]:
             payload: dict[str, Any] = {
                 "configured_sink": configured,
+                "configured_sinks": every,
                 "sinks": [status.as_dict(now) for status in statuses],
             }
             if drained is not None:
@@ -52,9 +54,10 @@ class Command(BaseCommand):
                 payload["not_billable"] = [item.__dict__ for item in unbillable]
             self.stdout.write(json.dumps(payload, indent=2, default=str))
         else:
-            self.stdout.write(f"configured sink: {configured or 'none (database adapter)'}")
+            label = "configured sinks" if len(every) > 1 else "configured sink"
+            self.stdout.write(f"{label}: {', '.join(every) or 'none (database adapter)'}")
             for status in statuses:
-                self._describe(status, configured, now)
+                self._describe(status, every, now)
             for item in unbillable:
                 self.stdout.write(f"  WARNING (not billable): {item.describe()}")
             if drained is not None:
@@ -141,10 +144,10 @@ class Command(BaseCommand):
         for alert in data["alerts"]:
             self.stdout.write(f"  ALERT: {alert}")
 
-    def _describe(self, status: outbox.SinkStatus, configured: str | None, now: Any) -> None:
+    def _describe(self, status: outbox.SinkStatus, configured: list[str], now: Any) -> None:
         data = status.as_dict(now)
         counts = status.counts
-        self.stdout.write(f"\n{status.sink}{'' if status.sink == configured else ' (not configured: not delivered)'}")
+        self.stdout.write(f"\n{status.sink}{'' if status.sink in configured else ' (not configured: not delivered)'}")
         self.stdout.write(
             f"  pending {counts[outbox.PENDING]} (due now {status.due}), delivered {counts[outbox.DELIVERED]}, "
             f"dead {counts[outbox.DEAD]}, held {counts[outbox.HELD]}"

@@ -29,16 +29,20 @@ class Command(BaseCommand):
         parser.add_argument("--dry-run", action="store_true", help="Report the differences, change nothing.")
         parser.add_argument(
             "--sink",
-            choices=["lago"],
-            help="Instead: compare what was delivered to Lago with what Lago holds, per subscription x code x day "
-            "(read-only), and report facts Lago accepted but will not bill.",
+            choices=["lago", "clickhouse"],
+            help="Instead: compare what was delivered with what the sink holds (read-only). lago: per subscription x "
+            "code x day, and facts Lago accepted but will not bill; clickhouse: the facts' totals per tenant x feature "
+            "x UTC day (exit status 1 on any difference).",
         )
-        parser.add_argument("--since", type=date.fromisoformat, help="With --sink: first day (UTC, YYYY-MM-DD).")
-        parser.add_argument("--until", type=date.fromisoformat, help="With --sink: last day (UTC, YYYY-MM-DD).")
+        parser.add_argument("--since", type=date.fromisoformat, help="With --sink lago: first day (UTC, YYYY-MM-DD).")
+        parser.add_argument("--until", type=date.fromisoformat, help="With --sink lago: last day (UTC, YYYY-MM-DD).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["sink"]:
+        if options["sink"] == "lago":
             self.reconcile_lago(options["since"], options["until"])
+            return
+        if options["sink"]:
+            self.reconcile_sink(options["sink"])
             return
         dry_run: bool = options["dry_run"]
         roots = self.roots(options["root_ids"])
@@ -110,6 +114,23 @@ class Command(BaseCommand):
         self.stdout.write(
             f"{len(result.differences)} differences in {len(result.days)} subscription x code x days compared"
         )
+
+    def reconcile_sink(self, sink: str) -> None:
+        from metering.delivery.reconcile import reconcile_clickhouse
+        from metering.delivery.sinks.base import SinkNotConfigured
+
+        try:
+            differences = reconcile_clickhouse()
+        except SinkNotConfigured as error:  # settings missing, or ClickHouseError: unreachable, refused
+            raise CommandError(f"{sink}: {error}") from error
+        for d in differences:
+            self.stdout.write(
+                f"{d.tenant_id} {d.feature} {d.day:%Y-%m-%d}: facts {format_units(d.facts_units)} "
+                f"({d.facts_events} events), {sink} {format_units(d.sink_units)} ({d.sink_events} events)"
+            )
+        self.stdout.write(f"{len(differences)} differences between the facts and {sink}")
+        if differences:
+            raise SystemExit(1)
 
     def roots(self, root_ids: list[str]) -> list[Tenant]:
         if not root_ids:
