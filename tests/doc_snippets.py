@@ -62,6 +62,8 @@ HOW: dict[str, str] = {
     'docs/api.md:python manage.py apikey create acme-chat --name "billing wor': "commands",
     'docs/api.md:curl -X POST http://127.0.0.1:8000/demo/completions -H "Auth': "curl",
     "docs/lago.md:METERING = {": "settings",
+    "docs/clickhouse.md:# settings.py: ClickHouse as the sink": "settings",
+    "docs/clickhouse.md:# settings.py: Lago and ClickHouse side by side": "settings",
     "docs/lago.md:# myproject/metering_sink.py": "python",
     "docs/lago.md:# the collector's view (your side of the webhook)": "python",
 }
