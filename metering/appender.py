@@ -315,6 +315,8 @@ def attempt(
         entry_id = _text(answer[1])
         if int(answer[2]):
             _list_tree(redis, root)
+        if entry_id and metering_settings.LOG_DRAIN_EAGER:
+            _drain_eagerly(root)
         values = [int(value) for value in answer[3:]]
         return Outcome(admitted=True, entry_id=entry_id, before=tuple(zip(values[0::2], values[1::2], strict=True)))
     if status == REFUSED:
@@ -389,6 +391,15 @@ def _list_tree(redis: Any, root_pk: int) -> None:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _drain_eagerly(root_pk: int) -> None:
+    """``LOG_DRAIN_EAGER`` (tests and development only, never production): persist the tree's stream right after
+    the append, inside the caller's transaction (if any), so the database reads as in commit mode. No durability
+    delay: the entry was just acknowledged by Redis, and a test's Redis is not the durability under test."""
+    from . import drain
+
+    drain.drain_tree(root_pk, using=metering_settings.DATABASE_ALIAS, delay=0.0, wait=True)
 
 
 # ---- repairs: stale epoch, missing state, missing counters, unclaimed tree ----
