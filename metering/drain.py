@@ -628,9 +628,15 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
         using=using,
     )
     if facts:
-        hook = getattr(_adapter(), "on_stored_many", None)
+        adapter = _adapter()
+        hook = getattr(adapter, "on_stored_many", None)
         if hook is not None:
             hook(facts)
+        elif getattr(adapter, "on_stored", None) is not None:
+            # An adapter with only the per-fact hook (commit mode's): each fact's, in the batch's transaction, so its
+            # rows (an outbox's) commit or roll back with the facts, exactly as in commit mode.
+            for fact, valid, context in _described(facts, using):
+                adapter.on_stored(valid, fact.record_id, context)
     if dead:
         LogDeadEntry.objects.using(using).bulk_create(dead, ignore_conflicts=True)
         logger.error("log mode: %s stream entries cannot become facts (LogDeadEntry)", len(dead))
@@ -805,8 +811,9 @@ def _after_commit(redis: Any, trims: list[tuple[int, str]], facts: list[StoredFa
         _send_recorded(facts, using)
 
 
-def _send_recorded(facts: list[StoredFact], using: str) -> None:
-    """``usage_recorded`` per inserted fact, robust (a failing receiver is logged; the facts are committed)."""
+def _described(facts: Sequence[StoredFact], using: str) -> list[tuple[StoredFact, ValidEvent, TenantContext]]:
+    """Each fact as commit mode's hooks see it: its event and its tenant's context (one query for all levels); a
+    fact whose lineage is no longer complete is left out."""
     levels = {pk for fact in facts for pk in fact.lineage_pks}
     refs = {
         pk: TenantRef(pk, ext, kind, bool(exempt), bool(active))
@@ -814,6 +821,7 @@ def _send_recorded(facts: list[StoredFact], using: str) -> None:
         .filter(pk__in=sorted(levels))
         .values_list("pk", "external_id", "kind", "exempt", "is_active")
     }
+    described = []
     for fact in facts:
         if any(pk not in refs for pk in fact.lineage_pks):
             continue
@@ -822,7 +830,13 @@ def _send_recorded(facts: list[StoredFact], using: str) -> None:
         valid = ValidEvent(
             lineage[-1].tenant_id, entry.feature, entry.units, entry.timestamp, entry.metadata, entry.transaction_id
         )
-        context = TenantContext(tenant_id=lineage[-1].tenant_id, lineage=lineage)
+        described.append((fact, valid, TenantContext(tenant_id=lineage[-1].tenant_id, lineage=lineage)))
+    return described
+
+
+def _send_recorded(facts: list[StoredFact], using: str) -> None:
+    """``usage_recorded`` per inserted fact, robust (a failing receiver is logged; the facts are committed)."""
+    for fact, valid, context in _described(facts, using):
         for receiver, error in usage_recorded.send_robust(
             sender=UsageRecord, event=valid, record_id=fact.record_id, context=context
         ):
