@@ -41,7 +41,6 @@ import logging
 import random
 import secrets
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,7 +69,6 @@ MAX_TRANSACTION_ID_LENGTH = UsageRecord._meta.get_field("transaction_id").max_le
 MAX_UNITS = 2**63 - 1  # the fact's column is a bigint
 STAGING = "xaas_drain_staging"  # PostgreSQL: the temporary table a batch's facts are COPYed into
 INSERT_CHUNK = 2000  # rows per INSERT (7 parameters each: under SQLite's 32,766 and PostgreSQL's 65,535)
-_staged: weakref.WeakSet[Any] = weakref.WeakSet()  # database connections whose session has the staging table
 OPEN_RECHECK = (0.01, 0.02, 0.05)  # seconds: another opener's state HSET follows its commit within milliseconds
 
 
@@ -716,15 +714,14 @@ def _insert_facts(entries: Sequence[log.Entry], using: str) -> dict[tuple[int, s
             # COPY into a session-local temporary table, then one INSERT ... SELECT that also empties it (a mover
             # drains several batches in one transaction): measured twice as fast as one INSERT of unnest() arrays,
             # which is itself several times faster than a multi-row VALUES of 35,000 placeholders.
-            raw = connection.connection
-            if raw not in _staged:
-                cursor.execute(
-                    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (tenant_id bigint, feature varchar, "
-                    "units bigint, timestamp timestamptz, transaction_id varchar, metadata jsonb, "
-                    "recorded_at timestamptz) ON COMMIT DELETE ROWS"
-                )
-                # Known to exist on this server connection once created by a committed transaction.
-                transaction.on_commit(lambda: _staged.add(raw), using=using)
+            # Created (if missing) in every batch: remembering "this connection has it" is
+            # wrong as soon as the session is reset under us (DISCARD ALL/TEMP by a pooler, a reconnect), and costs a
+            # batch of thousands of rows one statement.
+            cursor.execute(
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} (tenant_id bigint, feature varchar, "
+                "units bigint, timestamp timestamptz, transaction_id varchar, metadata jsonb, "
+                "recorded_at timestamptz) ON COMMIT DELETE ROWS"
+            )
             with cursor.cursor.copy(f"COPY {STAGING} FROM STDIN") as copy:
                 for entry in entries:
                     copy.write_row(

@@ -485,3 +485,17 @@ def test_end_to_end_through_the_writer_facts_rollups_counters_outbox(redis_cache
         UsageRecord.objects.values_list("id", flat=True)
     )
     assert_facts_match_rollups()
+
+
+def test_the_staging_table_is_there_for_every_batch_even_after_a_session_reset(logged, on_postgres):
+    """The COPY staging table is session state: a pooler's DISCARD ALL/TEMP (or a reconnect) drops it under the
+    drainer. Each batch finds it (it was an UndefinedTable error on every later batch of that connection)."""
+    tree(ORG)
+    append(logged, "k1", 1, transaction_id="a")
+    drain.drain()
+    with connection.cursor() as cursor:
+        cursor.execute("DISCARD TEMP")
+    append(logged, "k1", 1, transaction_id="b")
+    drain.drain()
+    assert sorted(UsageRecord.objects.values_list("transaction_id", flat=True)) == ["a", "b"]
+    assert_facts_match_rollups()
