@@ -57,7 +57,7 @@ from .conf import metering_settings
 from .events import ValidEvent
 from .exceptions import MeteringError
 from .models import LogCursor, LogDeadEntry, LogGap, UsageRecord
-from .signals import usage_recorded
+from .signals import facts_drained, usage_recorded
 from .windows import floor_hour
 
 logger = logging.getLogger("metering.drain")
@@ -635,6 +635,7 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
             # rows (an outbox's) commit or roll back with the facts, exactly as in commit mode.
             for fact, valid, context in _described(facts, using):
                 adapter.on_stored(valid, fact.record_id, context)
+        facts_drained.send(sender=UsageRecord, facts=facts, using=using)
     if dead:
         LogDeadEntry.objects.using(using).bulk_create(dead, ignore_conflicts=True)
         logger.error("log mode: %s stream entries cannot become facts (LogDeadEntry)", len(dead))

@@ -230,8 +230,11 @@ def test_reservations_reserve_commit_release_expire(logged):
     assert QuotaReservation.objects.get(pk=held.row.pk).state == QuotaReservation.State.COMMITTED
     first, second = stream_entries(logged, "k1")  # one stream per tree
     assert (first.reservation, first.units, second.reservation) == (held.row.pk, 2_000_000, None)
+    assert QuotaReservation.objects.get(pk=held.row.pk).record_id is None  # not in the database yet
     drained()
     assert facts() == 10
+    # the drainer links the committed reservation to its fact, as commit mode does in the fact's transaction
+    assert QuotaReservation.objects.get(pk=held.row.pk).record_id == UsageRecord.objects.get(transaction_id="r-1").pk
     # release and expiry give the estimate back
     limit("org", 100, feature="other")
     released = handler.reserve("other", 60)
