@@ -427,6 +427,10 @@ def reopen(snap: Snapshot) -> Snapshot:
         drain.open_tree(snap.root_pk, using=metering_settings.DATABASE_ALIAS)
     except counters.RedisError as error:
         raise _unavailable(error) from None
+    except Tenant.DoesNotExist:
+        # The snapshot's tree is gone (deleted, or its creation rolled back, and the id created again since): the
+        # fresh read below finds the tenant's tree as it is now, or says it is unknown.
+        pass
     return snapshot(snap.context.tenant_id, fresh=True)
 
 

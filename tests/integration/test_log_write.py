@@ -510,3 +510,23 @@ def test_a_rebuild_call_that_runs_after_its_deadline_sets_nothing(logged):
         keys=[log.state_key(root), log.stream_key(root), name], args=args
     )
     assert answer[:2] == [2, 1] and logged.get(name) == b"1000000"
+
+
+def test_a_cached_snapshot_of_a_tree_that_no_longer_exists_is_read_again_not_a_500(logged):
+    """A tenant whose creation rolled back (or that was deleted without its signals) and is created again under its
+    id within LOG_REFRESH_SECONDS: the process's snapshot names a tree that is gone. The write re-reads it (it was a
+    Tenant.DoesNotExist out of the repair: a 500)."""
+    from django.db import transaction
+
+    class RolledBack(Exception):
+        pass
+
+    with pytest.raises(RolledBack), transaction.atomic():
+        tree({"org": None, "k1": "org"})
+        get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 1, transaction_id="gone"))
+        raise RolledBack
+    logged.delete(*[key for key in logged.scan_iter(match="*:state")])  # the gone tree's log state, say flushed
+    tree({"org": None, "k1": "org"})
+    get_meter().record_usage_sync(UsageEvent("k1", "llm_tokens", 2, transaction_id="kept"))
+    drained()
+    assert list(UsageRecord.objects.values_list("transaction_id", "tenant__external_id")) == [("kept", "k1")]
