@@ -50,7 +50,7 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
@@ -65,7 +65,7 @@ from . import counters, log, scripts
 from .conf import metering_settings
 from .events import ValidEvent, utcnow
 from .exceptions import DuplicateUsageEvent, LogStoreUnavailable
-from .models import CounterEpoch
+from .models import CounterEpoch, UsageRecord
 from .windows import Period, window
 
 logger = logging.getLogger("metering.appender")
@@ -323,7 +323,8 @@ def attempt(
         return Outcome(refused=int(answer[1]) - 1, before=((int(answer[2]), int(answer[3])),))
     if status == DUPLICATE:
         assert valid is not None
-        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, entry_id=_text(answer[1]))
+        record_id = _stored_id(snap.context.tenant.pk, valid.transaction_id)
+        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, record_id, entry_id=_text(answer[1]))
     if status == STALE:
         return Outcome(needs="stale", redis_epoch=_text(answer[1]), **pending)  # type: ignore[arg-type]
     if status == STATE_MISSING:
@@ -391,6 +392,19 @@ def _list_tree(redis: Any, root_pk: int) -> None:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _stored_id(tenant_pk: int, transaction_id: str) -> int | None:
+    """A duplicate's first fact, when the drainer has stored it (one query, on the duplicate's path only; ``None``
+    while it waits in the stream, or when the database cannot answer: the refusal stands either way)."""
+    try:
+        rows = UsageRecord.objects.using(metering_settings.DATABASE_ALIAS).filter(
+            tenant_id=tenant_pk, transaction_id=transaction_id
+        )
+        return rows.values_list("pk", flat=True).first()
+    except DatabaseError as error:
+        logger.warning("log mode: could not read a duplicate's stored fact: %s", type(error).__name__)
+        return None
 
 
 def _drain_eagerly(root_pk: int) -> None:

@@ -86,11 +86,15 @@ def test_a_transaction_id_inside_the_window_is_a_duplicate_and_counted_once(logg
     with pytest.raises(DuplicateUsageEvent) as raised:
         handler.consume("llm_tokens", 3, transaction_id="same")
     assert raised.value.entry_id == stream_entries(logged, "k1")[0].entry_id
+    assert raised.value.record_id is None  # not drained yet: the stream entry names it
     # Another tenant may use the same id.
     QuotaPolicyHandler("k2").consume("llm_tokens", 1, transaction_id="same")
     assert handler.check("llm_tokens", 0).statuses[0].used == 4
     drained()
     assert facts() == 4
+    with pytest.raises(DuplicateUsageEvent) as again:  # drained: the stored fact's id, as in commit mode
+        handler.consume("llm_tokens", 3, transaction_id="same")
+    assert again.value.record_id == UsageRecord.objects.get(tenant__external_id="k1", transaction_id="same").pk
 
 
 def test_quota_never_overshoots_at_any_level_and_refusals_change_nothing(logged):
