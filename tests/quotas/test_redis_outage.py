@@ -29,14 +29,9 @@ from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
 from tests.factories import tree
+from tests.modes import FALLBACK
 from tests.quota_helpers import limit
 from tests.quotas.test_quota_hammer import wait_out_an_hour_boundary
-
-# (TEST_WRITE_MODE=log deselects these: tests/conftest.py)
-FALLBACK = (
-    "commit mode's database fallback while Redis is down; log mode answers 503 instead: tests/integration/"
-    "test_log_write.py::test_every_enforcement_point_admits_then_answers_503_with_retry_after_when_redis_is_down"
-)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -20,6 +20,7 @@ from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
 from tenants.models import Tenant
 from tests.factories import record, tree, usage
+from tests.modes import WRITE_UNIT
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -74,10 +75,7 @@ def test_bad_input_is_refused_before_the_unit_opens(backend):
     assert not UsageRecord.objects.exists()
 
 
-@pytest.mark.commit_mode(
-    "commit mode's write unit (rollups written after Redis counted); log mode: "
-    "tests/metering/test_log_attack.py::test_an_hour_past_the_rollup_range_does_not_block_the_drain_of_other_trees"
-)
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_a_fact_refused_by_the_rollups_range_after_redis_counted_it_is_not_counted(
     on_postgres, redis_cache, settings, monkeypatch
 ):
