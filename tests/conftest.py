@@ -98,3 +98,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This process's write mode is read (tests/settings.py); processes a test starts keep their own mode (commit,
+    or what the test gives them), not the run's ``TEST_WRITE_MODE``."""
+    import os
+
+    from django.conf import settings
+
+    if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+        getattr(settings, "METERING", None)  # loads tests.settings while TEST_WRITE_MODE is still set
+    os.environ.pop("TEST_WRITE_MODE", None)
