@@ -55,7 +55,7 @@ from tenants.models import Tenant
 from . import counters, log, rollups, scripts
 from .conf import metering_settings
 from .events import ValidEvent
-from .exceptions import MeteringError
+from .exceptions import MeteringError, UsageTotalOutOfRange
 from .models import LogCursor, LogDeadEntry, LogGap, UsageRecord
 from .signals import facts_drained, usage_recorded
 from .windows import floor_hour
@@ -617,14 +617,18 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
         # lineage's, and the new tree's may have been rebuilt without it. Retire both trees' counters as of this
         # commit (pushed on commit): they are rebuilt from the database, which now holds it under its new lineage.
         counters.bump_epochs(moved, using)
-    rollups.add_many(
-        (
-            (level, fact.entry.feature, floor_hour(fact.entry.timestamp), fact.entry.units, 1)
-            for fact in facts
-            for level in fact.lineage_pks
-        ),
-        using=using,
-    )
+    refused = _roll_up(facts, {fact.record_id: tree for tree in trees for fact in tree.facts}, using)
+    if refused:
+        # Admitted by Redis (its counters are bignums) but past the hour's rollup range: commit mode would have
+        # refused them (UsageTotalOutOfRange). Kept as dead entries and given back, so they do not poison the batch
+        # (and every tree drained with it) on every cycle.
+        UsageRecord.objects.using(using).filter(pk__in=[fact.record_id for fact, _ in refused]).delete()
+        for fact, tree in refused:
+            tree.facts.remove(fact)
+            facts.remove(fact)
+            dead.append(_dead(tree.cursor, fact.entry.entry_id, None, "hourly rollup total out of range", fact.entry))
+            tree.dead += 1
+            tree.given_back.append((fact.entry, fact.entry.lineage_pks))
     if facts:
         adapter = _adapter()
         hook = getattr(adapter, "on_stored_many", None)
@@ -651,6 +655,33 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
     trims = [(tree.cursor.root_id, tree.cursor.last_entry) for tree in trees]
     # After the outermost commit (a mover drains inside its own transaction): the entries go, the signal fires.
     transaction.on_commit(lambda: _after_commit(redis, trims, facts, using), using=using)
+
+
+def _rollup_rows(facts: Iterable[StoredFact]) -> Iterable[tuple[int, str, Any, int, int]]:
+    return (
+        (level, fact.entry.feature, floor_hour(fact.entry.timestamp), fact.entry.units, 1)
+        for fact in facts
+        for level in fact.lineage_pks
+    )
+
+
+def _roll_up(facts: list[StoredFact], owners: dict[int, _Tree], using: str) -> list[tuple[StoredFact, _Tree]]:
+    """The facts' rollups, aggregated per batch. Returns the facts the rollup range refused (with their tree), each
+    rolled back alone: the batch in one upsert per row first; only when that is refused, fact by fact (rare)."""
+    try:
+        with transaction.atomic(using=using):
+            rollups.add_many(_rollup_rows(facts), using=using)
+        return []
+    except UsageTotalOutOfRange:
+        pass
+    refused: list[tuple[StoredFact, _Tree]] = []
+    for fact in facts:
+        try:
+            with transaction.atomic(using=using):
+                rollups.add_many(_rollup_rows([fact]), using=using)
+        except UsageTotalOutOfRange:
+            refused.append((fact, owners[fact.record_id]))
+    return refused
 
 
 def _dead(
