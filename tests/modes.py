@@ -29,3 +29,14 @@ REBUILD = (
     "commit mode's rebuild waiting for a writer's open transaction; log mode: "
     "tests/integration/test_log_write.py::test_counters_lost_mid_run_are_rebuilt_from_database_and_stream"
 )
+ROLLUP_RANGE = (
+    "commit mode refuses a fact past the hour's rollup range by name at write time; log mode admits it (Redis's "
+    "counters are bignums) and the drainer keeps it dead and gives it back: "
+    "tests/metering/test_log_attack.py::test_an_hour_past_the_rollup_range_does_not_block_the_drain_of_other_trees"
+)
+FEATURE_BOUND = (
+    "commit mode's MAX_FEATURES_PER_TREE is exact between concurrent writers; log mode's is approximate while the "
+    "drain lags (documented in metering.appender.admit_feature: it bounds abuse, it counts no money) and costs a "
+    "query only for a feature this process has not seen: "
+    "tests/integration/test_log_write.py::test_a_warm_admitted_request_is_one_redis_round_trip_and_no_sql"
+)
