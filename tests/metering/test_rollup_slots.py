@@ -27,7 +27,7 @@ from tenants.lineage import get_context
 from tenants.models import Tenant
 from tenants.tree import move_tenant
 from tests.factories import record, tree
-from tests.modes import ROLLUP_SLOTS
+from tests.modes import ROLLUP_RANGE, ROLLUP_SLOTS
 from tests.slot_writer import write
 
 HOUR = floor_hour(datetime.now(UTC)) - timedelta(hours=3)
@@ -85,6 +85,7 @@ def test_pack_fills_the_range_exactly_and_refuses_one_unit_more():
 
 
 @pytest.mark.django_db
+@pytest.mark.commit_mode(ROLLUP_RANGE)
 def test_every_slot_full_sums_to_the_largest_total_exactly_and_refuses_any_fact():
     tree({"org": None, "key": "org"})
     org, key = Tenant.objects.get(external_id="org"), Tenant.objects.get(external_id="key")
