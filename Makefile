@@ -9,7 +9,7 @@ SERVICES_ENV := DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install lint types test-embedded test-services migrate seed bench clean
+.PHONY: run test install lint types test-embedded test-services test-services-log migrate seed bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,17 @@ test-services: install
 		echo "SKIPPED the PostgreSQL + Redis run: services unreachable"; \
 	fi
 
-test: lint types test-embedded test-services
+# The same services run in log mode (METERING WRITE_MODE="log", each append drained at once: tests/settings.py).
+test-services-log: install
+	@if $(BIN)/python -m tests.services postgres redis rabbitmq; then \
+		$(SERVICES_ENV) TEST_WRITE_MODE=log $(BIN)/pytest; \
+	elif [ "$$CI" = "true" ]; then \
+		echo "CI=true: PostgreSQL, Redis and RabbitMQ must be reachable" >&2; exit 1; \
+	else \
+		echo "SKIPPED the log-mode PostgreSQL + Redis run: services unreachable"; \
+	fi
+
+test: lint types test-embedded test-services test-services-log
 
 bench: install
 	$(BIN)/python bench/usage_read.py

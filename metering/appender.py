@@ -50,7 +50,7 @@ from datetime import datetime
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
@@ -65,7 +65,7 @@ from . import counters, log, scripts
 from .conf import metering_settings
 from .events import ValidEvent, utcnow
 from .exceptions import DuplicateUsageEvent, LogStoreUnavailable
-from .models import CounterEpoch
+from .models import CounterEpoch, UsageRecord
 from .windows import Period, window
 
 logger = logging.getLogger("metering.appender")
@@ -315,13 +315,16 @@ def attempt(
         entry_id = _text(answer[1])
         if int(answer[2]):
             _list_tree(redis, root)
+        if entry_id and metering_settings.LOG_DRAIN_EAGER:
+            _drain_eagerly(root)
         values = [int(value) for value in answer[3:]]
         return Outcome(admitted=True, entry_id=entry_id, before=tuple(zip(values[0::2], values[1::2], strict=True)))
     if status == REFUSED:
         return Outcome(refused=int(answer[1]) - 1, before=((int(answer[2]), int(answer[3])),))
     if status == DUPLICATE:
         assert valid is not None
-        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, entry_id=_text(answer[1]))
+        record_id = _stored_id(snap.context.tenant.pk, valid.transaction_id)
+        raise DuplicateUsageEvent(valid.tenant_id, valid.transaction_id, record_id, entry_id=_text(answer[1]))
     if status == STALE:
         return Outcome(needs="stale", redis_epoch=_text(answer[1]), **pending)  # type: ignore[arg-type]
     if status == STATE_MISSING:
@@ -469,6 +472,33 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _stored_id(tenant_pk: int, transaction_id: str) -> int | None:
+    """A duplicate's first fact, when the drainer has stored it (one query, on the duplicate's path only; ``None``
+    while it waits in the stream, or when the database cannot answer: the refusal stands either way)."""
+    try:
+        rows = UsageRecord.objects.using(metering_settings.DATABASE_ALIAS).filter(
+            tenant_id=tenant_pk, transaction_id=transaction_id
+        )
+        return rows.values_list("pk", flat=True).first()
+    except DatabaseError as error:
+        logger.warning("log mode: could not read a duplicate's stored fact: %s", type(error).__name__)
+        return None
+
+
+def _drain_eagerly(root_pk: int) -> None:
+    """``LOG_DRAIN_EAGER`` (tests and development only, never production): persist the tree's stream right after
+    the append, inside the caller's transaction (if any), so the database reads as in commit mode. No durability
+    delay: the entry was just acknowledged by Redis, and a test's Redis is not the durability under test."""
+    from . import drain
+
+    try:
+        drain.drain_tree(root_pk, using=metering_settings.DATABASE_ALIAS, delay=0.0, wait=True)
+    except drain.LogUnavailable as error:
+        # The fact is admitted and in the stream: a drain that Redis failed is the drainer's to redo, not the
+        # caller's error (it would answer a 500 for a write that happened).
+        logger.warning("log mode: the eager drain of tree %s failed; left to the drainer: %s", root_pk, error)
+
+
 # ---- repairs: stale epoch, missing state, missing counters, unclaimed tree ----
 
 
@@ -489,6 +519,10 @@ def reopen(snap: Snapshot) -> Snapshot:
         drain.open_tree(snap.root_pk, using=metering_settings.DATABASE_ALIAS)
     except counters.RedisError as error:
         raise _unavailable(error) from None
+    except Tenant.DoesNotExist:
+        # The snapshot's tree is gone (deleted, or its creation rolled back, and the id created again since): the
+        # fresh read below finds the tenant's tree as it is now, or says it is unknown.
+        pass
     return snapshot(snap.context.tenant_id, fresh=True)
 
 

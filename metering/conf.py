@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "LOG_DRAIN_DELAY_SECONDS": None,
     "LOG_DRAIN_IDLE_SECONDS": 0.2,  # metering_drain: the sleep when nothing was due
     "LOG_DRAIN_TASK_BATCHES": 20,  # batches one drain_log task persists before handing over to a fresh task
+    # log mode, FOR TESTS AND DEVELOPMENT ONLY, never production: each append drains its tree at once, inside the
+    # caller's transaction, so the database reads as in commit mode (the whole suite runs this way: TEST_WRITE_MODE)
+    "LOG_DRAIN_EAGER": False,
 }
 
 KNOWN_KEYS = frozenset(DEFAULTS) | frozenset(TENANT_DEFAULTS)

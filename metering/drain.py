@@ -41,7 +41,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,9 +56,9 @@ from . import counters, log, rollups, scripts
 from .bulk import StoredFact, insert_facts
 from .conf import metering_settings
 from .events import ValidEvent
-from .exceptions import MeteringError
+from .exceptions import MeteringError, UsageTotalOutOfRange
 from .models import LogCursor, LogDeadEntry, LogGap, UsageRecord
-from .signals import usage_recorded
+from .signals import facts_drained, usage_recorded
 from .windows import floor_hour
 
 logger = logging.getLogger("metering.drain")
@@ -606,18 +606,29 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
         # lineage's, and the new tree's may have been rebuilt without it. Retire both trees' counters as of this
         # commit (pushed on commit): they are rebuilt from the database, which now holds it under its new lineage.
         counters.bump_epochs(moved, using)
-    rollups.add_many(
-        (
-            (level, fact.entry.feature, floor_hour(fact.entry.timestamp), fact.entry.units, 1)
-            for fact in facts
-            for level in fact.lineage_pks
-        ),
-        using=using,
-    )
+    refused = _roll_up(facts, {fact.record_id: tree for tree in trees for fact in tree.facts}, using)
+    if refused:
+        # Admitted by Redis (its counters are bignums) but past the hour's rollup range: commit mode would have
+        # refused them (UsageTotalOutOfRange). Kept as dead entries and given back, so they do not poison the batch
+        # (and every tree drained with it) on every cycle.
+        UsageRecord.objects.using(using).filter(pk__in=[fact.record_id for fact, _ in refused]).delete()
+        for fact, tree in refused:
+            tree.facts.remove(fact)
+            facts.remove(fact)
+            dead.append(_dead(tree.cursor, fact.entry.entry_id, None, "hourly rollup total out of range", fact.entry))
+            tree.dead += 1
+            tree.given_back.append((fact.entry, fact.entry.lineage_pks))
     if facts:
-        hook = getattr(_adapter(), "on_stored_many", None)
+        adapter = _adapter()
+        hook = getattr(adapter, "on_stored_many", None)
         if hook is not None:
             hook(facts)
+        elif getattr(adapter, "on_stored", None) is not None:
+            # An adapter with only the per-fact hook (commit mode's): each fact's, in the batch's transaction, so its
+            # rows (an outbox's) commit or roll back with the facts, exactly as in commit mode.
+            for fact, valid, context in _described(facts, using):
+                adapter.on_stored(valid, fact.record_id, context)
+        facts_drained.send(sender=UsageRecord, facts=facts, using=using)
     if dead:
         LogDeadEntry.objects.using(using).bulk_create(dead, ignore_conflicts=True)
         logger.error("log mode: %s stream entries cannot become facts (LogDeadEntry)", len(dead))
@@ -633,6 +644,33 @@ def _persist(redis: Any, trees: list[_Tree], using: str) -> None:
     trims = [(tree.cursor.root_id, tree.cursor.last_entry) for tree in trees]
     # After the outermost commit (a mover drains inside its own transaction): the entries go, the signal fires.
     transaction.on_commit(lambda: _after_commit(redis, trims, facts, using), using=using)
+
+
+def _rollup_rows(facts: Iterable[StoredFact]) -> Iterable[tuple[int, str, Any, int, int]]:
+    return (
+        (level, fact.entry.feature, floor_hour(fact.entry.timestamp), fact.entry.units, 1)
+        for fact in facts
+        for level in fact.lineage_pks
+    )
+
+
+def _roll_up(facts: list[StoredFact], owners: dict[int, _Tree], using: str) -> list[tuple[StoredFact, _Tree]]:
+    """The facts' rollups, aggregated per batch. Returns the facts the rollup range refused (with their tree), each
+    rolled back alone: the batch in one upsert per row first; only when that is refused, fact by fact (rare)."""
+    try:
+        with transaction.atomic(using=using):
+            rollups.add_many(_rollup_rows(facts), using=using)
+        return []
+    except UsageTotalOutOfRange:
+        pass
+    refused: list[tuple[StoredFact, _Tree]] = []
+    for fact in facts:
+        try:
+            with transaction.atomic(using=using):
+                rollups.add_many(_rollup_rows([fact]), using=using)
+        except UsageTotalOutOfRange:
+            refused.append((fact, owners[fact.record_id]))
+    return refused
 
 
 def _dead(
@@ -725,8 +763,9 @@ def _after_commit(redis: Any, trims: list[tuple[int, str]], facts: list[StoredFa
         _send_recorded(facts, using)
 
 
-def _send_recorded(facts: list[StoredFact], using: str) -> None:
-    """``usage_recorded`` per inserted fact, robust (a failing receiver is logged; the facts are committed)."""
+def _described(facts: Sequence[StoredFact], using: str) -> list[tuple[StoredFact, ValidEvent, TenantContext]]:
+    """Each fact as commit mode's hooks see it: its event and its tenant's context (one query for all levels); a
+    fact whose lineage is no longer complete is left out."""
     levels = {pk for fact in facts for pk in fact.lineage_pks}
     refs = {
         pk: TenantRef(pk, ext, kind, bool(exempt), bool(active))
@@ -734,6 +773,7 @@ def _send_recorded(facts: list[StoredFact], using: str) -> None:
         .filter(pk__in=sorted(levels))
         .values_list("pk", "external_id", "kind", "exempt", "is_active")
     }
+    described = []
     for fact in facts:
         if any(pk not in refs for pk in fact.lineage_pks):
             continue
@@ -742,7 +782,13 @@ def _send_recorded(facts: list[StoredFact], using: str) -> None:
         valid = ValidEvent(
             lineage[-1].tenant_id, entry.feature, entry.units, entry.timestamp, entry.metadata, entry.transaction_id
         )
-        context = TenantContext(tenant_id=lineage[-1].tenant_id, lineage=lineage)
+        described.append((fact, valid, TenantContext(tenant_id=lineage[-1].tenant_id, lineage=lineage)))
+    return described
+
+
+def _send_recorded(facts: list[StoredFact], using: str) -> None:
+    """``usage_recorded`` per inserted fact, robust (a failing receiver is logged; the facts are committed)."""
+    for fact, valid, context in _described(facts, using):
         for receiver, error in usage_recorded.send_robust(
             sender=UsageRecord, event=valid, record_id=fact.record_id, context=context
         ):

@@ -172,7 +172,7 @@ class DuplicateUsageEvent(MeteringError):
         self.tenant_id = tenant_id
         self.transaction_id = transaction_id
         self.record_id = record_id
-        # Log mode: the stream entry holding the first one (not drained yet, so no ``record_id``).
+        # Log mode: the stream entry holding the first one (``record_id`` is set once the drainer stored it).
         self.entry_id = entry_id
 
 

@@ -673,7 +673,7 @@ def _log_reserve(handler: QuotaPolicyHandler, feature: str, units: int, ttl: tim
 def _log_commit(reservation: Reservation, event: UsageEvent) -> Decision:
     """Close the reservation row and append the fact in one transaction (the tree lock shared): the fact carries the
     reservation's pk (``Entry.reservation``), the estimate leaves the reserved counters in the same script call.
-    Never refused. ``record_id`` of the row stays empty (the fact is in the database only once drained)."""
+    Never refused. The row's ``record_id`` is set when the drainer inserts the fact (``signals._link_reservations``)."""
     handler = reservation.handler
     row = reservation.row
     valid = validate_event(event)

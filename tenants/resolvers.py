@@ -112,7 +112,13 @@ def key_context(key: ApiKey, named: str | None) -> TenantContext:
     """The context ``key`` acts for: its own tenant, or ``named`` when that is in the key's subtree."""
     from .lineage import get_context, validate_tenant_id
 
-    own = get_context(key.tenant.external_id, require_active=False).seen_from(key.tenant.pk)
+    found = get_context(key.tenant.external_id, require_active=False)
+    if not found.is_visible(key.tenant.pk):
+        # The cached lineage is not the key's tenant's any more (its id was deleted and reused): read it again.
+        found = get_context(key.tenant.external_id, require_active=False, use_cache=False)
+        if not found.is_visible(key.tenant.pk):
+            raise UnknownTenant(UNKNOWN_TENANT_MESSAGE)
+    own = found.seen_from(key.tenant.pk)
     require_active(own, field="Authorization")
     if named is None or named == own.tenant_id:
         return own
@@ -123,6 +129,10 @@ def key_context(key: ApiKey, named: str | None) -> TenantContext:
     if not key.tenant.path or not subtree.exists():
         raise UnknownTenant(UNKNOWN_TENANT_MESSAGE)
     context = get_context(named, require_active=False)
-    if not context.is_visible(key.tenant.pk):  # moved out of the subtree since the query above (a stale cache)
-        raise UnknownTenant(UNKNOWN_TENANT_MESSAGE)
+    if not context.is_visible(key.tenant.pk):
+        # The cached lineage disagrees with the query above: cached before a move into the subtree (its
+        # invalidation not seen yet), or the tenant moved out since. The database decides.
+        context = get_context(named, require_active=False, use_cache=False)
+        if not context.is_visible(key.tenant.pk):
+            raise UnknownTenant(UNKNOWN_TENANT_MESSAGE)
     return require_active(context.seen_from(key.tenant.pk))

@@ -80,3 +80,33 @@ def redis_server() -> Iterator[object]:
         with override_settings(CACHES=breaker_cache(server.url, timeout=0.3, cooldown=0.5)):
             yield server
         reset_all()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``TEST_WRITE_MODE=log``: deselect the tests of commit mode's own mechanism (``@pytest.mark.commit_mode``);
+    each such marker must give the reason, naming the log-mode test of the same guarantee."""
+    from django.conf import settings
+
+    for item in items:
+        marker = item.get_closest_marker("commit_mode")
+        if marker is not None and not (marker.args and str(marker.args[0]).strip()):
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.commit_mode needs a reason")
+    if getattr(settings, "WRITE_MODE", "commit") != "log":
+        return
+    kept = [item for item in items if item.get_closest_marker("commit_mode") is None]
+    deselected = [item for item in items if item.get_closest_marker("commit_mode") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This process's write mode is read (tests/settings.py); processes a test starts keep their own mode (commit,
+    or what the test gives them), not the run's ``TEST_WRITE_MODE``."""
+    import os
+
+    from django.conf import settings
+
+    if settings.configured or os.environ.get("DJANGO_SETTINGS_MODULE"):
+        getattr(settings, "METERING", None)  # loads tests.settings while TEST_WRITE_MODE is still set
+    os.environ.pop("TEST_WRITE_MODE", None)

@@ -15,7 +15,8 @@ from metering.models import UsageRecord, UsageRollup
 from metering.windows import floor_hour
 from tenants.models import Tenant
 
-LOG_MODE = {"WRITE_MODE": "log", "LOG_DRAIN_DELAY_SECONDS": 0, "MAX_BACKDATE": None}
+# The log-mode tests drive the drainer themselves: never the suite's eager drain (TEST_WRITE_MODE=log).
+LOG_MODE = {"WRITE_MODE": "log", "LOG_DRAIN_DELAY_SECONDS": 0, "MAX_BACKDATE": None, "LOG_DRAIN_EAGER": False}
 _serial = itertools.count(1)
 
 

@@ -24,5 +24,12 @@ def limit(tenant_id: str, amount: int | str, feature: str = "llm_tokens", period
 
 
 def set_exempt(tenant_id: str) -> None:
-    Tenant.objects.filter(external_id=tenant_id).update(exempt=True)
+    """As the admin does it: ``save()`` (log mode bumps the tree's epoch in its signal), then what its commit does
+    (the epoch pushed, lineages invalidated), which a test transaction never reaches."""
+    from django.test import TestCase
+
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        tenant = Tenant.objects.get(external_id=tenant_id)
+        tenant.exempt = True
+        tenant.save()
     invalidate(Tenant.objects.values_list("external_id", flat=True))

@@ -2,8 +2,9 @@
 
 Nothing set: SQLite in ``VAR_DIR`` (default ``var/``), the local-memory cache and eager Celery (the embedded
 configuration). ``DATABASE_URL`` (postgres://...), ``REDIS_URL`` and ``CELERY_BROKER_URL`` switch to the real
-services, exactly as for the example project. No other environment variable changes a test run (the example
-project's ``DJANGO_*`` and ``METERING_*`` knobs do not apply here).
+services, exactly as for the example project; ``TEST_WRITE_MODE=log`` runs the suite in log mode (below). No other
+environment variable changes a test run (the example project's ``DJANGO_*`` and ``METERING_*`` knobs do not apply
+here).
 
 Processes a test starts inherit this module (``DJANGO_SETTINGS_MODULE``), except those that are the example site
 itself (gunicorn, Celery workers), which name ``project.settings``. All share the database and Redis, so what they
@@ -136,6 +137,17 @@ METERING: dict[str, Any] = {
     "WEBHOOK_SECRET": None,
     "TENANT_RESOLVER": "tenants.resolvers.api_key_resolver",
 }
+
+# TEST_WRITE_MODE=log (``make test-services-log``) runs the suite in log mode, with each append drained at once inside
+# the caller's transaction (LOG_DRAIN_EAGER, tests only) so tests read the database as in commit mode. Log mode
+# needs Redis: the services run only. Processes a test starts (gunicorn, Celery, subprocess workers) keep their own
+# mode unless the test sets it; tests of commit mode's own mechanism are marked ``commit_mode`` (tests/conftest.py).
+WRITE_MODE = os.environ.get("TEST_WRITE_MODE", "commit")
+if WRITE_MODE not in ("commit", "log"):
+    raise ValueError(f"TEST_WRITE_MODE must be 'commit' or 'log', got {WRITE_MODE!r}")
+if WRITE_MODE == "log":
+    METERING["WRITE_MODE"] = "log"
+    METERING["LOG_DRAIN_EAGER"] = True
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tenants.authentication.ApiKeyAuthentication"],

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.django_db
 FEATURES = 5_000
 MAX_BYTES = 300_000
 MAX_QUERIES = 40
-MAX_SECONDS = 1.0
+# Bytes and queries are the bounds that do not depend on the machine; the time bound only catches a page that does
+# per-feature work in Python (seconds at 5,000 features). 1 s failed under a loaded 2-core CI machine.
+MAX_SECONDS = 5.0
 HEAVY = "acme-chat-key-1"
 
 

@@ -27,6 +27,7 @@ from quotas.models import MAX_LIMIT_UNITS, QuotaLimit, stored_exactly
 from tenants.lineage import get_context
 from tenants.models import Tenant
 from tests.factories import record, tree
+from tests.modes import ROLLUP_RANGE
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db
@@ -70,6 +71,7 @@ def fill_hour_but(tenant_ids: list[str], room: int, hour: datetime = HOUR, featu
         )
 
 
+@pytest.mark.commit_mode(ROLLUP_RANGE)
 def test_an_hourly_total_reaches_the_largest_row_exactly_and_the_next_unit_is_refused_by_name():
     with override_settings(METERING={**getattr(django_settings, "METERING", {}), "ROLLUP_SLOTS": 1}):
         check_the_largest_hourly_total()

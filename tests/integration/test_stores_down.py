@@ -39,6 +39,7 @@ from tenants.models import Tenant
 from tests.conftest import require
 from tests.factories import tree
 from tests.faults import RedisServer, TcpProxy, free_port, wait_until
+from tests.modes import FALLBACK
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -251,6 +252,7 @@ def test_postgres_hung_with_the_pool_exhausted_answers_503_not_a_hang(server):
     assert_facts_match_rollups()
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_redis_hung_decisions_go_on_exact_and_fast_on_the_database(server):
     stats = server.redis.client()
     assert server.demo().status_code == 200  # 3 of 30 tokens, decided in Redis

@@ -25,6 +25,7 @@ from metering.breaker import (
 )
 from tests import faults
 from tests.faults import RedisServer
+from tests.modes import FALLBACK
 
 TIMEOUT = 0.3
 COOLDOWN = 1.0
@@ -216,6 +217,7 @@ def test_the_django_cache_api_and_the_counters_client_share_the_breaker(server):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.commit_mode(FALLBACK)
 def test_a_hung_redis_leaves_decisions_exact_and_fast_on_the_database(server):
     """The whole decision path (lineage cache, rules token, counters) with a hung Redis: one timeout, then the
     database decides, exactly (a hard limit of 5 admits 5 of 20)."""

@@ -8,7 +8,10 @@ def ids(**settings_kwargs):
     return {message.id for message in run_checks() if message.id and message.id.startswith("xaas")}
 
 
-def test_default_configuration_is_clean():
+def test_default_configuration_is_clean(settings):
+    # The defaults: commit mode (the suite's log run sets WRITE_MODE, which wants a Redis with AOF: E041 here).
+    settings.METERING = {key: value for key, value in settings.METERING.items() if "WRITE_MODE" not in key}
+    settings.METERING.pop("LOG_DRAIN_EAGER", None)
     assert ids() == set()
 
 

@@ -16,6 +16,7 @@ from metering import DuplicateUsageEvent
 from metering.models import UsageRecord, UsageRollup
 from metering.windows import window
 from tests.factories import record, tree, usage
+from tests.modes import FLUSH, REBUILD
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -91,6 +92,7 @@ def test_parallel_writers_are_counted_exactly_once_on_the_database_path():
     hammer(None)
 
 
+@pytest.mark.commit_mode(FLUSH)
 def test_parallel_writers_with_redis_flushed_mid_way(redis_cache):
     hammer(redis_cache.flushdb)
 
@@ -112,6 +114,7 @@ def test_concurrent_retries_of_one_transaction_id_store_one_fact():
     assert usage("org") == 9
 
 
+@pytest.mark.commit_mode(REBUILD)
 def test_a_counter_rebuild_waits_for_the_writer_in_flight(redis_cache):
     """Deterministic interleaving: Redis is lost while a writer has counted but not committed its fact.
 

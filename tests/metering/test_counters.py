@@ -16,6 +16,7 @@ from metering.windows import window
 from tenants.lineage import get_context
 from tenants.tree import move_tenant
 from tests.factories import record, tree, usage
+from tests.modes import FALLBACK
 
 pytestmark = pytest.mark.django_db
 
@@ -85,6 +86,7 @@ def test_a_move_drops_the_counters_of_both_trees(redis_cache):
     assert usage("p1", "llm_tokens", *month_now()) == 5
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_writes_survive_an_unreachable_redis():
     tree(ORG)
     dead = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}}

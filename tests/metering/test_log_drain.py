@@ -9,6 +9,7 @@ import pytest
 from django.db import connection, connections, transaction
 
 from metering import counters, drain, log
+from metering.adapters.database import DatabaseMeteringAdapter
 from metering.models import CounterEpoch, LogCursor, LogDeadEntry, LogGap, UsageOutbox, UsageRecord
 from metering.signals import usage_recorded
 from metering.windows import window
@@ -231,6 +232,29 @@ def test_outbox_rows_are_written_once_per_inserted_fact(redis_cache):
     rows = list(UsageOutbox.objects.values_list("record_id", "sink"))
     assert sorted(rows) == sorted((fact, "webhook") for fact in UsageRecord.objects.values_list("id", flat=True))
     assert len(rows) == 3
+
+
+class PerFactAdapter(DatabaseMeteringAdapter):
+    """An adapter with commit mode's per-fact hook only (no ``on_stored_many``), like a project's own outbox."""
+
+    seen: list[tuple[str, str, int, bool]] = []
+
+    def on_stored(self, valid, record_id, context) -> None:
+        in_batch = connection.in_atomic_block
+        self.seen.append((context.tenant_id, valid.transaction_id, record_id, in_batch))
+
+
+def test_an_adapter_with_only_on_stored_gets_it_per_fact_in_the_batch(redis_cache):
+    tree(ORG)
+    PerFactAdapter.seen.clear()
+    with log_mode(ADAPTER="tests.metering.test_log_drain.PerFactAdapter"):
+        append(redis_cache, "k1", 1, transaction_id="a")
+        append(redis_cache, "k3", 1, transaction_id="b")
+        append(redis_cache, "k3", 1, transaction_id="b")  # a duplicate: no fact, no hook
+        drain.drain()
+        drain.drain()
+    ids = dict(UsageRecord.objects.values_list("transaction_id", "id"))
+    assert sorted(PerFactAdapter.seen) == [("k1", "a", ids["a"], True), ("k3", "b", ids["b"], True)]
 
 
 def test_usage_recorded_fires_at_drain_time_once_per_fact(logged):
@@ -460,4 +484,18 @@ def test_end_to_end_through_the_writer_facts_rollups_counters_outbox(redis_cache
     assert sorted(UsageOutbox.objects.values_list("record_id", flat=True)) == sorted(
         UsageRecord.objects.values_list("id", flat=True)
     )
+    assert_facts_match_rollups()
+
+
+def test_the_staging_table_is_there_for_every_batch_even_after_a_session_reset(logged, on_postgres):
+    """The COPY staging table is session state: a pooler's DISCARD ALL/TEMP (or a reconnect) drops it under the
+    drainer. Each batch finds it (it was an UndefinedTable error on every later batch of that connection)."""
+    tree(ORG)
+    append(logged, "k1", 1, transaction_id="a")
+    drain.drain()
+    with connection.cursor() as cursor:
+        cursor.execute("DISCARD TEMP")
+    append(logged, "k1", 1, transaction_id="b")
+    drain.drain()
+    assert sorted(UsageRecord.objects.values_list("transaction_id", flat=True)) == ["a", "b"]
     assert_facts_match_rollups()

@@ -29,6 +29,7 @@ from metering.signals import usage_recorded
 from tenants.exceptions import InvalidTenantId
 from tenants.models import Tenant
 from tests.factories import any_backdate, record, tree, usage
+from tests.modes import QUERY_COUNT
 
 pytestmark = pytest.mark.django_db
 
@@ -240,6 +241,7 @@ def test_a_rolled_back_transaction_leaves_nothing():
     assert usage("org") == 0
 
 
+@pytest.mark.commit_mode(QUERY_COUNT)
 def test_recording_cost_in_queries(django_capture_on_commit_callbacks):
     tree(ORG)
     with django_capture_on_commit_callbacks(execute=True):  # as committed: the tree's feature is known from now on

@@ -27,6 +27,7 @@ from tenants.lineage import get_context
 from tenants.models import Tenant
 from tenants.tree import move_tenant
 from tests.factories import record, tree
+from tests.modes import ROLLUP_RANGE, ROLLUP_SLOTS
 from tests.slot_writer import write
 
 HOUR = floor_hour(datetime.now(UTC)) - timedelta(hours=3)
@@ -84,6 +85,7 @@ def test_pack_fills_the_range_exactly_and_refuses_one_unit_more():
 
 
 @pytest.mark.django_db
+@pytest.mark.commit_mode(ROLLUP_RANGE)
 def test_every_slot_full_sums_to_the_largest_total_exactly_and_refuses_any_fact():
     tree({"org": None, "key": "org"})
     org, key = Tenant.objects.get(external_id="org"), Tenant.objects.get(external_id="key")
@@ -109,6 +111,7 @@ def test_every_slot_full_sums_to_the_largest_total_exactly_and_refuses_any_fact(
 
 
 @pytest.mark.django_db
+@pytest.mark.commit_mode(ROLLUP_SLOTS)
 def test_no_sum_of_slots_ever_passes_the_range_whatever_slots_the_writers_fill():
     """Random fills near the bounds, then facts through the recorder with random slot counts: every accepted fact
     adds exactly its units, every refused one adds nothing, and no hour's sum ever passes the largest total (where
@@ -171,6 +174,7 @@ def run_writers(processes: int, facts: int, backdate_hours: int) -> Counter:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.commit_mode(ROLLUP_SLOTS)
 def test_concurrent_writers_of_one_tree_in_separate_processes_keep_rollups_exact():
     requires_postgresql()
     one_tree()
@@ -187,6 +191,7 @@ def test_concurrent_writers_of_one_tree_in_separate_processes_keep_rollups_exact
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.commit_mode(ROLLUP_SLOTS)
 def test_the_fold_is_exact_and_idempotent_beside_concurrent_writers():
     """Writers (a quarter of their facts backdated into hours being folded) run while the fold runs in a loop over
     every hour, the current one included; then the fold leaves one row per hour and changes no sum."""

@@ -27,6 +27,7 @@ from quotas.models import QuotaLimit, QuotaReservation
 from tenants.context import TenantContext
 from tenants.lineage import get_context
 from tests.factories import record, tree, usage
+from tests.modes import FALLBACK, WRITE_UNIT
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -122,6 +123,7 @@ def kinds(sent: list[str]) -> list[str]:
     return named[first:]
 
 
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_a_consumption_whose_commit_fails_is_neither_stored_nor_counted(backend):
     tree(ORG)
     limit("org", 10)
@@ -136,6 +138,7 @@ def test_a_consumption_whose_commit_fails_is_neither_stored_nor_counted(backend)
         QuotaPolicyHandler("k2").consume("llm_tokens", "0.000001")
 
 
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_a_recording_whose_commit_fails_leaves_usage_reads_exact(backend):
     tree(ORG)
     record("k1", 2)
@@ -165,6 +168,7 @@ def test_a_caller_transaction_rolled_back_takes_the_fact_and_its_rollups_with_it
     # (Live Redis counters keep the 5 until rebuilt: see "Over-count after an outer rollback" in the README.)
 
 
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_on_postgresql_a_fact_is_the_tree_lock_the_fact_and_its_rollups(on_postgres):
     tree(ORG)
     record("k1", 1)  # warm: lineage cached, the tree's feature known
@@ -175,6 +179,7 @@ def test_on_postgresql_a_fact_is_the_tree_lock_the_fact_and_its_rollups(on_postg
     assert UsageRecord.objects.get(units=2_000_000).metadata == {"model": "m"}
 
 
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_an_enforced_consumption_upserts_the_shared_rollups_only_after_the_redis_decision(on_postgres, redis_cache):
     """The rollup rows every writer of the tree shares are locked from their upsert to the COMMIT: never while this
     process waits for Redis."""
@@ -195,6 +200,7 @@ def test_an_enforced_consumption_upserts_the_shared_rollups_only_after_the_redis
     assert QuotaReservation.objects.get(pk=reservation.row.pk).state == QuotaReservation.State.COMMITTED
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_without_redis_the_decision_sums_rollups_written_with_the_fact(on_postgres):
     tree(ORG)
     limit("org", 5)
@@ -302,6 +308,7 @@ def test_a_failing_usage_recorded_receiver_does_not_fail_a_stored_fact(backend, 
     assert "a receiver bug" in caplog.text
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_quotas_hold_exactly_when_redis_is_unreachable_mid_decision(backend):
     """The decision falls back to the database while this fact's rollups are still to be written: it must count it."""
     tree(ORG)

@@ -37,6 +37,7 @@ from tenants.models import Tenant
 from tenants.tree import create_tenant, move_tenant
 from tests.factories import record, tree
 from tests.faults import TcpProxy
+from tests.modes import FALLBACK
 from tests.quota_helpers import limit
 from tests.quotas.test_quota_hammer import wait_out_an_hour_boundary
 
@@ -115,6 +116,7 @@ def test_a_rebuild_whose_set_lands_late_never_winds_a_live_counter_back(redis_se
     assert first + second + third == 10
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_an_epoch_bump_rolled_back_in_a_callers_transaction_is_never_reused(redis_server):
     wait_out_an_hour_boundary()
     tree({"org": None, "p": "org"})
@@ -168,6 +170,7 @@ def test_a_release_whose_commit_is_lost_never_gives_the_estimate_back_twice(redi
         assert admit_until_refused("p") == 10
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_a_reservation_after_a_move_during_an_outage_counts_in_the_new_tree(redis_server):
     wait_out_an_hour_boundary()
     tree({"A": None, "p": "A", "B": None, "q": "B"})
@@ -225,6 +228,7 @@ def quota_set_in_another_process(redis_url: str, amount: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_a_limit_lowered_while_redis_is_down_binds_every_process_at_once(redis_server, on_postgres):
     wait_out_an_hour_boundary()
     tree({"org": None, "p": "org"})

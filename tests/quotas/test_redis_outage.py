@@ -29,6 +29,7 @@ from quotas.exceptions import QuotaExceeded
 from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
 from tests.factories import tree
+from tests.modes import FALLBACK
 from tests.quota_helpers import limit
 from tests.quotas.test_quota_hammer import wait_out_an_hour_boundary
 
@@ -132,6 +133,7 @@ def assert_exact(hammer: Hammer) -> None:
     ]
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_redis_stopped_mid_run_and_restarted_with_its_data(redis_server):
     build_tree()
     hammer = Hammer()
@@ -150,6 +152,7 @@ def test_redis_stopped_mid_run_and_restarted_with_its_data(redis_server):
     assert_exact(hammer)
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_redis_hung_mid_run_costs_one_timeout_per_cool_down_not_per_call(redis_server):
     build_tree()
     hammer = Hammer()
@@ -171,6 +174,7 @@ def test_redis_flushed_mid_run(redis_server):
     assert_exact(hammer)
 
 
+@pytest.mark.commit_mode(FALLBACK)
 def test_a_restart_with_old_data_never_serves_a_stale_usage_read(redis_server):
     """The read path too: usage served from a counter of before the outage would miss the outage's facts."""
     from tests.factories import record

@@ -20,6 +20,7 @@ from quotas.handler import QuotaPolicyHandler
 from tenants.lineage import get_context
 from tenants.models import Tenant
 from tests.factories import record, tree, usage
+from tests.modes import ROLLUP_RANGE
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -74,6 +75,7 @@ def test_bad_input_is_refused_before_the_unit_opens(backend):
     assert not UsageRecord.objects.exists()
 
 
+@pytest.mark.commit_mode(ROLLUP_RANGE)
 def test_a_fact_refused_by_the_rollups_range_after_redis_counted_it_is_not_counted(
     on_postgres, redis_cache, settings, monkeypatch
 ):

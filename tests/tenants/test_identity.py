@@ -449,3 +449,25 @@ def test_python_callers_keep_the_full_picture(world):
         get_context("dead")
     assert get_context("acme-chat-key-1").visible_from == 0
     assert QuotaPolicyHandler("acme-chat-key-1").check("api_calls", Decimal(1)).allowed
+
+
+# ---- a stale cached lineage (a move or a reused id whose invalidation is not seen yet) ----
+
+
+def test_a_stale_cached_lineage_is_read_again_not_a_wrong_answer_or_a_500(redis_cache):
+    from tenants import lineage
+    from tenants.tree import move_tenant
+
+    tree({"a": None, "b": None, "x": "b", "k": "a"})
+    key = authenticate_key(create_api_key("a", name="a")[1])
+    stale_x = lineage._load_lineage("x")  # cached under b, before x moves into the key's subtree
+    move_tenant("x", "a")
+    lineage._cache_call("set", lineage._cache_key("x"), stale_x, 300)
+    assert key_context(key, "x").lineage_ids == ("a", "x")
+    # The key's own id deleted and reused by a new tenant, the old lineage still cached (it was a StopIteration).
+    stale_k = lineage._load_lineage("k")
+    Tenant.objects.filter(external_id="k").delete()
+    tree({"k": "b"})
+    lineage._cache_call("set", lineage._cache_key("k"), stale_k, 300)
+    reused = authenticate_key(create_api_key("k", name="k2")[1])
+    assert key_context(reused, None).lineage_ids == ("b", "k")
