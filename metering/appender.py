@@ -381,6 +381,10 @@ def append_many(valids: Sequence[ValidEvent]) -> list[str | None]:
     results: list[str | None] = [None] * len(valids)
     for indexes in by_tree.values():
         _append_tree(valids, indexes, snaps, results)
+    if metering_settings.LOG_DRAIN_EAGER:  # as for one append: the database reads as in commit mode
+        for root_pk, indexes in by_tree.items():
+            if any(results[index] for index in indexes):
+                _drain_eagerly(root_pk)
     return results
 
 

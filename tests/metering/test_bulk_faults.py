@@ -23,6 +23,7 @@ from tenants.models import Tenant
 from tests.factories import tree, usage
 from tests.faults import wait_until
 from tests.log_helpers import assert_facts_match_rollups
+from tests.modes import WRITE_UNIT
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 
@@ -31,6 +32,7 @@ ROOT_DIR = Path(__file__).resolve().parent.parent.parent
 WEBHOOK = {"ADAPTER": "metering.adapters.webhook.WebhookMeteringAdapter", "SINK_URL": "http://127.0.0.1:9/usage"}
 
 
+@pytest.mark.commit_mode(WRITE_UNIT)
 def test_an_import_killed_mid_batch_leaves_nothing_half_written_and_a_rerun_records_nothing_twice(
     redis_cache, tmp_path: Path
 ):
