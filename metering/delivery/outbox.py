@@ -24,7 +24,8 @@ from typing import Any
 
 from django.core.cache import caches
 from django.db import connections, transaction
-from django.db.models import Case, Count, F, Min, QuerySet, Value, When
+from django.db.models import Case, Count, F, Min, Q, QuerySet, Value, When
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from tenants import namespace
@@ -213,13 +214,13 @@ def claim(
             _set_bodies(bodies, using)
         if to_freeze:
             lease["external_subscription_id"] = Case(
-                *(When(id__in=ids, then=Value(subscription)) for subscription, ids in to_freeze.items()),
+                *(When(_ids(ids), then=Value(subscription)) for subscription, ids in to_freeze.items()),
                 default=F("external_subscription_id"),
             )
         if facts:
-            _rows().filter(id__in=[fact.outbox_id for fact in facts]).update(**lease)
+            _rows().filter(_ids(fact.outbox_id for fact in facts)).update(**lease)
         if held:
-            _rows().filter(id__in=[fact.outbox_id for fact in held]).update(
+            _rows().filter(_ids(fact.outbox_id for fact in held)).update(
                 state=HELD, next_attempt_at=now, last_error=HELD_ERROR
             )
     return Claim(token, facts, held)
@@ -265,8 +266,17 @@ def _relaxed_commit(using: str) -> None:
             cursor.execute("SET LOCAL synchronous_commit TO OFF")
 
 
+def _ids(ids: Iterable[int]) -> Q:
+    """``id IN ids`` as one parameter on PostgreSQL (``IN (SELECT unnest(%s::bigint[]))``): a batch of 10,000 facts
+    as 10,000 placeholders cost more Python (Django compiling them, psycopg splitting them) than its SQL."""
+    values = [int(value) for value in ids]
+    if connections[_using()].vendor == "postgresql":
+        return Q(id__in=RawSQL("SELECT unnest(%s::bigint[])", (values,)))
+    return Q(id__in=values)
+
+
 def _claimed(ids: Iterable[int], token: str) -> QuerySet[UsageOutbox]:
-    return _rows().filter(id__in=list(ids), claim_token=token, state=PENDING)
+    return _rows().filter(_ids(ids), claim_token=token, state=PENDING)
 
 
 def mark_delivered(ids: list[int], token: str, now: datetime) -> int:
