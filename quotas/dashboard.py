@@ -165,7 +165,8 @@ def _refusals(board: Dashboard, tenants: dict[int, Tenant], link: Any) -> None:
     hours = last_hours(board.now)
     per_hour = dict.fromkeys(hours, 0)
     per_key: dict[tuple[int, str], int] = {}
-    for tenant_pk, feature, hour, count in refusals_since(None if board.scope is None else list(tenants), hours[0]):
+    scoped = None if board.scope is None else list(tenants)
+    for tenant_pk, feature, hour, count in refusals_since(scoped, hours[0], now=board.now):
         if tenant_pk not in tenants:
             continue
         per_hour[hour] = per_hour.get(hour, 0) + count

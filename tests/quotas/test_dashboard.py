@@ -110,15 +110,28 @@ def test_the_index_links_the_dashboard_and_a_superuser_sees_every_section(forest
     assert "Only the Lago and webhook adapters use the outbox" in section(html, "outbox")
 
 
+def stored_counts() -> dict[tuple[str, str], int]:
+    """Refusals counted in the last day, wherever they were stored (Redis with a Redis cache, else the database)."""
+    names = dict(Tenant.objects.values_list("pk", "external_id"))
+    counts: dict[tuple[str, str], int] = {}
+    for tenant_pk, feature, _, count in refusals.refusals_since(None, utcnow() - timedelta(days=1)):
+        counts[(names[tenant_pk], feature)] = counts.get((names[tenant_pk], feature), 0) + count
+    return counts
+
+
+@pytest.fixture
+def database_counts(monkeypatch):
+    """The database's own path (the one without Redis, and Redis's fallback), whatever the configuration."""
+    monkeypatch.setattr(refusals, "_count_in_redis", lambda *args: False)
+
+
 def test_refusals_are_counted_where_they_are_decided_and_shown_per_hour(forest):
     refuse("acme-search-key-1", times=3)  # blocked by acme-search's day quota
     refuse("acme-chat-key-2", times=2)  # blocked by acme-chat's month quota
     with pytest.raises(QuotaExceeded):
         QuotaPolicyHandler("acme-chat-key-1").check("llm_tokens", 1_000_000, raise_exception=True)
     assert QuotaPolicyHandler("acme-chat-key-1").check("llm_tokens", 1_000_000).allowed is False  # not raised: no count
-    counts = {
-        (row.tenant.external_id, row.feature): row.count for row in QuotaRefusalCount.objects.select_related("tenant")
-    }
+    counts = stored_counts()
     # Log mode's check() sends quota_exceeded (and so counts) even when it does not raise (README, dashboard).
     assert counts == {
         ("acme-search-key-1", "llm_tokens"): 3,
@@ -150,7 +163,7 @@ def test_refusals_are_counted_where_they_are_decided_and_shown_per_hour(forest):
     assert f'href="{tenant_url("acme-search-key-1")}"' in html
 
 
-def test_a_refusal_is_still_answered_when_its_count_cannot_be_stored(forest, caplog, monkeypatch):
+def test_a_refusal_is_still_answered_when_its_count_cannot_be_stored(forest, caplog, monkeypatch, database_counts):
     def broken(*args: object) -> None:
         raise RuntimeError("store down")
 
@@ -161,7 +174,7 @@ def test_a_refusal_is_still_answered_when_its_count_cannot_be_stored(forest, cap
     assert QuotaRefusalCount.objects.count() == 0
 
 
-def test_a_refusal_count_that_fails_in_the_callers_transaction_leaves_it_usable(forest):
+def test_a_refusal_count_that_fails_in_the_callers_transaction_leaves_it_usable(forest, database_counts):
     from django.db import transaction
 
     with transaction.atomic():
@@ -385,7 +398,7 @@ def test_old_refusal_counts_are_pruned(forest):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_refusals_outside_any_transaction_are_counted_in_their_own(forest):
+def test_refusals_outside_any_transaction_are_counted_in_their_own(forest, database_counts):
     """Autocommit, as in a view without ATOMIC_REQUESTS: the count commits in a transaction of its own (on PostgreSQL
     without waiting for its WAL flush), and exactly once per refusal."""
     refuse("acme-search-key-1", times=4)
@@ -406,3 +419,34 @@ def test_hours_are_utc_hours_whatever_the_time_zone(forest, settings):
     html = section(login(superuser()).get(DASHBOARD).content.decode(), "refusals")
     last = re.findall(r'data-hour="([^"]+)" data-count="(\d+)"', html)[-1]
     assert last == (refusals.hour_of(utcnow()).isoformat(), "1")
+
+
+def test_with_redis_a_refusal_costs_no_sql_and_is_shown(forest, redis_cache, django_assert_num_queries):
+    """A flood of refused requests never queues on a database row: Redis counts them (HINCRBY), the dashboard reads
+    Redis and the database together."""
+    from quotas.exceptions import QuotaExceeded as Refused
+    from tenants.lineage import get_context
+
+    context = get_context("acme-search-key-1")
+    error = Refused(
+        tenant_id="acme-search",
+        feature="llm_tokens",
+        limit=Decimal(1),
+        used=Decimal(1),
+        requested=Decimal(1),
+        period="day",
+        reset_at=None,
+    )
+    with django_assert_num_queries(0):
+        for _ in range(5):
+            refusals.count_refusal(context, error)
+    assert QuotaRefusalCount.objects.count() == 0
+    QuotaRefusalCount.objects.create(
+        tenant=Tenant.objects.get(external_id="acme-search-key-1"),
+        feature="llm_tokens",
+        hour=refusals.hour_of(utcnow()),
+        count=2,
+    )  # counted by the database while Redis was down
+    assert stored_counts()[("acme-search-key-1", "llm_tokens")] == 7
+    html = section(login(superuser()).get(DASHBOARD).content.decode(), "refusals")
+    assert re.findall(r'data-hour="[^"]+" data-count="(\d+)"', html)[-1] == "7"
