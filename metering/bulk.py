@@ -211,6 +211,8 @@ def record_many(
     using = using or str(metering_settings.DATABASE_ALIAS)
     items = validate_many(events, contexts, lineages=lineages)
     if log.is_log_mode():
+        if admit is not None:  # the caller's own bound (the events API: the key's feature budget), as in commit mode
+            _admit_logged(items, len(events), admit, using)
         return _append_many(items, len(events))
     first: dict[tuple[int, str], _Item] = {}
     duplicates: list[int] = []
@@ -517,6 +519,25 @@ def _insert_values(
 
 
 # ---- log mode ----
+
+
+def _admit_logged(items: list[_Item], count: int, admit: AdmitHook, using: str) -> None:
+    """Log mode: the batch's features admitted (``MAX_FEATURES_PER_TREE``) and ``admit`` run, in one short
+    transaction before anything is appended; a refused feature refuses the whole batch, reported at each index that
+    carries it (as commit mode's ``_write``)."""
+    from .recorder import features_admitted
+
+    pairs = {(item.context.root.pk, item.valid.feature_name) for item in items}
+    try:
+        with transaction.atomic(using=using), features_admitted(pairs, using):
+            admit(pairs, using)
+    except TooManyFeatures as error:
+        problems: dict[int, Problems] = {
+            item.index: {error.field: [(error.code, str(error))]}
+            for item in items
+            if (item.context.root.pk, item.valid.feature_name) == (error.root_pk, error.feature_name)
+        }
+        raise InvalidBatch(problems or {items[0].index: {error.field: [(error.code, str(error))]}}, count) from None
 
 
 def _append_many(items: list[_Item], count: int) -> BulkResult:
