@@ -211,8 +211,9 @@ def record_many(
     using = using or str(metering_settings.DATABASE_ALIAS)
     items = validate_many(events, contexts, lineages=lineages)
     if log.is_log_mode():
-        if admit is not None:  # the caller's own bound (the events API: the key's feature budget), as in commit mode
-            _admit_logged(items, len(events), admit, using)
+        # The whole batch's features at once (MAX_FEATURES_PER_TREE: a batch of 1,000 new features is refused as a
+        # whole, not admitted one at a time), then the caller's own bound (the events API: the key's budget).
+        _admit_logged(items, len(events), admit, using)
         return _append_many(items, len(events))
     first: dict[tuple[int, str], _Item] = {}
     duplicates: list[int] = []
@@ -521,7 +522,7 @@ def _insert_values(
 # ---- log mode ----
 
 
-def _admit_logged(items: list[_Item], count: int, admit: AdmitHook, using: str) -> None:
+def _admit_logged(items: list[_Item], count: int, admit: AdmitHook | None, using: str) -> None:
     """Log mode: the batch's features admitted (``MAX_FEATURES_PER_TREE``) and ``admit`` run, in one short
     transaction before anything is appended; a refused feature refuses the whole batch, reported at each index that
     carries it (as commit mode's ``_write``)."""
@@ -530,7 +531,8 @@ def _admit_logged(items: list[_Item], count: int, admit: AdmitHook, using: str) 
     pairs = {(item.context.root.pk, item.valid.feature_name) for item in items}
     try:
         with transaction.atomic(using=using), features_admitted(pairs, using):
-            admit(pairs, using)
+            if admit is not None:
+                admit(pairs, using)
     except TooManyFeatures as error:
         problems: dict[int, Problems] = {
             item.index: {error.field: [(error.code, str(error))]}

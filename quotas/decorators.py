@@ -26,7 +26,8 @@ from django.http import HttpRequest, HttpResponse
 
 from metering.exceptions import InvalidUsageEvent
 from tenants.context import TenantContext
-from tenants.middleware import not_authenticated_response
+from tenants.exceptions import TenantError
+from tenants.middleware import not_authenticated_response, tenant_error_response
 from tenants.unavailable import STORE_ERRORS
 
 from .exceptions import QuotaExceeded
@@ -91,12 +92,20 @@ def settle_for_request(request: HttpRequest, reservation: Reservation, response:
         # The work is done but cannot be charged now: say so (503) rather than serve it unrecorded. The
         # reservation is given back when it expires.
         return service_unavailable_response(error, f"quota commit on {reservation.row.feature!r}")
+    except InvalidUsageEvent as error:
+        # Refused at commit, after the view ran (the tree's feature bound filled meanwhile): nothing recorded, the
+        # reservation given back now, and the caller told why — never a 500 in place of the view's answer.
+        _give_back(reservation)
+        return error_response(400, error.code, error.field, str(error))
+    except TenantError as error:  # deactivated or removed while the view ran: nothing recorded
+        _give_back(reservation)
+        return tenant_error_response(error)
     return add_quota_headers(response, decision, seen_by=tenant)
 
 
 def _give_back(reservation: Reservation) -> None:
     # A store that is down: the reservation expires on its own (quotas.expire_reservations), its quota comes back then.
-    with contextlib.suppress(*STORE_ERRORS):
+    with contextlib.suppress(*STORE_ERRORS, TenantError):
         reservation.release()
 
 

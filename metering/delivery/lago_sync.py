@@ -62,10 +62,20 @@ class _Lago:
 
     def read(self, path: str, root: str) -> dict[str, Any] | None:
         response = self._call("GET", path)
-        return None if response.status_code == 404 else dict(response.json()[root])
+        return None if response.status_code == 404 else self._object(response, f"GET {path}", root)
 
     def write(self, method: str, path: str, root: str, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._call(method, path, {root: body}).json()[root])
+        return self._object(self._call(method, path, {root: body}), f"{method} {path}", root)
+
+    def _object(self, response: httpx.Response, what: str, root: str) -> dict[str, Any]:
+        """The answer's ``root`` object, or ``LagoSyncError`` (a proxy's HTML page, a body without it): never a 500."""
+        try:
+            found = response.json()[root]
+            if not isinstance(found, dict):
+                raise TypeError(root)
+            return dict(found)
+        except (ValueError, KeyError, TypeError):
+            raise LagoSyncError(f"{what}: {response.status_code} without a {root!r} object") from None
 
 
 def sync(

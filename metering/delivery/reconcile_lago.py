@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from django.db.models import Q
+
 from ..conf import metering_settings
 from ..models import UsageOutbox
 from .sinks.lago import LagoSink, lago_instant, same_properties
@@ -156,35 +158,58 @@ class Unbillable:
         return f"subscription {self.subscription}: {' and '.join(parts)} — Lago accepts them, never bills them"
 
 
-def unbillable_before_sending(sink: LagoSink | None = None, *, at_most: int = 50) -> tuple[list[Unbillable], list[str]]:
-    """The facts waiting to be sent that Lago will accept but not bill, per subscription (up to ``at_most``
-    subscriptions, one ``GET /api/v1/subscriptions/{id}`` each), and the subscriptions Lago did not describe."""
+def unbillable_before_sending(
+    sink: LagoSink | None = None,
+    *,
+    at_most: int = 50,
+    tenants_at_most: int = 1000,
+    deadline_seconds: float | None = None,
+) -> tuple[list[Unbillable], list[str]]:
+    """The facts waiting to be sent that Lago will accept but not bill, per subscription, and the subscriptions Lago
+    did not describe. Bounded whatever the backlog: at most ``at_most`` subscriptions (one ``GET
+    /api/v1/subscriptions/{id}`` each), the not-yet-frozen rows of at most ``tenants_at_most`` tenants, and one
+    overall deadline (default: ``SINK_TIMEOUT_SECONDS``) after which, or after the first Lago failure, it stops
+    asking: a status command must answer while Lago hangs."""
+    from time import monotonic  # (``time`` here is datetime's)
+
     from .outbox import HELD, PENDING, resolve_subscriptions
 
     sink = sink or LagoSink()
     using = str(metering_settings.DATABASE_ALIAS)
+    timeout = float(deadline_seconds if deadline_seconds is not None else metering_settings.SINK_TIMEOUT_SECONDS)
+    deadline = monotonic() + timeout
     waiting = UsageOutbox.objects.using(using).filter(sink=sink.name, state__in=[PENDING, HELD])
     frozen = waiting.exclude(external_subscription_id="")
-    by_subscription: dict[str, Any] = {}
+    by_subscription: dict[str, list[Any]] = {}
     for subscription in frozen.order_by().values_list("external_subscription_id", flat=True).distinct()[:at_most]:
-        by_subscription[subscription] = frozen.filter(external_subscription_id=subscription)
-    # Not frozen yet: the subscription the next claim will give them (the nearest ancestor's).
-    paths = list(
-        waiting.filter(external_subscription_id="").order_by().values_list("record__tenant__path", flat=True).distinct()
-    )
+        by_subscription[subscription] = [Q(external_subscription_id=subscription)]
+    # Not frozen yet: the subscription the next claim will give them (the nearest ancestor's), grouped in Python.
+    unfrozen = waiting.filter(external_subscription_id="")
+    paths = list(unfrozen.order_by().values_list("record__tenant__path", flat=True).distinct()[:tenants_at_most])
+    per_subscription: dict[str, list[str]] = defaultdict(list)
     for path, subscription in resolve_subscriptions(paths).items():
-        if subscription and len(by_subscription) < at_most:
-            rows = waiting.filter(external_subscription_id="", record__tenant__path=path)
-            by_subscription[subscription] = (
-                rows if subscription not in by_subscription else by_subscription[subscription] | rows
+        if subscription:
+            per_subscription[subscription].append(path)
+    for subscription, sub_paths in sorted(per_subscription.items()):
+        if subscription in by_subscription or len(by_subscription) < at_most:
+            by_subscription.setdefault(subscription, []).append(
+                Q(external_subscription_id="", record__tenant__path__in=sub_paths)
             )
     found: list[Unbillable] = []
     unknown: list[str] = []
-    for subscription, rows in sorted(by_subscription.items()):
+    for subscription, conditions in sorted(by_subscription.items()):
+        if monotonic() >= deadline:
+            unknown.append(subscription)
+            continue
         bounds = sink.subscription_boundaries(subscription)
         if bounds is None:
             unknown.append(subscription)
+            deadline = 0.0  # Lago failed or does not know it: ask no more this time
             continue
+        condition = conditions[0]
+        for more in conditions[1:]:
+            condition |= more
+        rows = waiting.filter(condition)
         started, ended = bounds
         before = rows.filter(record__timestamp__lt=started).count() if started else 0
         after = rows.filter(record__timestamp__gt=ended).count() if ended else 0

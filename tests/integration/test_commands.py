@@ -355,6 +355,21 @@ def test_seed_demo_is_idempotent_and_prints_the_login(monkeypatch):
 
 
 @pytest.mark.django_db
+def test_seed_demo_keeps_an_operators_revocations():
+    from django.contrib.auth.models import Group
+
+    run("seed_demo")
+    group = Group.objects.get(name="Tenant administrators")
+    revoked = group.permissions.get(codename="delete_quotalimit")
+    group.permissions.remove(revoked)
+    scoped = get_user_model().objects.get(username="chat-admin")
+    scoped.groups.clear()
+    run("seed_demo")
+    assert not group.permissions.filter(codename="delete_quotalimit").exists()
+    assert not scoped.groups.exists()
+
+
+@pytest.mark.django_db
 def test_seed_demo_never_changes_an_existing_user():
     user = get_user_model().objects.create_user("admin", password="mine-0123456789", is_staff=False)
     out = run("seed_demo")

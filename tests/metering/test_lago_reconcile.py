@@ -12,6 +12,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from metering.delivery.deliver import flush
+from tenants.models import Tenant
 from tests.lago_server import FakeLago
 from tests.lago_support import API_KEY, lago_metering, record, states
 
@@ -135,3 +136,30 @@ def test_metering_status_warns_before_sending_about_facts_lago_will_not_bill(ser
     after = StringIO()
     call_command("metering_status", stdout=after)
     assert "not billable" not in after.getvalue()  # nothing waits any more (reconcile_usage reports them now)
+
+
+def test_metering_status_stays_bounded_when_lago_hangs(server, org, settings):
+    """A status probe must answer while Lago hangs: the first request that times out ends the questions (one overall
+    deadline too), whatever the number of subscriptions waiting."""
+    import time
+
+    from metering.delivery.reconcile_lago import unbillable_before_sending
+    from tests.faults import TcpProxy
+
+    Tenant.objects.filter(external_id="other").update(lago_subscription_id="sub-other")
+    record("key1", 1, transaction_id="w-1", timestamp=DAY1)
+    record("other", 1, transaction_id="w-2", timestamp=DAY1)
+    port = int(server.url.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", port) as proxy:
+        settings.METERING = {
+            **settings.METERING,
+            "SINK_URL": f"http://127.0.0.1:{proxy.port}",
+            "SINK_TIMEOUT_SECONDS": 1,
+        }
+        proxy.hang()
+        started = time.monotonic()
+        found, unknown = unbillable_before_sending()
+        elapsed = time.monotonic() - started
+        proxy.heal()
+    assert found == [] and sorted(unknown) == ["sub-org", "sub-other"]
+    assert elapsed < 4  # one timed-out request (about 1 s), not one per subscription

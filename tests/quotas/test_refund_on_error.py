@@ -9,11 +9,13 @@ from asgiref.sync import async_to_sync
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.test import RequestFactory
 
+from metering.models import UsageRecord
 from quotas.decorators import enforce_quota
 from quotas.handler import QuotaPolicyHandler
 from quotas.models import QuotaReservation
 from tenants.lineage import get_context
 from tests.factories import tree, usage
+from tests.modes import FEATURE_BOUND
 from tests.quota_helpers import limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -109,3 +111,37 @@ def test_by_default_the_charge_comes_first_whatever_the_view_does(key: str):
     with pytest.raises(Boom):
         view(_request(key))
     assert usage(key, "api_calls") == 1  # documented: README "Enforcing quotas"
+
+
+@pytest.mark.commit_mode(FEATURE_BOUND)
+def test_a_commit_refused_after_the_view_ran_answers_why_and_holds_nothing(key: str, settings):
+    """The tree's feature bound fills while the view runs: the commit is refused; a JSON 400, not a 500 in place of
+    the view's answer, nothing recorded, the reservation given back at once."""
+    from metering import UsageEvent, get_meter
+
+    settings.METERING = {**settings.METERING, "MAX_FEATURES_PER_TREE": 1}
+
+    @enforce_quota("api_calls", 1, refund_on_error=True)
+    def view(request: HttpRequest) -> HttpResponse:
+        get_meter().record_usage_sync(UsageEvent(key, "other_feature", 1))  # the tree's only feature slot
+        return JsonResponse({"ok": True})
+
+    response = view(_request(key))
+    assert response.status_code == 400 and b"feature_name" in response.content
+    assert usage(key, "api_calls") == 0
+    assert _open_reservations() == 0
+
+
+def test_a_tenant_deactivated_while_the_view_ran_is_not_charged(key: str):
+    from tenants.models import Tenant
+
+    @enforce_quota("api_calls", 1, refund_on_error=True)
+    def view(request: HttpRequest) -> HttpResponse:
+        tenant = Tenant.objects.get(external_id=key)
+        tenant.is_active = False
+        tenant.save()
+        return JsonResponse({"ok": True})
+
+    response = view(_request(key))
+    assert response.status_code in (403, 404) and response["Content-Type"].startswith("application/json")
+    assert UsageRecord.objects.filter(feature="api_calls").count() == 0

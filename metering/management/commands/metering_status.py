@@ -40,7 +40,7 @@ class Command(BaseCommand):
         every = configured_sink_names()  # METERING["SINKS"], else the adapter's own
         names = sorted(set(outbox.sinks_in_use()) | set(every))
         statuses = [outbox.status(name, now=now) for name in names]
-        unbillable = [] if options["no_lago"] else self._unbillable(configured, statuses)
+        unbillable = [] if options["no_lago"] else self._unbillable(every, statuses)
         drained = self._log_status(now)
         if options["json"]:
             payload: dict[str, Any] = {
@@ -67,11 +67,13 @@ class Command(BaseCommand):
             raise CommandError("delivery needs attention", returncode=2)
 
     @staticmethod
-    def _unbillable(configured: str | None, statuses: list[outbox.SinkStatus]) -> list[Any]:
-        """Lago only: facts waiting to be sent that fall outside their subscription's boundaries (asked of Lago, one
-        request per subscription, each bounded by SINK_TIMEOUT). Nothing when Lago does not answer."""
-        if configured != "lago" or not any(
-            s.sink == "lago" and (s.counts[outbox.PENDING] or s.counts[outbox.HELD]) for s in statuses
+    def _unbillable(every: list[str], statuses: list[outbox.SinkStatus]) -> list[Any]:
+        """Lago only (the adapter's sink or one of METERING["SINKS"]): facts waiting to be sent that fall outside
+        their subscription's boundaries, asked of Lago within one overall deadline; nothing when Lago is blocked or
+        does not answer."""
+        if "lago" not in every or not any(
+            s.sink == "lago" and s.blocked_at is None and (s.counts[outbox.PENDING] or s.counts[outbox.HELD])
+            for s in statuses
         ):
             return []
         from metering.delivery.reconcile_lago import unbillable_before_sending

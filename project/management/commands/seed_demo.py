@@ -220,31 +220,28 @@ class Command(BaseCommand):
 
     def seed_scoped_admin(self) -> str:
         """A staff user bound to acme-chat: sees and edits only that subtree, never raises its own limits.
-        Created once; an existing user of that name is left as it is (its group and scope are still ensured)."""
+        Created once, with its group's permissions and its scope; on a rerun neither the user, nor the group's
+        permissions, nor the scope are touched (an operator's revocations stay revoked)."""
         from django.contrib.auth.models import Group, Permission
 
         from tenants.models import TenantAdminScope
 
-        group, _ = Group.objects.get_or_create(name="Tenant administrators")
-        for app_label, model, actions in SCOPED_PERMISSIONS:
-            group.permissions.add(
-                *Permission.objects.filter(
-                    content_type__app_label=app_label, codename__in=[f"{action}_{model}" for action in actions]
+        group, group_created = Group.objects.get_or_create(name="Tenant administrators")
+        if group_created:
+            for app_label, model, actions in SCOPED_PERMISSIONS:
+                group.permissions.add(
+                    *Permission.objects.filter(
+                        content_type__app_label=app_label, codename__in=[f"{action}_{model}" for action in actions]
+                    )
                 )
-            )
         user_model = get_user_model()
-        user = user_model.objects.filter(username=SCOPED_USERNAME).first()
-        if user is None:
-            password = os.environ.get("DEMO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
-            user = user_model.objects.create_user(SCOPED_USERNAME, password=password, is_staff=True)
-            shown = password
-        else:
-            shown = "(password unchanged: this user already existed)"
+        if user_model.objects.filter(username=SCOPED_USERNAME).exists():
+            return "(password unchanged: this user already existed)"
+        password = os.environ.get("DEMO_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        user = user_model.objects.create_user(SCOPED_USERNAME, password=password, is_staff=True)
         user.groups.add(group)
-        TenantAdminScope.objects.get_or_create(
-            user=user, defaults={"tenant": Tenant.objects.get(external_id="acme-chat")}
-        )
-        return shown
+        TenantAdminScope.objects.create(user=user, tenant=Tenant.objects.get(external_id="acme-chat"))
+        return password
 
     def seed_api_key(self) -> str:
         """A fresh demo key for acme-chat on every run; the previous demo keys are revoked (keys are shown once)."""
@@ -263,7 +260,9 @@ class Command(BaseCommand):
             return None
         path = Path(var_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Never through a symlink planted there, and owner-only even when the file existed with wider modes.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(descriptor, 0o600)
         with os.fdopen(descriptor, "w") as file:
             file.write(value + "\n")
         return path
