@@ -19,7 +19,16 @@ from tenants.models import Tenant
 
 from .charts import build_chart, daily_usage, number
 from .events import utcnow
-from .models import LogCursor, LogDeadEntry, LogGap, SinkState, UsageOutbox, UsageRecord, UsageRollup
+from .models import (
+    FeatureDefinition,
+    LogCursor,
+    LogDeadEntry,
+    LogGap,
+    SinkState,
+    UsageOutbox,
+    UsageRecord,
+    UsageRollup,
+)
 from .usage import usage_by_tenant_and_feature
 
 
@@ -309,3 +318,18 @@ class LogDeadEntryAdmin(UnscopedOnlyAdminMixin, ReadOnlyAdmin):
     list_select_related = ("root",)
     readonly_fields = ("root", "generation", "entry_id", "fields", "reason", "detected_at")
     search_fields = ("root__external_id", "entry_id")
+
+
+# ---- the feature registry (metering.features): site-wide, so for unscoped administrators only ----
+
+
+@admin.register(FeatureDefinition)
+class FeatureDefinitionAdmin(UnscopedOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ("name", "aggregation", "unit", "property_name", "rolls_up", "updated_at")
+    list_filter = ("aggregation",)
+    search_fields = ("name", "description")
+    fields = ("name", "aggregation", "unit", "property_name", "rolls_up", "description")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        # Facts were counted under these: fixed once saved (metering.features).
+        return ("name", "aggregation", "property_name", "rolls_up") if obj is not None else ()

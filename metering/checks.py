@@ -88,6 +88,7 @@ def _abuse_bound_problems() -> list[CheckMessage]:
     from .api.events import MAX_EVENTS
     from .api.throttling import parse_rate
     from .events import duration_problem, features_problem
+    from .features import registry_problem
 
     messages: list[CheckMessage] = []
     for key, check_id in (("MAX_FEATURES_PER_TREE", "E030"), ("MAX_FEATURES_PER_KEY", "E035")):
@@ -101,6 +102,8 @@ def _abuse_bound_problems() -> list[CheckMessage]:
             )
     if (problem := features_problem(metering_settings.FEATURES)) is not None:
         messages.append(Error(f"METERING['FEATURES'] {problem}.", id="xaas_metering.E031"))
+    if (problem := registry_problem(metering_settings.FEATURE_REGISTRY)) is not None:
+        messages.append(Error(f"METERING['FEATURE_REGISTRY'] {problem}.", id="xaas_metering.E037"))
     for key in ("MAX_BACKDATE", "MAX_FUTURE"):
         if (problem := duration_problem(getattr(metering_settings, key))) is not None:
             messages.append(Error(f"METERING[{key!r}] {problem}.", id="xaas_metering.E032"))

@@ -32,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     # to the tree (POST /api/v1/events); None: only MAX_FEATURES_PER_TREE. One key cannot spend the tree's budget.
     "MAX_FEATURES_PER_KEY": 100,
     "FEATURES": None,  # an allowlist of feature names (any iterable of str); None: any valid name
+    # "open": an unregistered feature is a sum (as before the registry); "closed": only registered features
+    # (FeatureDefinition: admin, `manage.py feature`) may be recorded or reserved (metering.features)
+    "FEATURE_REGISTRY": "open",
     "MAX_BACKDATE": timedelta(days=35),  # how far back a fact may be dated (timedelta or seconds); None: to 1970
     "MAX_FUTURE": None,  # how far ahead (timedelta or seconds); None: FUTURE_TOLERANCE_SECONDS (5 minutes)
     "FUTURE_TOLERANCE_SECONDS": 300,  # the older name of MAX_FUTURE, honoured while MAX_FUTURE is None

@@ -243,6 +243,10 @@ def validate_recorded_feature(name: object) -> str:
     # A set is O(1) here; a list is scanned (the system check asks for one or the other).
     if allowed is not None and name not in allowed:
         raise UnknownFeature(f"feature_name {name!r} is not one of METERING['FEATURES']")
+    if metering_settings.FEATURE_REGISTRY != "open":
+        from .features import check_recordable
+
+        check_recordable(name)
     return name
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "DuplicateUsageEvent",
     "ErrorAnswer",
     "InactiveTenant",
+    "InvalidFeatureDefinition",
     "InvalidFeatureName",
     "InvalidMetadata",
     "InvalidPeriod",
@@ -102,6 +103,13 @@ class UnknownFeature(InvalidFeatureName):
     """A valid name that is not in ``METERING['FEATURES']`` (the allowlist). Nothing was stored."""
 
     code = "unknown_feature"
+
+
+class InvalidFeatureDefinition(InvalidUsageEvent):
+    """A feature registry entry with a bad field (``field`` names it), or a change of an aggregation once saved."""
+
+    code = "invalid_feature_definition"
+    field = "aggregation"
 
 
 class TooManyFeatures(InvalidFeatureName):

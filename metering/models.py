@@ -10,6 +10,9 @@ from django.db import models
 from tenants.models import Tenant
 
 from .events import units_to_quantity
+from .exceptions import InvalidFeatureDefinition, InvalidUsageEvent
+from .features import MAX_PROPERTY_LENGTH, MAX_UNIT_LENGTH, Aggregation, FeatureSpec, validate_definition
+from .features import forget as forget_features
 
 
 class UsageRecord(models.Model):
@@ -273,3 +276,75 @@ class LogDeadEntry(models.Model):
 
     def __str__(self) -> str:
         return f"tree {self.root_id}: {self.entry_id} ({self.reason})"
+
+
+class FeatureDefinition(models.Model):
+    """A registered feature: its unit and how its facts aggregate (``metering.features``). Unregistered features
+    are sums. The aggregation, property and roll-up are fixed once saved; unit and description may change."""
+
+    name = models.CharField(max_length=100, unique=True)
+    aggregation = models.CharField(max_length=12, choices=Aggregation.choices, default=Aggregation.SUM)
+    unit = models.CharField(max_length=MAX_UNIT_LENGTH, blank=True, help_text='What one unit is: "tokens", "GB" …')
+    property_name = models.CharField(
+        "property",
+        max_length=MAX_PROPERTY_LENGTH,
+        blank=True,
+        help_text="unique_count only: the metadata key whose distinct values are counted (e.g. user_id).",
+    )
+    rolls_up = models.BooleanField(
+        default=True,
+        help_text="Gauges only: a level's gauge is the sum of its children's current levels (off: its own facts).",
+    )
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "feature"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.aggregation}{', ' + self.unit if self.unit else ''})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        super().save(*args, **kwargs)
+        forget_features()
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        deleted = super().delete(*args, **kwargs)
+        forget_features()
+        return deleted
+
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(
+            name=self.name,
+            aggregation=self.aggregation,
+            unit=self.unit,
+            property_name=self.property_name,
+            rolls_up=self.rolls_up,
+            registered=True,
+        )
+
+    def full_clean_definition(self, existing: FeatureDefinition | None = None) -> None:
+        """Validate the fields and that a saved definition keeps its aggregation, property and roll-up. Raises
+        ``InvalidFeatureDefinition`` naming the field."""
+        validate_definition(self.name, self.aggregation, self.unit, self.property_name, self.rolls_up)
+        if existing is None and self.pk is not None:
+            existing = FeatureDefinition.objects.filter(pk=self.pk).first()
+        if existing is not None:
+            for field in ("name", "aggregation", "property_name", "rolls_up"):
+                if getattr(existing, field) != getattr(self, field):
+                    raise InvalidFeatureDefinition(
+                        f"{field} of a registered feature cannot change (facts were counted under it); "
+                        "register a new feature instead",
+                        field=field,
+                    )
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        try:
+            self.full_clean_definition()
+        except InvalidUsageEvent as error:  # InvalidFeatureName too
+            field = {"feature_name": "name", "property": "property_name"}.get(error.field, error.field)
+            raise ValidationError({field: str(error)}) from error

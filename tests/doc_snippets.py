@@ -55,6 +55,7 @@ HOW: dict[str, str] = {
     "README.md:from datetime import UTC, datetime": "python",
     "README.md:from django.utils.decorators import method_decorator": "python",
     "README.md:python manage.py tenant add acme --kind organization": "commands",
+    "README.md:from metering.features import Aggregation, define, spec": "python",
     "README.md:from metering import InvalidBatch, UsageEvent, get_meter": "python",
     "README.md:python manage.py usage_import usage.jsonl                 #": "commands",
     "docs/api.md:# settings.py": "host-settings",

@@ -16,6 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import schema  # noqa: F401  (registers the API-key security scheme with drf-spectacular)
 from .errors import json_error
 from .events import EventsView
+from .features import FeatureListView
 from .usage import UsageView
 
 app_name = "xaas_api"
@@ -30,5 +31,6 @@ def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
 urlpatterns = [
     path("events", EventsView.as_view(), name="events"),
     path("usage", UsageView.as_view(), name="usage"),
+    path("features", FeatureListView.as_view(), name="features"),
     re_path(r"^(?P<rest>.*)$", not_found),
 ]

@@ -56,6 +56,7 @@ TOTALS: Counter[str] = Counter()
 OPERATIONS = [
     ("POST", "/api/v1/events"),
     ("GET", "/api/v1/usage"),
+    ("GET", "/api/v1/features"),
     ("GET", "/api/v1/entitlements"),
     ("GET", "/api/v1/quotas"),
     ("POST", "/api/v1/quotas"),

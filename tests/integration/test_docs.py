@@ -148,7 +148,20 @@ def _batch(namespace: dict[str, Any]) -> Callable[[], None]:
     return after
 
 
+def _features(namespace: dict[str, Any]) -> Callable[[], None]:
+    def after() -> None:
+        from metering.models import FeatureDefinition
+
+        assert set(FeatureDefinition.objects.values_list("name", "aggregation")) == {
+            ("storage_bytes", "latest"),
+            ("seats", "unique_count"),
+        }
+
+    return after
+
+
 PRELUDES: dict[str, Callable[[dict[str, Any]], Callable[[], None]]] = {
+    "README.md:from metering.features import Aggregation, define, spec": _features,
     "README.md:from metering import InvalidBatch, UsageEvent, get_meter": _batch,
     "README.md:from datetime import UTC, datetime": _recording,
     "README.md:from django.utils.decorators import method_decorator": _enforcing,
